@@ -1,0 +1,238 @@
+"""Overhead of D3S's statistics pass and synthesis step over a bare ResNet-18, as ratios.
+
+Measured per image size, on a frozen torchvision ResNet-18 (1000 classes, eval mode; 64 and
+32 px use the low-resolution 3x3 stem without max-pool), all in one process:
+
+(a) stats pass: no-grad forward with FeatureHooks on the 17 default layers, and for every
+    layer's output `SuffStats.from_batch(out, precision)` merged into a running SuffStats per
+    layer, over `--stats-batches` batches  ÷  a bare no-grad forward over the same batches.
+    Reported for precision "mixed" (the default) and "float64". Goal <= 1.10x.
+(b) synthesis iteration: `synthesis_loss` (forward with the 17 hooks, `batch_moments` per
+    layer, ISU mix against zero running statistics at batch 1, 17-layer KL + alpha * CE) and
+    `torch.autograd.grad` to the images  ÷  a bare forward + cross-entropy + `autograd.grad`
+    to the images. No augmentation on either side. Goal <= 1.15x.
+
+Each side is warmed up, then baseline and candidate repeats are interleaved (alternating which
+goes first); the table shows the median of each side and the ratio of the medians.
+
+    .venv/bin/python bench/bench_core.py
+    .venv/bin/python bench/bench_core.py --sizes 64 --repeats 7 --batch-64 32
+    .venv/bin/python bench/bench_core.py --device cuda --batch-224 128
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from d3s_core.isu import RunningStats
+from d3s_core.layers import FeatureHooks, default_measured_layers
+from d3s_core.loss import prepare_target
+from d3s_core.models import build_model, freeze
+from d3s_core.stats import Precision, SuffStats, merge_all
+from d3s_core.synthesis import MeasuredTeacher, SynthesisConfig, synthesis_loss
+
+NUM_CLASSES = 1000
+DEFAULT_BATCH = {224: 16, 64: 64, 32: 128}
+GOAL_STATS = 1.10
+GOAL_SYNTH = 1.15
+
+# A side is run once per call and returns its own elapsed seconds, so per-repeat setup
+# (registering hooks) stays outside the timed region.
+Side = Callable[[], float]
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def clock(fn: Callable[[], object], device: torch.device) -> float:
+    sync(device)
+    start = time.perf_counter()
+    fn()
+    sync(device)
+    return time.perf_counter() - start
+
+
+def compare(baseline: Side, candidate: Side, repeats: int, warmup: int) -> tuple[float, float]:
+    """Median seconds of each side over interleaved repeats, after `warmup` runs of each."""
+    for _ in range(warmup):
+        baseline()
+        candidate()
+    base: list[float] = []
+    cand: list[float] = []
+    for r in range(repeats):
+        if r % 2 == 0:
+            base.append(baseline())
+            cand.append(candidate())
+        else:
+            cand.append(candidate())
+            base.append(baseline())
+    return statistics.median(base), statistics.median(cand)
+
+
+def make_model(size: int, device: torch.device) -> nn.Module:
+    return freeze(build_model("resnet18", NUM_CLASSES, low_res=size < 224)).to(device)
+
+
+def make_batches(n: int, batch: int, size: int, device: torch.device) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(size)
+    return [torch.randn(batch, 3, size, size, generator=g).to(device) for _ in range(n)]
+
+
+# ---------------------------------------------------------------- (a) statistics pass
+
+
+def stats_sides(
+    model: nn.Module, batches: list[torch.Tensor], precision: Precision, device: torch.device
+) -> tuple[Side, Side]:
+    layers = default_measured_layers(model)
+
+    @torch.no_grad()
+    def bare() -> None:
+        for x in batches:
+            model(x)
+
+    @torch.no_grad()
+    def stats_pass() -> list[SuffStats]:
+        with FeatureHooks(model, layers) as hooks:
+            running: list[SuffStats] | None = None
+            for x in batches:
+                hooks.clear()
+                model(x)
+                parts = [SuffStats.from_batch(a, precision) for a in hooks.outputs]
+                running = parts if running is None else [
+                    r.merge(p) for r, p in zip(running, parts, strict=True)
+                ]
+            assert running is not None
+            return running
+
+    return (lambda: clock(bare, device)), (lambda: clock(stats_pass, device))
+
+
+# ---------------------------------------------------------------- (b) synthesis iteration
+
+
+def measured_targets(model: nn.Module, batches: list[torch.Tensor]) -> list:
+    """Gaussian targets per default layer, from the statistics of a few random batches."""
+    layers = default_measured_layers(model)
+    per_batch = []
+    with torch.no_grad(), FeatureHooks(model, layers) as hooks:
+        for x in batches:
+            model(x)
+            per_batch.append([SuffStats.from_batch(a) for a in hooks.outputs])
+    merged = [merge_all([b[i] for b in per_batch]) for i in range(len(layers))]
+    return [prepare_target(*s.mean_cov()) for s in merged]
+
+
+def synthesis_sides(
+    model: nn.Module, images: torch.Tensor, targets: list, device: torch.device
+) -> tuple[Side, Side]:
+    cfg = SynthesisConfig()
+    layers = default_measured_layers(model)
+    labels = torch.arange(len(images), device=device) % NUM_CLASSES
+    running = RunningStats.zeros([[t.dim for t in targets]], device=device)
+
+    def bare_step() -> torch.Tensor:
+        x = images.detach().requires_grad_(True)
+        ce = F.cross_entropy(model(x), labels)
+        return torch.autograd.grad(ce, x)[0]
+
+    def baseline() -> float:
+        return clock(bare_step, device)
+
+    def candidate() -> float:
+        teacher = MeasuredTeacher(model, layers, targets)
+
+        def step() -> torch.Tensor:
+            x = images.detach().requires_grad_(True)
+            loss, _, _ = synthesis_loss(
+                teacher, x, labels, running.means[0], running.covs[0], 1.0, cfg
+            )
+            return torch.autograd.grad(loss, x)[0]
+
+        try:
+            return clock(step, device)
+        finally:
+            teacher.hooks.remove()
+
+    return baseline, candidate
+
+
+# ---------------------------------------------------------------- driver
+
+
+def bench_size(size: int, batch: int, args: argparse.Namespace, device: torch.device) -> list:
+    model = make_model(size, device)
+    batches = make_batches(args.stats_batches, batch, size, device)
+    rows = []
+    precisions: tuple[Precision, ...] = ("mixed", "float64")
+    for precision in precisions:
+        base, cand = compare(
+            *stats_sides(model, batches, precision, device), args.repeats, args.warmup
+        )
+        rows.append((f"stats {precision}", size, batch, base, cand, GOAL_STATS))
+    targets = measured_targets(model, make_batches(args.target_batches, batch, size, device))
+    base, cand = compare(
+        *synthesis_sides(model, batches[0], targets, device), args.repeats, args.warmup
+    )
+    rows.append(("synthesis step", size, batch, base, cand, GOAL_SYNTH))
+    return rows
+
+
+def print_row(row: tuple) -> None:
+    name, size, batch, base, cand, goal = row
+    ratio = cand / base
+    verdict = "ok" if ratio <= goal else "OVER"
+    print(
+        f"{name:<16}{size:>6}{batch:>7}{base * 1e3:>13.1f}{cand * 1e3:>14.1f}"
+        f"{ratio:>8.3f}x  <= {goal:.2f}x {verdict}",
+        flush=True,
+    )
+
+
+def parse_args() -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--sizes", default="224,64,32", help="comma-separated image sizes")
+    p.add_argument("--repeats", type=int, default=5, help="timed repeats per side")
+    p.add_argument("--warmup", type=int, default=1, help="untimed runs per side first")
+    p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    p.add_argument("--stats-batches", type=int, default=2, help="batches per stats-pass repeat")
+    p.add_argument("--target-batches", type=int, default=2, help="batches for the KL targets")
+    for size, batch in DEFAULT_BATCH.items():
+        p.add_argument(f"--batch-{size}", type=int, default=batch, help=f"batch at {size} px")
+    p.add_argument("--batch", type=int, default=None, help="batch size for any other size")
+    return p.parse_args()
+
+
+def batch_for(size: int, args: argparse.Namespace) -> int:
+    batch = getattr(args, f"batch_{size}", None) or args.batch
+    if batch is None:
+        raise SystemExit(f"no default batch for {size} px; pass --batch")
+    return batch
+
+
+def main() -> None:
+    args = parse_args()
+    device = torch.device(args.device)
+    torch.manual_seed(0)
+    print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, device {device}"
+          + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else ""))
+    print(f"repeats {args.repeats} (median), warmup {args.warmup}, "
+          f"stats pass over {args.stats_batches} batches per repeat")
+    print(f"{'measure':<16}{'size':>6}{'batch':>7}{'baseline ms':>13}{'candidate ms':>14}"
+          f"{'ratio':>9}  goal")
+    for size in (int(s) for s in args.sizes.split(",")):
+        for row in bench_size(size, batch_for(size, args), args, device):
+            print_row(row)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,125 @@
+"""The paper's hyperparameters as named presets (Tables 8, 9, 10), plus a CPU demo preset."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+
+from .synthesis import IMAGENET_MEAN, IMAGENET_STD, SynthesisConfig
+from .teachers import TeacherTrainConfig
+
+MNIST_MEAN = (0.1307,)
+MNIST_STD = (0.3081,)
+
+
+@dataclass(frozen=True)
+class LabelConfig:
+    """Ensemble labelling (Alg. 2): labelled epochs E, batch size, augmentation."""
+
+    epochs: int = 300
+    batch_size: int = 128
+    min_crop_scale: float = 0.08
+    flip: bool = True
+
+
+@dataclass(frozen=True)
+class StudentConfig:
+    """Validation (Alg. 4, Table 10)."""
+
+    arch: str = "resnet18"
+    optimizer: str = "adamw"
+    lr: float = 1e-3
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    batch_size: int = 128
+    epochs: int = 300
+    schedule: str = "cosine"
+    temperature: float = 20.0
+    students: int = 5
+
+
+@dataclass(frozen=True)
+class Preset:
+    """One dataset's whole recipe."""
+
+    name: str
+    num_classes: int
+    image_size: int
+    in_chans: int
+    arch: str
+    low_res: bool
+    width: int
+    teachers: int
+    ipc: int
+    synthesis_batch: int
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    teacher: TeacherTrainConfig
+    synthesis: SynthesisConfig
+    labels: LabelConfig
+    student: StudentConfig = field(default_factory=StudentConfig)
+
+
+def _synthesis(lr: float, iterations: int, mean: tuple[float, ...], std: tuple[float, ...],
+               flip: bool = True) -> SynthesisConfig:
+    return SynthesisConfig(iterations=iterations, lr=lr, mean=mean, std=std, flip=flip)
+
+
+PRESETS: dict[str, Preset] = {
+    "tiny-imagenet": Preset(
+        name="tiny-imagenet", num_classes=200, image_size=64, in_chans=3, arch="resnet18",
+        low_res=True, width=64, teachers=5, ipc=50, synthesis_batch=200,
+        mean=IMAGENET_MEAN, std=IMAGENET_STD,
+        teacher=TeacherTrainConfig(optimizer="sgd", lr=0.2, momentum=0.9, weight_decay=1e-4,
+                                   batch_size=256, epochs=50, schedule="cosine", warmup_epochs=5),
+        synthesis=_synthesis(0.4, 4000, IMAGENET_MEAN, IMAGENET_STD),
+        labels=LabelConfig(epochs=100, batch_size=64),
+        student=StudentConfig(optimizer="sgd", lr=0.2, momentum=0.9, weight_decay=1e-4,
+                              batch_size=64, epochs=100, schedule="cosine"),
+    ),
+    "imagenet-1k": Preset(
+        name="imagenet-1k", num_classes=1000, image_size=224, in_chans=3, arch="resnet18",
+        low_res=False, width=64, teachers=5, ipc=10, synthesis_batch=200,
+        mean=IMAGENET_MEAN, std=IMAGENET_STD,
+        teacher=TeacherTrainConfig(optimizer="sgd", lr=0.1, momentum=0.9, weight_decay=1e-4,
+                                   batch_size=256, epochs=90, schedule="step",
+                                   step_every_epochs=30, gamma=0.1),
+        synthesis=_synthesis(0.25, 1000, IMAGENET_MEAN, IMAGENET_STD),
+        labels=LabelConfig(epochs=300, batch_size=128),
+        student=StudentConfig(optimizer="adamw", lr=1e-3, weight_decay=1e-4, batch_size=128,
+                              epochs=300, schedule="cosine"),
+    ),
+    "imagenet-21k": Preset(
+        # Teachers start from ImageNet-1K weights (Table 8), imported rather than trained.
+        name="imagenet-21k", num_classes=10450, image_size=224, in_chans=3, arch="resnet18",
+        low_res=False, width=64, teachers=5, ipc=10, synthesis_batch=200,
+        mean=IMAGENET_MEAN, std=IMAGENET_STD,
+        teacher=TeacherTrainConfig(optimizer="adamw", lr=3e-4, weight_decay=1e-4,
+                                   batch_size=1024, epochs=80, schedule="onecycle"),
+        synthesis=_synthesis(0.05, 1000, IMAGENET_MEAN, IMAGENET_STD),
+        labels=LabelConfig(epochs=300, batch_size=128),
+        student=StudentConfig(optimizer="adamw", lr=2e-3, weight_decay=1e-4, batch_size=128,
+                              epochs=300, schedule="cosine", students=3),
+    ),
+    # CPU demo on the real MNIST-5k digits: a width-16 ResNet-18 layout with a 3x3 stem.
+    # Horizontal flip is off: it does not preserve digit labels.
+    "demo-mnist": Preset(
+        name="demo-mnist", num_classes=10, image_size=28, in_chans=1, arch="small_resnet",
+        low_res=True, width=16, teachers=2, ipc=10, synthesis_batch=50,
+        mean=MNIST_MEAN, std=MNIST_STD,
+        teacher=TeacherTrainConfig(optimizer="sgd", lr=0.05, momentum=0.9, weight_decay=5e-4,
+                                   batch_size=128, epochs=4, schedule="cosine", warmup_epochs=0,
+                                   min_crop_scale=0.5, flip=False),
+        synthesis=replace(_synthesis(0.1, 200, MNIST_MEAN, MNIST_STD, flip=False),
+                          min_crop_scale=0.5),
+        labels=LabelConfig(epochs=30, batch_size=50, min_crop_scale=0.5, flip=False),
+        student=StudentConfig(arch="small_resnet", optimizer="adamw", lr=2e-3, weight_decay=1e-4,
+                              batch_size=50, epochs=100, schedule="cosine", students=2),
+    ),
+}
+
+
+def get_preset(name: str) -> Preset:
+    try:
+        return PRESETS[name]
+    except KeyError:
+        raise ValueError(f"unknown preset {name!r}; known presets: {sorted(PRESETS)}") from None

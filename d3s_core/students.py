@@ -1,0 +1,77 @@
+"""Validation students trained by knowledge distillation on the labelled epochs (Alg. 4,
+App. A.4, D.4, D.7, Table 10)."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .augment import apply_crops
+from .labelling import EpochLabels
+
+
+def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 20.0) -> torch.Tensor:
+    """Alg. 4: T^2 * KL(softmax(Y/T) || softmax(Y_hat/T)), averaged over the batch.
+
+    teacher_logits Y: (N, classes) stored ensemble labels; student_logits Y_hat: (N, classes).
+    """
+    t = temperature
+    log_p = F.log_softmax(teacher_logits.float() / t, dim=1)
+    log_q = F.log_softmax(student_logits.float() / t, dim=1)
+    return t * t * F.kl_div(log_q, log_p, reduction="batchmean", log_target=True)
+
+
+def epoch_schedule(label_epochs: int, train_epochs: int, generator: torch.Generator) -> list[int]:
+    """Which labelled epoch each training epoch replays (App. D.7).
+
+    A random permutation of the labelled epochs; when training is longer, fresh permutations
+    are concatenated; when shorter, the first `train_epochs` of the permutation are used.
+    """
+    if label_epochs < 1 or train_epochs < 0:
+        raise ValueError(f"need label_epochs >= 1 and train_epochs >= 0, got "
+                         f"{label_epochs} and {train_epochs}")
+    order: list[int] = []
+    while len(order) < train_epochs:
+        order += torch.randperm(label_epochs, generator=generator).tolist()
+    return order[:train_epochs]
+
+
+def train_student_epoch(
+    student: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    images: torch.Tensor,
+    labels: EpochLabels,
+    temperature: float = 20.0,
+    scheduler: torch.optim.lr_scheduler.LRScheduler | None = None,
+) -> float:
+    """One epoch of Alg. 4: batches in their recorded order, each image augmented from its
+    recorded box and flip, loss against the recorded ensemble logits. Returns the mean loss."""
+    student.train()
+    device = images.device
+    total, count = 0.0, 0
+    for rows in labels.batches():
+        x = apply_crops(images[labels.image_index[rows].to(device)], labels.boxes[rows],
+                        labels.flips[rows])
+        loss = kd_loss(student(x), labels.logits[rows].to(device), temperature)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        if scheduler is not None:
+            scheduler.step()
+        total += float(loss) * len(rows)
+        count += len(rows)
+    return total / max(1, count)
+
+
+@torch.no_grad()
+def evaluate_top1(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, batch_size: int = 512) -> float:
+    """Top-1 accuracy in [0, 1] of `model` on images (N, C, H, W) with classes (N,)."""
+    was_training = model.training
+    model.eval()
+    correct = 0
+    for i in range(0, len(images), batch_size):
+        pred = model(images[i : i + batch_size]).argmax(1)
+        correct += int((pred == labels[i : i + batch_size].to(pred.device)).sum())
+    model.train(was_training)
+    return correct / max(1, len(images))

@@ -1,0 +1,299 @@
+"""Batch-wise image synthesis (Alg. 1 and 3, Eq. 1 and 2, Table 9) as an explicit state.
+
+A batch's whole optimisation state (images, Adam moments, iteration, RNG) is plain tensors and
+ints in `SynthesisState`, so running iterations 0..K equals running 0..j, saving the state,
+loading it and running j..K, bit for bit on CPU. Adam and the cosine schedule are written out
+here for that reason: nothing hides in an optimiser object.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+from torch import nn
+
+from .augment import apply_crops, curriculum_scale, draw_crops, pixel_bounds
+from .isu import IsuMode, RunningStats, TeacherChoice, isu_mix, isu_weight, teacher_for_batch
+from .layers import FeatureHooks
+from .loss import (
+    GaussianTarget,
+    diagonal_kl_layers,
+    kl_layers,
+    label_loss,
+    moment_matching_layers,
+)
+from .models import freeze
+from .stats import batch_moments
+
+LossKind = Literal["kl", "kl_diag", "bn", "bn_full"]
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+@dataclass(frozen=True)
+class SynthesisConfig:
+    """Hyperparameters of image synthesis (Table 9 for the paper's values).
+
+    loss: "kl" (Eq. 1, D3S), "kl_diag" (diagonal covariances), "bn" (SRe2L/CDA moment matching
+    of means and variances), "bn_full" (the same with full covariances), all against the
+    full-dataset statistics. mean/std: the normalisation, used to keep pixels in [0, 1].
+    """
+
+    iterations: int = 1000
+    lr: float = 0.25
+    betas: tuple[float, float] = (0.5, 0.9)
+    eps: float = 1e-8
+    alpha: float = 20.0
+    ridge: float = 1e-4
+    loss: LossKind = "kl"
+    isu: IsuMode = "paper"
+    teacher_choice: TeacherChoice = "per_batch"
+    min_crop_scale: float = 0.08
+    curriculum_end: float = 1.0
+    flip: bool = True
+    mean: tuple[float, ...] = IMAGENET_MEAN
+    std: tuple[float, ...] = IMAGENET_STD
+
+
+class MeasuredTeacher:
+    """A frozen teacher with hooks on its measured layers and its full-dataset Gaussians."""
+
+    def __init__(self, model: nn.Module, layers: Sequence[str], targets: Sequence[GaussianTarget]):
+        if len(layers) != len(targets):
+            raise ValueError(f"{len(layers)} measured layers but {len(targets)} targets")
+        self.model = freeze(model)
+        self.layers = list(layers)
+        self.targets = list(targets)
+        self.hooks = FeatureHooks(self.model, self.layers)
+
+    @property
+    def channels(self) -> list[int]:
+        return [t.dim for t in self.targets]
+
+    def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """logits (N, classes) and the measured activations, one (N, C_l, H_l, W_l) per layer."""
+        self.hooks.clear()
+        logits = self.model(x)
+        return logits, self.hooks.outputs
+
+    @torch.no_grad()
+    def batch_stats(self, x: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        _, acts = self(x)
+        return [batch_moments(a) for a in acts]
+
+
+@dataclass
+class SynthesisState:
+    """Everything one batch's optimisation needs to continue exactly where it stopped.
+
+    batch_index: b, 1-indexed over the distilled set; iteration: steps done (0..K);
+    images/exp_avg/exp_avg_sq: (B, C, H, W) float32, images in normalised space;
+    labels: (B,) int64 classes; rng_state: CPU torch.Generator state (uint8).
+    """
+
+    batch_index: int
+    iteration: int
+    images: torch.Tensor
+    labels: torch.Tensor
+    exp_avg: torch.Tensor
+    exp_avg_sq: torch.Tensor
+    rng_state: torch.Tensor
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """All state as named tensors (ints as 0-d int64), for storage."""
+        return {
+            "batch_index": torch.tensor(self.batch_index),
+            "iteration": torch.tensor(self.iteration),
+            "images": self.images,
+            "labels": self.labels,
+            "exp_avg": self.exp_avg,
+            "exp_avg_sq": self.exp_avg_sq,
+            "rng_state": self.rng_state,
+        }
+
+    @staticmethod
+    def from_tensors(t: dict[str, torch.Tensor], device: torch.device | str = "cpu") -> SynthesisState:
+        return SynthesisState(
+            batch_index=int(t["batch_index"]),
+            iteration=int(t["iteration"]),
+            images=t["images"].to(device, torch.float32).contiguous(),
+            labels=t["labels"].to(device, torch.int64),
+            exp_avg=t["exp_avg"].to(device, torch.float32).contiguous(),
+            exp_avg_sq=t["exp_avg_sq"].to(device, torch.float32).contiguous(),
+            rng_state=t["rng_state"].to("cpu", torch.uint8),
+        )
+
+
+def init_state(
+    batch_index: int,
+    labels: torch.Tensor,
+    image_shape: tuple[int, int, int],
+    seed: int,
+    init_images: torch.Tensor | None = None,
+    device: torch.device | str = "cpu",
+) -> SynthesisState:
+    """Start batch b: images from N(0, 1) in normalised space (SRe2L's init), or copies of
+    `init_images` (B, C, H, W) (real-image initialisation)."""
+    g = torch.Generator().manual_seed(seed)
+    shape = (len(labels), *image_shape)
+    if init_images is None:
+        images = torch.randn(shape, generator=g)
+    else:
+        if tuple(init_images.shape) != shape:
+            raise ValueError(f"init_images has shape {tuple(init_images.shape)}, expected {shape}")
+        images = init_images.detach().float().clone()
+    images = images.to(device)
+    return SynthesisState(
+        batch_index=batch_index,
+        iteration=0,
+        images=images,
+        labels=labels.to(device, torch.int64),
+        exp_avg=torch.zeros_like(images),
+        exp_avg_sq=torch.zeros_like(images),
+        rng_state=g.get_state(),
+    )
+
+
+def cosine_lr(base_lr: float, iteration: int, iterations: int) -> float:
+    """Cosine annealing from base_lr at iteration 0 towards 0 at `iterations`."""
+    return 0.5 * base_lr * (1 + math.cos(math.pi * iteration / iterations))
+
+
+def adam_update(
+    param: torch.Tensor,
+    grad: torch.Tensor,
+    exp_avg: torch.Tensor,
+    exp_avg_sq: torch.Tensor,
+    step: int,
+    lr: float,
+    betas: tuple[float, float],
+    eps: float,
+) -> None:
+    """One Adam step in place, the same arithmetic as torch.optim.Adam (single-tensor path).
+
+    step: 1-indexed count including this one.
+    """
+    b1, b2 = betas
+    exp_avg.lerp_(grad, 1 - b1)
+    exp_avg_sq.mul_(b2).addcmul_(grad, grad, value=1 - b2)
+    bias1 = 1 - b1**step
+    bias2_sqrt = math.sqrt(1 - b2**step)
+    denom = (exp_avg_sq.sqrt() / bias2_sqrt).add_(eps)
+    param.addcdiv_(exp_avg, denom, value=-lr / bias1)
+
+
+@dataclass
+class StepMetrics:
+    """Detached results of one iteration: loss (total), ce, per-layer distribution loss (L,)."""
+
+    iteration: int
+    teacher: int
+    loss: torch.Tensor
+    ce: torch.Tensor
+    layer_losses: torch.Tensor = field(repr=False)
+
+
+def synthesis_loss(
+    teacher: MeasuredTeacher,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    running_means: Sequence[torch.Tensor],
+    running_covs: Sequence[torch.Tensor],
+    isu_w: float,
+    cfg: SynthesisConfig,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Eq. 1 on ISU-mixed statistics (Eq. 2) plus alpha * CE. Returns (total, ce, per-layer)."""
+    logits, acts = teacher(images)
+    moments = [batch_moments(a) for a in acts]
+    mixed = [
+        isu_mix(bm, bc, rm, rc, isu_w, cfg.isu)
+        for (bm, bc), rm, rc in zip(moments, running_means, running_covs, strict=True)
+    ]
+    means = [m for m, _ in mixed]
+    covs = [c for _, c in mixed]
+    targets = teacher.targets
+    if cfg.loss == "kl":
+        per_layer = kl_layers(means, covs, targets, cfg.ridge)
+    elif cfg.loss == "kl_diag":
+        per_layer = diagonal_kl_layers(means, covs, targets, cfg.ridge)
+    elif cfg.loss in ("bn", "bn_full"):
+        per_layer = moment_matching_layers(
+            means, covs, [t.mean for t in targets], [t.cov for t in targets],
+            diagonal=cfg.loss == "bn",
+        )
+    else:
+        raise ValueError(f"unknown synthesis loss {cfg.loss!r}")
+    ce = label_loss(logits, labels)
+    return per_layer.sum() + cfg.alpha * ce, ce, per_layer
+
+
+def run_iterations(
+    state: SynthesisState,
+    teachers: Sequence[MeasuredTeacher],
+    running: RunningStats,
+    cfg: SynthesisConfig,
+    until: int | None = None,
+) -> tuple[SynthesisState, list[StepMetrics]]:
+    """Advance `state` to iteration `until` (default: cfg.iterations), in place.
+
+    Each iteration: choose the teacher (ENS), draw a crop box and flip per image (curriculum
+    scale), forward, loss on ISU-mixed statistics, gradient to the images only, Adam step with
+    the cosine learning rate, clamp to the valid pixel range.
+    """
+    k = cfg.iterations
+    until = k if until is None else until
+    if not state.iteration <= until <= k:
+        raise ValueError(f"cannot run from iteration {state.iteration} to {until} of {k}")
+    if running.batches_done != state.batch_index - 1 and cfg.isu != "off":
+        raise ValueError(
+            f"ISU statistics cover {running.batches_done} batches, but this is batch "
+            f"{state.batch_index}; batches must be synthesised in order"
+        )
+    g = torch.Generator().manual_seed(0)
+    g.set_state(state.rng_state)
+    fixed = teacher_for_batch(state.batch_index, len(teachers), cfg.teacher_choice)
+    w = isu_weight(cfg.isu, state.batch_index, running.images_done, len(state.labels))
+    lo, hi = (b.to(state.images.device) for b in pixel_bounds(cfg.mean, cfg.std))
+    history: list[StepMetrics] = []
+    for it in range(state.iteration, until):
+        m = fixed if fixed is not None else int(torch.randint(len(teachers), (1,), generator=g))
+        boxes, flips = draw_crops(
+            len(state.labels), g, curriculum_scale(it, k, cfg.min_crop_scale, cfg.curriculum_end),
+            cfg.flip,
+        )
+        x = state.images.detach().requires_grad_(True)
+        loss, ce, per_layer = synthesis_loss(
+            teachers[m], apply_crops(x, boxes, flips), state.labels,
+            running.means[m], running.covs[m], w, cfg,
+        )
+        (grad,) = torch.autograd.grad(loss, x)
+        with torch.no_grad():
+            adam_update(
+                state.images, grad, state.exp_avg, state.exp_avg_sq, it + 1,
+                cosine_lr(cfg.lr, it, k), cfg.betas, cfg.eps,
+            )
+            torch.maximum(torch.minimum(state.images, hi, out=state.images), lo, out=state.images)
+        state.iteration = it + 1
+        history.append(StepMetrics(it + 1, m, loss.detach(), ce.detach(), per_layer.detach()))
+    state.rng_state = g.get_state()
+    return state, history
+
+
+@torch.no_grad()
+def finish_batch(
+    state: SynthesisState,
+    teachers: Sequence[MeasuredTeacher],
+    running: RunningStats,
+    cfg: SynthesisConfig,
+) -> RunningStats:
+    """Alg. 3's last step: after batch b, update the running statistics of every teacher with
+    the statistics of the finished (un-augmented) images."""
+    if state.iteration != cfg.iterations:
+        raise ValueError(f"batch {state.batch_index} is at iteration {state.iteration} of "
+                         f"{cfg.iterations}; finish it first")
+    stats = [t.batch_stats(state.images) for t in teachers]
+    return running.updated(stats, len(state.labels), cfg.isu)
