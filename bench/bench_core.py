@@ -25,7 +25,8 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -39,7 +40,7 @@ from d3s_core.stats import Precision, SuffStats, merge_all
 from d3s_core.synthesis import MeasuredTeacher, SynthesisConfig, synthesis_loss
 
 NUM_CLASSES = 1000
-DEFAULT_BATCH = {224: 16, 64: 64, 32: 128}
+DEFAULT_BATCH = {224: 16, 64: 32, 32: 64}
 GOAL_STATS = 1.10
 GOAL_SYNTH = 1.15
 
@@ -61,8 +62,11 @@ def clock(fn: Callable[[], object], device: torch.device) -> float:
     return time.perf_counter() - start
 
 
-def compare(baseline: Side, candidate: Side, repeats: int, warmup: int) -> tuple[float, float]:
-    """Median seconds of each side over interleaved repeats, after `warmup` runs of each."""
+def compare(
+    baseline: Side, candidate: Side, repeats: int, warmup: int
+) -> tuple[list[float], list[float]]:
+    """Seconds of each side over interleaved repeats (pair r is run back to back, baseline first
+    on even r), after `warmup` untimed runs of each."""
     for _ in range(warmup):
         baseline()
         candidate()
@@ -75,7 +79,7 @@ def compare(baseline: Side, candidate: Side, repeats: int, warmup: int) -> tuple
         else:
             cand.append(candidate())
             base.append(baseline())
-    return statistics.median(base), statistics.median(cand)
+    return base, cand
 
 
 def make_model(size: int, device: torch.device) -> nn.Module:
@@ -94,6 +98,8 @@ def stats_sides(
     model: nn.Module, batches: list[torch.Tensor], precision: Precision, device: torch.device
 ) -> tuple[Side, Side]:
     layers = default_measured_layers(model)
+    modules = dict(model.named_modules())
+    channels = [modules[n].out_channels for n in layers]
 
     @torch.no_grad()
     def bare() -> None:
@@ -103,15 +109,14 @@ def stats_sides(
     @torch.no_grad()
     def stats_pass() -> list[SuffStats]:
         with FeatureHooks(model, layers) as hooks:
-            running: list[SuffStats] | None = None
+            running = [SuffStats.empty(c, device) for c in channels]
             for x in batches:
                 hooks.clear()
                 model(x)
-                parts = [SuffStats.from_batch(a, precision) for a in hooks.outputs]
-                running = parts if running is None else [
-                    r.merge(p) for r, p in zip(running, parts, strict=True)
+                running = [
+                    r.merge(SuffStats.from_batch(a, precision))
+                    for r, a in zip(running, hooks.outputs, strict=True)
                 ]
-            assert running is not None
             return running
 
     return (lambda: clock(bare, device)), (lambda: clock(stats_pass, device))
@@ -169,33 +174,55 @@ def synthesis_sides(
 # ---------------------------------------------------------------- driver
 
 
-def bench_size(size: int, batch: int, args: argparse.Namespace, device: torch.device) -> list:
+@dataclass
+class Row:
+    measure: str
+    size: int
+    batch: int
+    base: list[float]
+    cand: list[float]
+    goal: float
+
+    @property
+    def ratio(self) -> float:
+        """Ratio of the medians (the headline number)."""
+        return statistics.median(self.cand) / statistics.median(self.base)
+
+    @property
+    def paired(self) -> float:
+        """Median of the per-repeat ratios; robust to the machine's speed drifting."""
+        return statistics.median(c / b for b, c in zip(self.base, self.cand, strict=True))
+
+
+HEADER = (
+    f"{'measure':<16}{'size':>5}{'batch':>6}{'baseline ms':>13}{'candidate ms':>14}"
+    f"{'ratio':>8}{'paired':>8}   goal"
+)
+
+
+def format_row(row: Row) -> str:
+    verdict = "ok" if row.ratio <= row.goal else "OVER"
+    return (
+        f"{row.measure:<16}{row.size:>5}{row.batch:>6}"
+        f"{statistics.median(row.base) * 1e3:>13.1f}{statistics.median(row.cand) * 1e3:>14.1f}"
+        f"{row.ratio:>7.3f}x{row.paired:>7.3f}x  <= {row.goal:.2f}x {verdict}"
+    )
+
+
+def bench_size(
+    size: int, batch: int, args: argparse.Namespace, device: torch.device
+) -> Iterator[Row]:
     model = make_model(size, device)
     batches = make_batches(args.stats_batches, batch, size, device)
-    rows = []
     precisions: tuple[Precision, ...] = ("mixed", "float64")
     for precision in precisions:
-        base, cand = compare(
-            *stats_sides(model, batches, precision, device), args.repeats, args.warmup
-        )
-        rows.append((f"stats {precision}", size, batch, base, cand, GOAL_STATS))
+        sides = stats_sides(model, batches, precision, device)
+        yield Row(f"stats {precision}", size, batch,
+                  *compare(*sides, args.repeats, args.warmup), GOAL_STATS)
     targets = measured_targets(model, make_batches(args.target_batches, batch, size, device))
-    base, cand = compare(
-        *synthesis_sides(model, batches[0], targets, device), args.repeats, args.warmup
-    )
-    rows.append(("synthesis step", size, batch, base, cand, GOAL_SYNTH))
-    return rows
-
-
-def print_row(row: tuple) -> None:
-    name, size, batch, base, cand, goal = row
-    ratio = cand / base
-    verdict = "ok" if ratio <= goal else "OVER"
-    print(
-        f"{name:<16}{size:>6}{batch:>7}{base * 1e3:>13.1f}{cand * 1e3:>14.1f}"
-        f"{ratio:>8.3f}x  <= {goal:.2f}x {verdict}",
-        flush=True,
-    )
+    sides = synthesis_sides(model, batches[0], targets, device)
+    yield Row("synthesis step", size, batch, *compare(*sides, args.repeats, args.warmup),
+              GOAL_SYNTH)
 
 
 def parse_args() -> argparse.Namespace:
@@ -204,7 +231,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--repeats", type=int, default=5, help="timed repeats per side")
     p.add_argument("--warmup", type=int, default=1, help="untimed runs per side first")
     p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
-    p.add_argument("--stats-batches", type=int, default=2, help="batches per stats-pass repeat")
+    p.add_argument("--stats-batches", type=int, default=1, help="batches per stats-pass repeat")
     p.add_argument("--target-batches", type=int, default=2, help="batches for the KL targets")
     for size, batch in DEFAULT_BATCH.items():
         p.add_argument(f"--batch-{size}", type=int, default=batch, help=f"batch at {size} px")
@@ -225,13 +252,13 @@ def main() -> None:
     torch.manual_seed(0)
     print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, device {device}"
           + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else ""))
-    print(f"repeats {args.repeats} (median), warmup {args.warmup}, "
-          f"stats pass over {args.stats_batches} batches per repeat")
-    print(f"{'measure':<16}{'size':>6}{'batch':>7}{'baseline ms':>13}{'candidate ms':>14}"
-          f"{'ratio':>9}  goal")
+    print(f"repeats {args.repeats} per side, interleaved, after {args.warmup} warm-up; "
+          f"stats pass over {args.stats_batches} batch(es) per repeat")
+    print("ratio = median(candidate) / median(baseline); paired = median of per-repeat ratios")
+    print(HEADER, flush=True)
     for size in (int(s) for s in args.sizes.split(",")):
         for row in bench_size(size, batch_for(size, args), args, device):
-            print_row(row)
+            print(format_row(row), flush=True)
 
 
 if __name__ == "__main__":

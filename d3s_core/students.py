@@ -59,7 +59,7 @@ def train_student_epoch(
         optimizer.step()
         if scheduler is not None:
             scheduler.step()
-        total += float(loss) * len(rows)
+        total += float(loss.detach()) * len(rows)
         count += len(rows)
     return total / max(1, count)
 

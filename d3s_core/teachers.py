@@ -99,7 +99,7 @@ class TeacherTrainer:
             loss.backward()
             self.optimizer.step()
             self.scheduler.step()
-            total += float(loss) * len(y)
+            total += float(loss.detach()) * len(y)
             count += len(y)
         self.epoch += 1
         return total / max(1, count)
