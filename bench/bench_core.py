@@ -82,6 +82,17 @@ def compare(
     return base, cand
 
 
+def machine_check(device: torch.device) -> str:
+    """sgemm throughput and the latency of a small multi-threaded op. On a shared VM whose
+    vCPUs get descheduled, the latter jumps from microseconds to milliseconds, every op then
+    waits at a thread barrier, and op-heavy candidates look worse than their FLOPs say."""
+    a = torch.randn(1024, 1024, device=device)
+    v = torch.randn(1 << 18, device=device)
+    gemm = statistics.median(clock(lambda: a @ a, device) for _ in range(5))
+    small = statistics.median(clock(lambda: v + 1, device) for _ in range(50))
+    return f"sgemm 1024^2 {2 * 1024**3 / gemm / 1e9:.0f} GFLOP/s, 1 MB add {small * 1e6:.0f} us"
+
+
 def make_model(size: int, device: torch.device) -> nn.Module:
     return freeze(build_model("resnet18", NUM_CLASSES, low_res=size < 224)).to(device)
 
@@ -217,12 +228,18 @@ def bench_size(
     precisions: tuple[Precision, ...] = ("mixed", "float64")
     for precision in precisions:
         sides = stats_sides(model, batches, precision, device)
-        yield Row(f"stats {precision}", size, batch,
-                  *compare(*sides, args.repeats, args.warmup), GOAL_STATS)
+        yield Row(
+            f"stats {precision}",
+            size,
+            batch,
+            *compare(*sides, args.repeats, args.warmup),
+            GOAL_STATS,
+        )
     targets = measured_targets(model, make_batches(args.target_batches, batch, size, device))
     sides = synthesis_sides(model, batches[0], targets, device)
-    yield Row("synthesis step", size, batch, *compare(*sides, args.repeats, args.warmup),
-              GOAL_SYNTH)
+    yield Row(
+        "synthesis step", size, batch, *compare(*sides, args.repeats, args.warmup), GOAL_SYNTH
+    )
 
 
 def parse_args() -> argparse.Namespace:
@@ -250,15 +267,21 @@ def main() -> None:
     args = parse_args()
     device = torch.device(args.device)
     torch.manual_seed(0)
-    print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, device {device}"
-          + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else ""))
-    print(f"repeats {args.repeats} per side, interleaved, after {args.warmup} warm-up; "
-          f"stats pass over {args.stats_batches} batch(es) per repeat")
+    print(
+        f"torch {torch.__version__}, threads {torch.get_num_threads()}, device {device}"
+        + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else "")
+    )
+    print(
+        f"repeats {args.repeats} per side, interleaved, after {args.warmup} warm-up; "
+        f"stats pass over {args.stats_batches} batch(es) per repeat"
+    )
     print("ratio = median(candidate) / median(baseline); paired = median of per-repeat ratios")
+    print(f"machine before: {machine_check(device)}")
     print(HEADER, flush=True)
     for size in (int(s) for s in args.sizes.split(",")):
         for row in bench_size(size, batch_for(size, args), args, device):
             print(format_row(row), flush=True)
+    print(f"machine after:  {machine_check(device)}")
 
 
 if __name__ == "__main__":

@@ -59,7 +59,9 @@ def isu_mix(
     if mode == "paper":
         return mean, w * bc + (1 - w) * run_cov
     if mode == "exact":
-        second = w * (bc + torch.outer(bm, bm)) + (1 - w) * (run_cov + torch.outer(run_mean, run_mean))
+        second = w * (bc + torch.outer(bm, bm)) + (1 - w) * (
+            run_cov + torch.outer(run_mean, run_mean)
+        )
         return mean, second - torch.outer(mean, mean)
     raise ValueError(f"unknown ISU mode {mode!r}")
 

@@ -36,9 +36,13 @@ def select_layers(model: nn.Module, spec: str | Sequence[str] | None = None) -> 
         return default_measured_layers(model)
     modules = dict(model.named_modules())
     if isinstance(spec, str):
-        names = [n for n, m in modules.items() if isinstance(m, nn.Conv2d) and re.fullmatch(spec, n)]
+        names = [
+            n for n, m in modules.items() if isinstance(m, nn.Conv2d) and re.fullmatch(spec, n)
+        ]
         if not names:
-            raise ValueError(f"layer pattern {spec!r} matches no nn.Conv2d of {type(model).__name__}")
+            raise ValueError(
+                f"layer pattern {spec!r} matches no nn.Conv2d of {type(model).__name__}"
+            )
         return names
     missing = [n for n in spec if n not in modules]
     if missing:

@@ -42,8 +42,11 @@ class GaussianTarget:
 
     def to(self, device: torch.device | str) -> GaussianTarget:
         return GaussianTarget(
-            self.mean.to(device), self.cov.to(device), self.chol.to(device),
-            self.logdet.to(device), self.ridge,
+            self.mean.to(device),
+            self.cov.to(device),
+            self.chol.to(device),
+            self.logdet.to(device),
+            self.ridge,
         )
 
 
@@ -59,11 +62,14 @@ def _cholesky_with_ridge(cov: torch.Tensor, ridge: float) -> tuple[torch.Tensor,
             return chol, r
         r *= 10.0
     raise ValueError(
-        f"covariance of shape {tuple(cov.shape)} is not positive definite even with ridge {r / 10:g}"
+        f"covariance of shape {tuple(cov.shape)} is not positive definite "
+        f"even with ridge {r / 10:g}"
     )
 
 
-def prepare_target(mean: torch.Tensor, cov: torch.Tensor, ridge: float = DEFAULT_RIDGE) -> GaussianTarget:
+def prepare_target(
+    mean: torch.Tensor, cov: torch.Tensor, ridge: float = DEFAULT_RIDGE
+) -> GaussianTarget:
     """Cache what Eq. 1 needs of the teacher side: Cholesky factor and log-determinant.
 
     A ridge on Sigma_T is needed as well as on Sigma_S: a conv's output covariance has rank at
@@ -137,7 +143,9 @@ def diagonal_kl_layers(
         var_s = torch.diagonal(sig_s).double() + r
         var_t = torch.diagonal(t.cov) + r
         d = t.mean - mu_s.double()
-        out.append(0.5 * (torch.log(var_t) - torch.log(var_s) + var_s / var_t + d * d / var_t - 1).sum())
+        out.append(
+            0.5 * (torch.log(var_t) - torch.log(var_s) + var_s / var_t + d * d / var_t - 1).sum()
+        )
     return torch.stack(out)
 
 

@@ -57,8 +57,10 @@ def _adapt_stem(model: nn.Module, in_chans: int, low_res: bool) -> None:
         model.maxpool = nn.Identity()
     elif in_chans != conv1.in_channels:
         model.conv1 = nn.Conv2d(in_chans, conv1.out_channels, 7, stride=2, padding=3, bias=False)
-    if model.conv1 is not conv1:
-        nn.init.kaiming_normal_(model.conv1.weight, mode="fan_out", nonlinearity="relu")
+    new = model.conv1
+    if new is not conv1:
+        assert isinstance(new, nn.Conv2d)
+        nn.init.kaiming_normal_(new.weight, mode="fan_out", nonlinearity="relu")
 
 
 def build_model(

@@ -69,8 +69,10 @@ class SuffStats:
         if other.n == 0:
             return self
         if self.mean.shape != other.mean.shape:
-            raise ValueError(f"cannot merge statistics of {self.mean.shape[0]} and "
-                             f"{other.mean.shape[0]} channels")
+            raise ValueError(
+                f"cannot merge statistics of {self.mean.shape[0]} and "
+                f"{other.mean.shape[0]} channels"
+            )
         n = self.n + other.n
         delta = other.mean - self.mean
         mean = self.mean + delta * (other.n / n)

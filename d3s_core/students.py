@@ -11,7 +11,9 @@ from .augment import apply_crops
 from .labelling import EpochLabels
 
 
-def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 20.0) -> torch.Tensor:
+def kd_loss(
+    student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 20.0
+) -> torch.Tensor:
     """Alg. 4: T^2 * KL(softmax(Y/T) || softmax(Y_hat/T)), averaged over the batch.
 
     teacher_logits Y: (N, classes) stored ensemble labels; student_logits Y_hat: (N, classes).
@@ -29,8 +31,9 @@ def epoch_schedule(label_epochs: int, train_epochs: int, generator: torch.Genera
     are concatenated; when shorter, the first `train_epochs` of the permutation are used.
     """
     if label_epochs < 1 or train_epochs < 0:
-        raise ValueError(f"need label_epochs >= 1 and train_epochs >= 0, got "
-                         f"{label_epochs} and {train_epochs}")
+        raise ValueError(
+            f"need label_epochs >= 1 and train_epochs >= 0, got {label_epochs} and {train_epochs}"
+        )
     order: list[int] = []
     while len(order) < train_epochs:
         order += torch.randperm(label_epochs, generator=generator).tolist()
@@ -51,8 +54,9 @@ def train_student_epoch(
     device = images.device
     total, count = 0.0, 0
     for rows in labels.batches():
-        x = apply_crops(images[labels.image_index[rows].to(device)], labels.boxes[rows],
-                        labels.flips[rows])
+        x = apply_crops(
+            images[labels.image_index[rows].to(device)], labels.boxes[rows], labels.flips[rows]
+        )
         loss = kd_loss(student(x), labels.logits[rows].to(device), temperature)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -65,7 +69,9 @@ def train_student_epoch(
 
 
 @torch.no_grad()
-def evaluate_top1(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, batch_size: int = 512) -> float:
+def evaluate_top1(
+    model: nn.Module, images: torch.Tensor, labels: torch.Tensor, batch_size: int = 512
+) -> float:
     """Top-1 accuracy in [0, 1] of `model` on images (N, C, H, W) with classes (N,)."""
     was_training = model.training
     model.eval()

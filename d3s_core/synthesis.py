@@ -116,7 +116,9 @@ class SynthesisState:
         }
 
     @staticmethod
-    def from_tensors(t: dict[str, torch.Tensor], device: torch.device | str = "cpu") -> SynthesisState:
+    def from_tensors(
+        t: dict[str, torch.Tensor], device: torch.device | str = "cpu"
+    ) -> SynthesisState:
         return SynthesisState(
             batch_index=int(t["batch_index"]),
             iteration=int(t["iteration"]),
@@ -222,7 +224,10 @@ def synthesis_loss(
         per_layer = diagonal_kl_layers(means, covs, targets, cfg.ridge)
     elif cfg.loss in ("bn", "bn_full"):
         per_layer = moment_matching_layers(
-            means, covs, [t.mean for t in targets], [t.cov for t in targets],
+            means,
+            covs,
+            [t.mean for t in targets],
+            [t.cov for t in targets],
             diagonal=cfg.loss == "bn",
         )
     else:
@@ -262,19 +267,32 @@ def run_iterations(
     for it in range(state.iteration, until):
         m = fixed if fixed is not None else int(torch.randint(len(teachers), (1,), generator=g))
         boxes, flips = draw_crops(
-            len(state.labels), g, curriculum_scale(it, k, cfg.min_crop_scale, cfg.curriculum_end),
+            len(state.labels),
+            g,
+            curriculum_scale(it, k, cfg.min_crop_scale, cfg.curriculum_end),
             cfg.flip,
         )
         x = state.images.detach().requires_grad_(True)
         loss, ce, per_layer = synthesis_loss(
-            teachers[m], apply_crops(x, boxes, flips), state.labels,
-            running.means[m], running.covs[m], w, cfg,
+            teachers[m],
+            apply_crops(x, boxes, flips),
+            state.labels,
+            running.means[m],
+            running.covs[m],
+            w,
+            cfg,
         )
         (grad,) = torch.autograd.grad(loss, x)
         with torch.no_grad():
             adam_update(
-                state.images, grad, state.exp_avg, state.exp_avg_sq, it + 1,
-                cosine_lr(cfg.lr, it, k), cfg.betas, cfg.eps,
+                state.images,
+                grad,
+                state.exp_avg,
+                state.exp_avg_sq,
+                it + 1,
+                cosine_lr(cfg.lr, it, k),
+                cfg.betas,
+                cfg.eps,
             )
             torch.maximum(torch.minimum(state.images, hi, out=state.images), lo, out=state.images)
         state.iteration = it + 1
@@ -293,7 +311,9 @@ def finish_batch(
     """Alg. 3's last step: after batch b, update the running statistics of every teacher with
     the statistics of the finished (un-augmented) images."""
     if state.iteration != cfg.iterations:
-        raise ValueError(f"batch {state.batch_index} is at iteration {state.iteration} of "
-                         f"{cfg.iterations}; finish it first")
+        raise ValueError(
+            f"batch {state.batch_index} is at iteration {state.iteration} of "
+            f"{cfg.iterations}; finish it first"
+        )
     stats = [t.batch_stats(state.images) for t in teachers]
     return running.updated(stats, len(state.labels), cfg.isu)

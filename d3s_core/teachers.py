@@ -62,8 +62,12 @@ class TeacherTrainer:
             model.parameters(), cfg.optimizer, cfg.lr, cfg.weight_decay, cfg.momentum
         )
         self.scheduler = make_scheduler(
-            self.optimizer, cfg.schedule, cfg.epochs * steps_per_epoch,
-            cfg.warmup_epochs * steps_per_epoch, cfg.step_every_epochs * steps_per_epoch, cfg.gamma,
+            self.optimizer,
+            cfg.schedule,
+            cfg.epochs * steps_per_epoch,
+            cfg.warmup_epochs * steps_per_epoch,
+            cfg.step_every_epochs * steps_per_epoch,
+            cfg.gamma,
         )
         self.generator = torch.Generator().manual_seed(seed)
         self.epoch = 0
@@ -91,8 +95,9 @@ class TeacherTrainer:
         self.model.train()
         total, count = 0.0, 0
         for x, y in batches:
-            boxes, flips = draw_crops(len(x), self.generator, (self.cfg.min_crop_scale, 1.0),
-                                      self.cfg.flip)
+            boxes, flips = draw_crops(
+                len(x), self.generator, (self.cfg.min_crop_scale, 1.0), self.cfg.flip
+            )
             logits = self.model(apply_crops(x, boxes, flips))
             loss = F.cross_entropy(logits, y, label_smoothing=self.cfg.label_smoothing)
             self.optimizer.zero_grad(set_to_none=True)

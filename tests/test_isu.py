@@ -10,8 +10,10 @@ def batch_stats(x):
 
 def make_batches(n_batches=4, size=30, c=5, seed=0):
     g = torch.Generator().manual_seed(seed)
-    return [torch.randn(size, c, generator=g, dtype=torch.float64) * (1 + b) + 3 * b
-            for b in range(n_batches)]
+    return [
+        torch.randn(size, c, generator=g, dtype=torch.float64) * (1 + b) + 3 * b
+        for b in range(n_batches)
+    ]
 
 
 def test_paper_mode_is_eq2_by_hand():
@@ -26,7 +28,9 @@ def test_paper_mode_is_eq2_by_hand():
         sig_hat = sig_b / b + (1 - 1 / b) * sig_run
         w = isu_weight("paper", b, run.images_done, len(x))
         got = isu_mix(mu_b, sig_b, run.means[0][0], run.covs[0][0], w, "paper")
-        assert torch.allclose(got[0], mu_hat, rtol=1e-14) and torch.allclose(got[1], sig_hat, rtol=1e-14)
+        assert torch.allclose(got[0], mu_hat, rtol=1e-14) and torch.allclose(
+            got[1], sig_hat, rtol=1e-14
+        )
         run = run.updated([[(mu_b, sig_b)]], len(x), "paper")
         mu_run, sig_run = mu_hat, sig_hat
         assert run.batches_done == b
@@ -40,8 +44,10 @@ def test_paper_mode_is_eq2_by_hand():
 @pytest.mark.parametrize("sizes", [(30, 30, 30), (30, 10, 50, 7)])
 def test_exact_mode_equals_pooled_statistics(sizes):
     g = torch.Generator().manual_seed(1)
-    batches = [torch.randn(n, 4, generator=g, dtype=torch.float64) * (i + 1) + 5 * i
-               for i, n in enumerate(sizes)]
+    batches = [
+        torch.randn(n, 4, generator=g, dtype=torch.float64) * (i + 1) + 5 * i
+        for i, n in enumerate(sizes)
+    ]
     run = RunningStats.zeros([[4], [4]])  # two teachers, both updated every batch (Alg. 3)
     for x in batches:
         s = batch_stats(x)
@@ -66,7 +72,9 @@ def test_first_batch_uses_its_own_statistics_and_off_mode_ignores_running():
     s = batch_stats(x)
     for mode in ("paper", "exact", "off"):
         w = isu_weight(mode, 1, 0, len(x))
-        mu, sig = isu_mix(*s, torch.ones(5, dtype=torch.float64), torch.eye(5, dtype=torch.float64), w, mode)
+        mu, sig = isu_mix(
+            *s, torch.ones(5, dtype=torch.float64), torch.eye(5, dtype=torch.float64), w, mode
+        )
         assert torch.equal(mu, s[0]) and torch.equal(sig, s[1])
     assert isu_weight("off", 7, 100, 10) == 1.0
     with pytest.raises(ValueError):

@@ -16,7 +16,7 @@ def test_epoch_batches_are_a_seeded_permutation():
     a = epoch_batches(23, 5, seed=1, epoch=0)
     assert [len(b) for b in a] == [5, 5, 5, 5, 3]
     assert sorted(torch.cat(a).tolist()) == list(range(23))
-    assert all(torch.equal(x, y) for x, y in zip(a, epoch_batches(23, 5, 1, 0)))
+    assert all(torch.equal(x, y) for x, y in zip(a, epoch_batches(23, 5, 1, 0), strict=True))
     assert not torch.equal(torch.cat(a), torch.cat(epoch_batches(23, 5, 1, 1)))
     assert derive_seed(1, 2) != derive_seed(2, 1)
 
@@ -78,8 +78,10 @@ def test_student_learns_from_ensemble_labels():
     torch.manual_seed(0)
     ts = teachers(2)
     images = torch.randn(32, 3, 12, 12)
-    epochs = [label_epoch(images, ts, e, seed=3, batch_size=8, scale=(1.0, 1.0), flip=False)
-              for e in range(2)]
+    epochs = [
+        label_epoch(images, ts, e, seed=3, batch_size=8, scale=(1.0, 1.0), flip=False)
+        for e in range(2)
+    ]
     student = tiny_teacher(seed=5)
     opt = torch.optim.AdamW(student.parameters(), lr=3e-3)
     losses = [train_student_epoch(student, opt, images, epochs[e % 2], 20.0) for e in range(15)]

@@ -24,7 +24,10 @@ def reference_kl(mu_s, sig_s, mu_t, sig_t):
 def test_kl_matches_torch_distributions(c, cond):
     ridge = 1e-6
     g = torch.Generator().manual_seed(c)
-    mu_t, mu_s = torch.randn(c, generator=g, dtype=torch.float64), torch.randn(c, generator=g, dtype=torch.float64)
+    mu_t, mu_s = (
+        torch.randn(c, generator=g, dtype=torch.float64),
+        torch.randn(c, generator=g, dtype=torch.float64),
+    )
     sig_t, sig_s = random_spd(c, cond, seed=1), random_spd(c, cond, seed=2)
     target = prepare_target(mu_t, sig_t, ridge=ridge)
     eye = torch.eye(c, dtype=torch.float64)
@@ -71,12 +74,16 @@ def test_kl_gradients_finite_and_correct_direction():
 
 def test_batched_layers_equal_one_by_one():
     dims = [4, 8, 4, 8, 16]
-    targets = [prepare_target(torch.randn(d, dtype=torch.float64), random_spd(d, 10.0, i))
-               for i, d in enumerate(dims)]
+    targets = [
+        prepare_target(torch.randn(d, dtype=torch.float64), random_spd(d, 10.0, i))
+        for i, d in enumerate(dims)
+    ]
     means = [torch.randn(d) for d in dims]
     covs = [random_spd(d, 20.0, 10 + i).float() for i, d in enumerate(dims)]
     batched = kl_layers(means, covs, targets)
-    single = torch.stack([gaussian_kl(m, s, t) for m, s, t in zip(means, covs, targets)])
+    single = torch.stack(
+        [gaussian_kl(m, s, t) for m, s, t in zip(means, covs, targets, strict=True)]
+    )
     assert torch.allclose(batched, single, rtol=1e-12)
 
 
@@ -102,7 +109,11 @@ def test_diagonal_kl_equals_full_kl_of_diagonal_matrices():
 def test_moment_matching_is_zero_at_target_and_weights_first_layer():
     mu, sig = torch.randn(5), random_spd(5, 3.0, 0).float()
     assert moment_matching_layers([mu], [sig], [mu], [sig]).item() == 0.0
-    d = moment_matching_layers([mu + 1, mu + 1], [sig, sig], [mu, mu], [sig, sig], first_multiplier=10.0)
+    d = moment_matching_layers(
+        [mu + 1, mu + 1], [sig, sig], [mu, mu], [sig, sig], first_multiplier=10.0
+    )
     assert torch.allclose(d, torch.tensor([10.0, 1.0]) * 5**0.5)
-    full = moment_matching_layers([mu], [sig + 0.1], [mu], [sig], diagonal=False, first_multiplier=1.0)
+    full = moment_matching_layers(
+        [mu], [sig + 0.1], [mu], [sig], diagonal=False, first_multiplier=1.0
+    )
     assert torch.allclose(full, torch.tensor([0.1 * 5]))

@@ -15,7 +15,7 @@ def hooked_activations(model, batches, names):
     with FeatureHooks(model, names) as hooks, torch.no_grad():
         for x in batches:
             model(x)
-            for n, a in zip(names, hooks.outputs):
+            for n, a in zip(names, hooks.outputs, strict=True):
                 outs[n].append(a.permute(0, 2, 3, 1).reshape(-1, a.shape[1]).double().numpy())
     return {n: np.concatenate(v) for n, v in outs.items()}
 
@@ -25,7 +25,7 @@ def stream_stats(model, batches, names, precision):
     with FeatureHooks(model, names) as hooks, torch.no_grad():
         for x in batches:
             model(x)
-            for n, a in zip(names, hooks.outputs):
+            for n, a in zip(names, hooks.outputs, strict=True):
                 s = SuffStats.from_batch(a, precision)
                 acc[n] = acc[n].merge(s) if n in acc else s
     return acc
@@ -51,8 +51,10 @@ def test_streamed_statistics_equal_numpy_cov(precision, tol):
 
 def test_merge_order_does_not_matter():
     g = torch.Generator().manual_seed(3)
-    parts = [SuffStats.from_batch(torch.randn(50 + 7 * i, 12, generator=g) * (i + 1) + i, "float64")
-             for i in range(9)]
+    parts = [
+        SuffStats.from_batch(torch.randn(50 + 7 * i, 12, generator=g) * (i + 1) + i, "float64")
+        for i in range(9)
+    ]
     sequential = parts[0]
     for p in parts[1:]:
         sequential = sequential.merge(p)
@@ -61,7 +63,7 @@ def test_merge_order_does_not_matter():
     reversed_ = merge_all(parts[::-1])
     for other in (shuffled, reversed_):
         assert other.n == sequential.n
-        for a, b in zip(sequential.mean_cov(), other.mean_cov()):
+        for a, b in zip(sequential.mean_cov(), other.mean_cov(), strict=True):
             assert (a - b).abs().max() / b.abs().max() <= 1e-10
 
 
@@ -69,7 +71,7 @@ def test_shards_merge_to_one_pass():
     x = torch.randn(1000, 7, dtype=torch.float64) * 5 + 2
     whole = SuffStats.from_batch(x, "float64")
     shards = merge_all([SuffStats.from_batch(c, "float64") for c in x.split(137)])
-    for a, b in zip(whole.mean_cov(), shards.mean_cov()):
+    for a, b in zip(whole.mean_cov(), shards.mean_cov(), strict=True):
         assert (a - b).abs().max() / b.abs().max() <= 1e-10
     assert SuffStats.empty(7).merge(whole) is whole
 
@@ -106,7 +108,11 @@ def test_resnet18_measures_the_17_main_path_convs():
 def test_layer_selection_by_pattern_and_names():
     model = build_model("resnet18", 10)
     assert select_layers(model, r"layer4\..*") == [
-        "layer4.0.conv1", "layer4.0.conv2", "layer4.0.downsample.0", "layer4.1.conv1", "layer4.1.conv2"
+        "layer4.0.conv1",
+        "layer4.0.conv2",
+        "layer4.0.downsample.0",
+        "layer4.1.conv1",
+        "layer4.1.conv2",
     ]
     assert select_layers(model, ["layer2.0.conv1", "conv1"]) == ["conv1", "layer2.0.conv1"]
     with pytest.raises(ValueError, match="nope"):

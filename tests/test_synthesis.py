@@ -108,7 +108,9 @@ def test_finish_batch_updates_every_teacher_with_eq2(teachers):
     for m, t in enumerate(teachers):
         mu, cov = t.batch_stats(state.images)[0]
         # b = 1: the mix is the batch's own statistics
-        assert torch.allclose(after.means[m][0], mu.double()) and torch.allclose(after.covs[m][0], cov.double())
+        assert torch.allclose(after.means[m][0], mu.double()) and torch.allclose(
+            after.covs[m][0], cov.double()
+        )
     with pytest.raises(ValueError, match="finish it first"):
         finish_batch(fresh_state(), teachers, run, CFG)
 
@@ -150,4 +152,6 @@ def test_identity_box_and_flip_are_exact():
     assert torch.allclose(out[1], x[1].flip(-1), atol=1e-5)
     # The left half, resized to full width: column pairs of the input.
     half = apply_crops(x, torch.tensor([[0.0, 0.0, 0.5, 1.0]] * 2), torch.tensor([False, False]))
-    assert torch.allclose(half[..., 1::2][..., :3], 0.75 * x[..., :3] + 0.25 * x[..., 1:4], atol=1e-5)
+    assert torch.allclose(
+        half[..., 1::2][..., :3], 0.75 * x[..., :3] + 0.25 * x[..., 1:4], atol=1e-5
+    )
