@@ -130,3 +130,14 @@ def test_other_architectures_have_measured_layers():
     lowres = build_model("resnet18", 10, low_res=True)
     assert lowres.conv1.kernel_size == (3, 3) and isinstance(lowres.maxpool, torch.nn.Identity)
     assert lowres(torch.randn(1, 3, 32, 32)).shape == (1, 10)
+
+
+def test_gram_backward_matches_autograd():
+    from d3s_core.stats import gram
+
+    s = torch.randn(13, 4, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(gram, (s,))
+    w = torch.randn(4, 4, dtype=torch.float64)
+    (ours,) = torch.autograd.grad((gram(s) * w).sum(), s)
+    (ref,) = torch.autograd.grad(((s.T @ s) * w).sum(), s)
+    assert torch.allclose(ours, ref, rtol=1e-12)
