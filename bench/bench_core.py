@@ -13,10 +13,15 @@ Measured per image size, on a frozen torchvision ResNet-18 (1000 classes, eval m
     to the images. No augmentation on either side. Goal <= 1.15x.
 
 Each side is warmed up, then baseline and candidate repeats are interleaved (alternating which
-goes first); the table shows the median of each side and the ratio of the medians.
+goes first); the table shows the median of each side, the ratio of the medians ("ratio", the
+number the goal applies to) and the median of the per-repeat ratios ("paired", which is less
+sensitive to the machine changing speed during the run). A "machine" line before and after
+reports sgemm throughput and the latency of a small threaded op: on a shared VM whose vCPUs are
+being descheduled the latter rises from ~20 us to ~8 ms, and every ratio is then inflated.
 
     .venv/bin/python bench/bench_core.py
-    .venv/bin/python bench/bench_core.py --sizes 64 --repeats 7 --batch-64 32
+    .venv/bin/python bench/bench_core.py --sizes 64 --repeats 7 --batch-64 64
+    .venv/bin/python bench/bench_core.py --channels-last      # model and images channels_last
     .venv/bin/python bench/bench_core.py --device cuda --batch-224 128
 """
 
@@ -93,13 +98,19 @@ def machine_check(device: torch.device) -> str:
     return f"sgemm 1024^2 {2 * 1024**3 / gemm / 1e9:.0f} GFLOP/s, 1 MB add {small * 1e6:.0f} us"
 
 
-def make_model(size: int, device: torch.device) -> nn.Module:
-    return freeze(build_model("resnet18", NUM_CLASSES, low_res=size < 224)).to(device)
+def make_model(size: int, device: torch.device, fmt: torch.memory_format) -> nn.Module:
+    model = freeze(build_model("resnet18", NUM_CLASSES, low_res=size < 224))
+    return model.to(device, memory_format=fmt)
 
 
-def make_batches(n: int, batch: int, size: int, device: torch.device) -> list[torch.Tensor]:
+def make_batches(
+    n: int, batch: int, size: int, device: torch.device, fmt: torch.memory_format
+) -> list[torch.Tensor]:
     g = torch.Generator().manual_seed(size)
-    return [torch.randn(batch, 3, size, size, generator=g).to(device) for _ in range(n)]
+    return [
+        torch.randn(batch, 3, size, size, generator=g).to(device, memory_format=fmt)
+        for _ in range(n)
+    ]
 
 
 # ---------------------------------------------------------------- (a) statistics pass
@@ -223,8 +234,9 @@ def format_row(row: Row) -> str:
 def bench_size(
     size: int, batch: int, args: argparse.Namespace, device: torch.device
 ) -> Iterator[Row]:
-    model = make_model(size, device)
-    batches = make_batches(args.stats_batches, batch, size, device)
+    fmt = torch.channels_last if args.channels_last else torch.contiguous_format
+    model = make_model(size, device, fmt)
+    batches = make_batches(args.stats_batches, batch, size, device, fmt)
     precisions: tuple[Precision, ...] = ("mixed", "float64")
     for precision in precisions:
         sides = stats_sides(model, batches, precision, device)
@@ -235,7 +247,7 @@ def bench_size(
             *compare(*sides, args.repeats, args.warmup),
             GOAL_STATS,
         )
-    targets = measured_targets(model, make_batches(args.target_batches, batch, size, device))
+    targets = measured_targets(model, make_batches(args.target_batches, batch, size, device, fmt))
     sides = synthesis_sides(model, batches[0], targets, device)
     yield Row(
         "synthesis step", size, batch, *compare(*sides, args.repeats, args.warmup), GOAL_SYNTH
@@ -248,6 +260,11 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--repeats", type=int, default=5, help="timed repeats per side")
     p.add_argument("--warmup", type=int, default=1, help="untimed runs per side first")
     p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    p.add_argument(
+        "--channels-last",
+        action="store_true",
+        help="model and images in channels_last on both sides (default: contiguous NCHW)",
+    )
     p.add_argument("--stats-batches", type=int, default=1, help="batches per stats-pass repeat")
     p.add_argument("--target-batches", type=int, default=2, help="batches for the KL targets")
     for size, batch in DEFAULT_BATCH.items():
@@ -267,9 +284,11 @@ def main() -> None:
     args = parse_args()
     device = torch.device(args.device)
     torch.manual_seed(0)
+    name = f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else ""
+    layout = "channels_last" if args.channels_last else "NCHW"
     print(
-        f"torch {torch.__version__}, threads {torch.get_num_threads()}, device {device}"
-        + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else "")
+        f"torch {torch.__version__}, threads {torch.get_num_threads()}, "
+        f"device {device}{name}, {layout}"
     )
     print(
         f"repeats {args.repeats} per side, interleaved, after {args.warmup} warm-up; "

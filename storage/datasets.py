@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gzip
+import hashlib
 from importlib import resources
 from pathlib import Path
 
@@ -55,3 +56,74 @@ def stratified_split(
         test.append(idx[:k])
         train.append(idx[k:])
     return torch.cat(train).sort().values, torch.cat(test).sort().values
+
+
+class NormalisedImages(torch.utils.data.Dataset):
+    """uint8 images (N, C, H, W) + classes, served as normalised float32 (the space every model
+    and every distilled image lives in)."""
+
+    def __init__(self, images: torch.Tensor, classes: torch.Tensor, mean, std):
+        self.images, self.classes = images, classes
+        self.mean = torch.tensor(mean, dtype=torch.float32).view(-1, 1, 1)
+        self.std = torch.tensor(std, dtype=torch.float32).view(-1, 1, 1)
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        return (self.images[i].float() / 255.0 - self.mean) / self.std, int(self.classes[i])
+
+    def tensors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """All of it at once, normalised (small in-memory sets only)."""
+        return (self.images.float() / 255.0 - self.mean) / self.std, self.classes
+
+
+def synthetic_images(n: int, num_classes: int, in_chans: int, size: int, seed: int):
+    """Random uint8 images whose class is a bright square at a class-dependent place, so that
+    small models learn them within an epoch or two. For tests."""
+    g = torch.Generator().manual_seed(seed)
+    classes = torch.arange(n) % num_classes
+    images = torch.randint(0, 96, (n, in_chans, size, size), generator=g, dtype=torch.uint8)
+    cells = int(np.ceil(np.sqrt(num_classes)))
+    step = size // cells
+    for i, c in enumerate(classes.tolist()):
+        r, q = divmod(c, cells)
+        images[i, :, r * step : (r + 1) * step, q * step : (q + 1) * step] = 255
+    return images, classes
+
+
+def open_splits(
+    kind: str,
+    num_classes: int,
+    in_chans: int,
+    size: int,
+    mean,
+    std,
+    *,
+    seed: int,
+    test_fraction: float = 0.2,
+    synthetic_size: int = 256,
+) -> tuple[NormalisedImages, NormalisedImages, str]:
+    """(train, held-out, fingerprint) for the in-memory dataset kinds."""
+    if kind == "mnist5k":
+        path = mnist5k_path()
+        images, classes = load_mnist5k(path)
+        fingerprint = "mnist5k:" + hashlib.sha256(path.read_bytes()).hexdigest()
+    elif kind == "synthetic":
+        images, classes = synthetic_images(synthetic_size, num_classes, in_chans, size, seed)
+        fingerprint = f"synthetic:n={synthetic_size},c={num_classes},s={size},seed={seed}"
+    else:
+        raise ValueError(f"dataset kind {kind!r} is not an in-memory kind")
+    if images.shape[1:] != (in_chans, size, size):
+        raise ValueError(
+            f"{kind}: images are {tuple(images.shape[1:])}, the preset expects "
+            f"{(in_chans, size, size)}"
+        )
+    if int(classes.max()) >= num_classes:
+        raise ValueError(f"{kind}: class {int(classes.max())} >= {num_classes} classes")
+    tr, te = stratified_split(classes, test_fraction, seed)
+    return (
+        NormalisedImages(images[tr], classes[tr], mean, std),
+        NormalisedImages(images[te], classes[te], mean, std),
+        fingerprint,
+    )

@@ -1,0 +1,157 @@
+"""The resolved run configuration: typed, validated, saved beside the artifacts with its hash.
+
+Unknown keys are errors (a typo must not silently fall back to a default). Older saved configs
+load with defaults for keys they lack.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, fields, is_dataclass
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from d3s_core.presets import Preset, get_preset
+from d3s_core.synthesis import SynthesisConfig
+from d3s_core.teachers import TeacherTrainConfig
+
+from .fs import RunFS
+
+CONFIG_FILE = "config.json"
+SCHEMA_VERSION = 1
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class DatasetSpec(Strict):
+    """kind: "mnist5k" (bundled real digits), "imagefolder" (train/<class>/*.ext tree; `path`
+    and optionally `val_path`), or "synthetic" (random tensors for tests)."""
+
+    kind: Literal["mnist5k", "imagefolder", "synthetic"] = "mnist5k"
+    path: str | None = None
+    val_path: str | None = None
+    synthetic_size: int = 256
+    test_fraction: float = 0.2
+
+
+class TeachersSpec(Strict):
+    count: int = Field(2, ge=1)
+    train: dict[str, Any] = {}
+    checkpoint_every_epochs: int = Field(1, ge=1)
+
+
+class StatsSpec(Strict):
+    precision: Literal["mixed", "float64"] = "mixed"
+    batch_size: int = Field(256, ge=1)
+    workers: int = Field(2, ge=0)
+    layers: str | list[str] | None = None
+
+
+class SynthesisSpec(Strict):
+    ipc: int = Field(10, ge=1)
+    batch_size: int = Field(200, ge=1)
+    checkpoint_every: int = Field(50, ge=1)
+    init: Literal["noise", "real"] = "noise"
+    params: dict[str, Any] = {}
+
+
+class LabelsSpec(Strict):
+    epochs: int = Field(30, ge=1)
+    batch_size: int = Field(128, ge=1)
+    format: Literal["fp32", "fp16", "topk"] = "fp32"
+    topk: int = Field(10, ge=1)
+
+
+class ValidationSpec(Strict):
+    students: int = Field(2, ge=1)
+    arch: str | None = None
+    epochs: int | None = None
+    checkpoint_every_epochs: int = Field(10, ge=1)
+
+
+class RunConfig(Strict):
+    """Everything that determines a run's results. `preset` supplies defaults (Tables 8-10);
+    the per-stage sections override them."""
+
+    schema_version: int = SCHEMA_VERSION
+    name: str = "d3s"
+    preset: str = "demo-mnist"
+    seed: int = 0
+    device: str = "cpu"
+    dataset: DatasetSpec = DatasetSpec()
+    teachers: TeachersSpec = TeachersSpec()
+    stats: StatsSpec = StatsSpec()
+    synthesis: SynthesisSpec = SynthesisSpec()
+    labels: LabelsSpec = LabelsSpec()
+    validation: ValidationSpec = ValidationSpec()
+
+    # -- resolved pieces -----------------------------------------------------------------
+    def preset_obj(self) -> Preset:
+        return get_preset(self.preset)
+
+    def teacher_train(self) -> TeacherTrainConfig:
+        return _override(self.preset_obj().teacher, self.teachers.train, "teachers.train")
+
+    def synthesis_cfg(self) -> SynthesisConfig:
+        return _override(self.preset_obj().synthesis, self.synthesis.params, "synthesis.params")
+
+    def config_hash(self) -> str:
+        return hashlib.sha256(canonical_json(self.model_dump(mode="json"))).hexdigest()
+
+
+def _override(base: Any, overrides: dict[str, Any], where: str) -> Any:
+    assert is_dataclass(base)
+    known = {f.name for f in fields(base)}
+    unknown = sorted(set(overrides) - known)
+    if unknown:
+        raise ValueError(f"unknown key(s) {unknown} in {where}; known: {sorted(known)}")
+    values = asdict(base)
+    for k, v in overrides.items():
+        values[k] = tuple(v) if isinstance(values[k], tuple) else v
+    return type(base)(**values)
+
+
+def canonical_json(obj: Any) -> bytes:
+    return json.dumps(obj, sort_keys=True, separators=(",", ":")).encode()
+
+
+def parse_config(data: dict[str, Any], source: str = "config") -> RunConfig:
+    """Validate a config dict; errors name the offending field and the source."""
+    try:
+        cfg = RunConfig.model_validate(data)
+        cfg.preset_obj()
+        cfg.teacher_train()
+        cfg.synthesis_cfg()
+    except ValidationError as e:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in err['loc'])}: {err['msg']}" for err in e.errors()
+        )
+        raise ValueError(f"{source}: invalid configuration: {problems}") from None
+    except ValueError as e:
+        raise ValueError(f"{source}: {e}") from None
+    return cfg
+
+
+def save_config(fs: RunFS, cfg: RunConfig) -> None:
+    """Write config.json (with its hash) once; a different config for an existing run is an
+    error, so a resumed run can never mix two configurations."""
+    payload = {"config": cfg.model_dump(mode="json"), "config_hash": cfg.config_hash()}
+    if fs.exists(CONFIG_FILE):
+        existing = load_config(fs)
+        if existing.config_hash() != cfg.config_hash():
+            raise ValueError(
+                f"{fs.url(CONFIG_FILE)}: this run was started with a different configuration "
+                f"(hash {existing.config_hash()[:12]} vs {cfg.config_hash()[:12]}); "
+                "use a new root or the same configuration"
+            )
+        return
+    fs.write_bytes(CONFIG_FILE, json.dumps(payload, indent=2, sort_keys=True).encode())
+
+
+def load_config(fs: RunFS) -> RunConfig:
+    raw = json.loads(fs.read_bytes(CONFIG_FILE))
+    return parse_config(raw["config"], fs.url(CONFIG_FILE))

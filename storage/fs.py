@@ -1,0 +1,161 @@
+"""A run's root directory: a local path or any fsspec URL (s3://, gs://, ...), with atomic
+writes and checksums.
+
+Atomicity: on a local disk a file is written to a temporary name in the same directory,
+fsynced, then renamed over the target (os.replace is atomic on POSIX). On object stores a PUT
+of a whole object is atomic, so the object is uploaded in one piece. A reader never sees half a
+file either way.
+
+Credentials never pass through here as parameters that could be logged or saved: fsspec takes
+them from the environment (AWS_ACCESS_KEY_ID, ...) or the user's config files.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import posixpath
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import fsspec
+from fsspec.implementations.local import LocalFileSystem
+
+
+class RunFS:
+    """File operations relative to a run root. `root`: a path or URL."""
+
+    def __init__(self, root: str | os.PathLike[str], **storage_options: Any):
+        root = os.fspath(root)
+        self.fs, path = fsspec.core.url_to_fs(root, **storage_options)
+        self.local = isinstance(self.fs, LocalFileSystem)
+        self.root = os.path.abspath(path) if self.local else path.rstrip("/")
+        self.protocol = "file" if self.local else _protocol(self.fs)
+        self.storage_options = storage_options
+
+    # -- names --------------------------------------------------------------------------
+    def path(self, rel: str) -> str:
+        """Filesystem path (no protocol) of `rel` under the root."""
+        return posixpath.join(self.root, rel) if rel else self.root
+
+    def url(self, rel: str = "") -> str:
+        """Full URL of `rel`, for readers that take URLs (zarr, pyarrow, DuckDB)."""
+        p = self.path(rel)
+        return p if self.local else f"{self.protocol}://{p}"
+
+    def __repr__(self) -> str:
+        return f"RunFS({self.url()!r})"
+
+    # -- reading --------------------------------------------------------------------------
+    def exists(self, rel: str) -> bool:
+        return bool(self.fs.exists(self.path(rel)))
+
+    def read_bytes(self, rel: str) -> bytes:
+        try:
+            return bytes(self.fs.cat_file(self.path(rel)))
+        except FileNotFoundError:
+            raise FileNotFoundError(f"{self.url(rel)}: no such file") from None
+
+    def listdir(self, rel: str) -> list[str]:
+        """Names directly under `rel` (empty if it does not exist)."""
+        p = self.path(rel)
+        if not self.fs.exists(p):
+            return []
+        return sorted(posixpath.basename(e.rstrip("/")) for e in self.fs.ls(p, detail=False))
+
+    def walk_files(self, rel: str) -> list[str]:
+        """All files under `rel`, as paths relative to the root, sorted."""
+        base = self.path(rel)
+        if not self.fs.exists(base):
+            return []
+        if self.fs.isfile(base):
+            return [rel]
+        out = []
+        for f in self.fs.find(base):
+            f = f if self.local else f.removeprefix(f"{self.protocol}://")
+            out.append(posixpath.relpath(f, self.root))
+        return sorted(out)
+
+    # -- writing --------------------------------------------------------------------------
+    def makedirs(self, rel: str) -> None:
+        if self.local:
+            os.makedirs(self.path(rel), exist_ok=True)
+
+    def write_bytes(self, rel: str, data: bytes) -> None:
+        """Write `data` atomically: all of it or nothing is visible at `rel`."""
+        target = self.path(rel)
+        if not self.local:
+            self.fs.pipe_file(target, data)
+            return
+        directory = os.path.dirname(target)
+        os.makedirs(directory, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=directory)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, target)
+        except BaseException:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+            raise
+        _fsync_dir(directory)
+
+    @contextmanager
+    def atomic_local_path(self, rel: str) -> Iterator[str]:
+        """A temporary local file path to write `rel` with any library; on success it is moved
+        into place atomically (renamed locally, uploaded as one object remotely)."""
+        directory = os.path.dirname(self.path(rel)) if self.local else None
+        if directory:
+            os.makedirs(directory, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=directory)
+        os.close(fd)
+        try:
+            yield tmp
+            if self.local:
+                with open(tmp, "rb") as f:
+                    os.fsync(f.fileno())
+                os.replace(tmp, self.path(rel))
+                _fsync_dir(os.path.dirname(self.path(rel)))
+            else:
+                self.fs.put_file(tmp, self.path(rel))
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+
+    def remove(self, rel: str, recursive: bool = False) -> None:
+        p = self.path(rel)
+        if self.fs.exists(p):
+            self.fs.rm(p, recursive=recursive)
+
+    # -- checksums ------------------------------------------------------------------------
+    def sha256(self, rel: str) -> str:
+        """SHA-256 of one file, or of a directory tree (each file's relative name and hash,
+        sorted), so a Zarr store has one checksum."""
+        files = self.walk_files(rel)
+        if files == [rel]:
+            return hashlib.sha256(self.read_bytes(rel)).hexdigest()
+        h = hashlib.sha256()
+        for f in files:
+            h.update(posixpath.relpath(f, rel).encode() + b"\0")
+            h.update(hashlib.sha256(self.read_bytes(f)).digest())
+        return h.hexdigest()
+
+
+def _protocol(fs: fsspec.AbstractFileSystem) -> str:
+    p = fs.protocol
+    return p if isinstance(p, str) else p[0]
+
+
+def _fsync_dir(directory: str) -> None:
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

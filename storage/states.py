@@ -1,0 +1,93 @@
+"""Named tensors + JSON metadata, without pickle.
+
+A state is any nested dict/list of tensors, numbers, strings and None (a model's state_dict, an
+optimiser's, a synthesis batch's). Tensors go to a safetensors file; the structure, with each
+tensor replaced by a reference, goes to a JSON file written last, which also records the
+tensors file's checksum: the JSON is the commit marker, so a state is either complete and
+verified or absent. Nothing on the load path can run code.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from typing import Any
+
+import torch
+from safetensors.torch import load as st_load
+from safetensors.torch import save as st_save
+
+from .fs import RunFS
+from .manifest import CorruptArtifact
+
+
+def _flatten(obj: Any, prefix: str, out: dict[str, torch.Tensor]) -> Any:
+    if isinstance(obj, torch.Tensor):
+        key = prefix or "value"
+        out[key] = obj.detach().cpu().contiguous()
+        return {"__tensor__": key}
+    if isinstance(obj, dict):
+        if not all(isinstance(k, str | int) for k in obj):
+            raise TypeError(f"state keys must be str or int at {prefix!r}")
+        return {
+            "__dict__": [
+                [k, _flatten(v, f"{prefix}.{k}" if prefix else str(k), out)] for k, v in obj.items()
+            ]
+        }
+    if isinstance(obj, list | tuple):
+        items = [_flatten(v, f"{prefix}.{i}", out) for i, v in enumerate(obj)]
+        return {"__tuple__": items} if isinstance(obj, tuple) else items
+    if obj is None or isinstance(obj, bool | int | float | str):
+        return obj
+    raise TypeError(f"cannot store {type(obj).__name__} at {prefix!r} (no pickle)")
+
+
+def _unflatten(obj: Any, tensors: dict[str, torch.Tensor]) -> Any:
+    if isinstance(obj, dict):
+        if "__tensor__" in obj:
+            return tensors[obj["__tensor__"]]
+        if "__dict__" in obj:
+            return {k: _unflatten(v, tensors) for k, v in obj["__dict__"]}
+        if "__tuple__" in obj:
+            return tuple(_unflatten(v, tensors) for v in obj["__tuple__"])
+    if isinstance(obj, list):
+        return [_unflatten(v, tensors) for v in obj]
+    return obj
+
+
+def save_state(fs: RunFS, rel: str, state: Any, meta: dict[str, Any] | None = None) -> None:
+    """Write `rel`.safetensors then `rel`.json (the commit marker)."""
+    tensors: dict[str, torch.Tensor] = {}
+    structure = _flatten(state, "", tensors)
+    # safetensors refuses tensors that share memory; give each its own storage.
+    blob = st_save({k: v.clone() for k, v in tensors.items()})
+    fs.write_bytes(f"{rel}.safetensors", blob)
+    record = {
+        "structure": structure,
+        "meta": meta or {},
+        "tensors_sha256": hashlib.sha256(blob).hexdigest(),
+    }
+    fs.write_bytes(f"{rel}.json", json.dumps(record, indent=1).encode())
+
+
+def has_state(fs: RunFS, rel: str) -> bool:
+    return fs.exists(f"{rel}.json")
+
+
+def load_state(fs: RunFS, rel: str) -> tuple[Any, dict[str, Any]]:
+    """Read a state written by `save_state`; raises CorruptArtifact naming the file if the
+    tensors do not match the checksum in the marker."""
+    try:
+        record = json.loads(fs.read_bytes(f"{rel}.json"))
+    except json.JSONDecodeError as e:
+        raise CorruptArtifact(f"{fs.url(rel + '.json')}: not valid JSON ({e})") from e
+    blob = fs.read_bytes(f"{rel}.safetensors")
+    if hashlib.sha256(blob).hexdigest() != record["tensors_sha256"]:
+        raise CorruptArtifact(f"{fs.url(rel + '.safetensors')}: checksum mismatch")
+    tensors = st_load(blob)
+    return _unflatten(record["structure"], tensors), record["meta"]
+
+
+def remove_state(fs: RunFS, rel: str) -> None:
+    fs.remove(f"{rel}.json")  # marker first: a half-removed state reads as absent
+    fs.remove(f"{rel}.safetensors")

@@ -1,0 +1,174 @@
+"""Stage 3: batch-wise synthesis (Alg. 1/3) with ISU and ENS, checkpointed inside each batch.
+
+Per batch b: resume the in-progress state if there is one, run to K in steps of
+`checkpoint_every` iterations (saving the whole state each time), update the ISU statistics of
+every teacher, write the batch's chunk of images.zarr, the ISU statistics, and last the batch's
+commit record (checksums of both). A batch without a commit record is redone from its
+checkpoint; a committed batch is verified, never recomputed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+
+import torch
+import torchvision
+
+from d3s_core.isu import RunningStats
+from d3s_core.labelling import derive_seed
+from d3s_core.synthesis import (
+    MeasuredTeacher,
+    SynthesisState,
+    finish_batch,
+    init_state,
+    run_iterations,
+)
+from storage.arrays import create_images, read_images, write_image_batch
+from storage.manifest import CorruptArtifact
+from storage.run import SYN_CHECKPOINT, SYN_IMAGES, Run, syn_commit, syn_isu
+from storage.states import has_state, load_state, remove_state, save_state
+
+from .common import Progress, data_splits, load_teachers, no_progress
+from .stats import load_targets
+
+
+def images_sha256(images: torch.Tensor) -> str:
+    return hashlib.sha256(images.detach().cpu().float().contiguous().numpy().tobytes()).hexdigest()
+
+
+def distilled_classes(num_classes: int, ipc: int) -> torch.Tensor:
+    """Class of each distilled image: every class once, IPC times over, so each synthesis batch
+    holds a balanced mix of classes."""
+    return torch.arange(num_classes).repeat(ipc)
+
+
+def _running_after(run: Run, b: int, channels: list[list[int]]) -> RunningStats:
+    if b == 0:
+        return RunningStats.zeros(channels)
+    state, _ = load_state(run.fs, syn_isu(b))
+    return RunningStats(state["means"], state["covs"], state["batches_done"], state["images_done"])
+
+
+def _verify_batch(run: Run, b: int, start: int, images: torch.Tensor) -> dict:
+    record = json.loads(run.fs.read_bytes(syn_commit(b)))
+    if images_sha256(images[start : start + record["count"]]) != record["images_sha256"]:
+        raise CorruptArtifact(
+            f"{run.fs.url(SYN_IMAGES)}: images of batch {b} (rows {start}..{start + record['count']}) "
+            "do not match their commit record; the chunk was damaged after it was written"
+        )
+    return record
+
+
+def _init_images(run: Run, labels: torch.Tensor, b: int) -> torch.Tensor | None:
+    """Real-image initialisation: a seeded draw of training images of the batch's classes."""
+    if run.config.synthesis.init != "real":
+        return None
+    train, _, _ = data_splits(run)
+    x, y = train.tensors()
+    g = torch.Generator().manual_seed(derive_seed(run.config.seed, b, 201))
+    picks = []
+    for c in labels.tolist():
+        pool = torch.nonzero(y == c).flatten()
+        picks.append(pool[torch.randint(len(pool), (1,), generator=g)])
+    return x[torch.cat(picks)]
+
+
+def synthesize(run: Run, progress: Progress = no_progress) -> str:
+    cfg, p = run.config, run.config.preset_obj()
+    scfg = cfg.synthesis_cfg()
+    if run.manifest.is_recorded(SYN_IMAGES):
+        run.manifest.verify(SYN_IMAGES)
+        return run.fs.url(SYN_IMAGES)
+    models = load_teachers(run)
+    teachers = []
+    for m, model in enumerate(models):
+        layers, targets = load_targets(run, m, scfg.ridge)
+        teachers.append(MeasuredTeacher(model, layers, targets))
+    channels = [t.channels for t in teachers]
+    classes = distilled_classes(p.num_classes, cfg.synthesis.ipc)
+    bsz = cfg.synthesis.batch_size
+    shape = (p.in_chans, p.image_size, p.image_size)
+    create_images(
+        run.fs,
+        SYN_IMAGES,
+        len(classes),
+        shape,
+        bsz,
+        classes,
+        {"mean": list(p.mean), "std": list(p.std), "space": "normalised"},
+    )
+    stored, _ = read_images(run.fs, SYN_IMAGES)
+    batches = list(classes.split(bsz))
+    k = scfg.iterations
+    for b, labels in enumerate(batches, start=1):
+        start = (b - 1) * bsz
+        if run.fs.exists(syn_commit(b)):
+            _verify_batch(run, b, start, stored)
+            continue
+        running = _running_after(run, b - 1, channels)
+        state = None
+        if has_state(run.fs, SYN_CHECKPOINT):
+            saved, _ = load_state(run.fs, SYN_CHECKPOINT)
+            if int(saved["batch_index"]) == b:
+                state = SynthesisState.from_tensors(saved, cfg.device)
+        if state is None:
+            state = init_state(
+                b,
+                labels,
+                shape,
+                derive_seed(cfg.seed, b, 200),
+                _init_images(run, labels, b),
+                cfg.device,
+            )
+        history = []
+        while state.iteration < k:
+            until = min(k, state.iteration + cfg.synthesis.checkpoint_every)
+            state, hist = run_iterations(state, teachers, running, scfg, until)
+            history += hist
+            save_state(run.fs, SYN_CHECKPOINT, state.tensors(), {"batch": b})
+            progress(
+                "synthesis",
+                (b - 1 + state.iteration / k) / len(batches),
+                {"batch": b, "iteration": state.iteration, "loss": float(hist[-1].loss)},
+            )
+        running = finish_batch(state, teachers, running, scfg)
+        write_image_batch(run.fs, SYN_IMAGES, start, state.images)
+        save_state(
+            run.fs,
+            syn_isu(b),
+            {
+                "means": running.means,
+                "covs": running.covs,
+                "batches_done": running.batches_done,
+                "images_done": running.images_done,
+            },
+        )
+        last = history[-1] if history else None
+        record = {
+            "batch": b,
+            "start": start,
+            "count": len(labels),
+            "iterations": k,
+            "teacher": last.teacher if last else None,
+            "final_loss": float(last.loss) if last else None,
+            "layer_kl": [float(v) for v in last.layer_losses] if last else None,
+            "images_sha256": images_sha256(state.images),
+        }
+        run.fs.write_bytes(syn_commit(b), json.dumps(record, indent=1).encode())
+        stored[start : start + len(labels)] = state.images.cpu()
+    remove_state(run.fs, SYN_CHECKPOINT)
+    export_png(run, stored, classes)
+    run.manifest.record(SYN_IMAGES, "synthesis")
+    return run.fs.url(SYN_IMAGES)
+
+
+def export_png(run: Run, images: torch.Tensor, classes: torch.Tensor) -> None:
+    """synthesis/png/grid.png: one row per class, images in pixel space (for looking at)."""
+    p = run.config.preset_obj()
+    mean = torch.tensor(p.mean).view(1, -1, 1, 1)
+    std = torch.tensor(p.std).view(1, -1, 1, 1)
+    pix = (images * std + mean).clamp(0, 1)
+    order = torch.argsort(classes * len(classes) + torch.arange(len(classes)))
+    with run.fs.atomic_local_path("synthesis/png/grid.png") as tmp:
+        torchvision.utils.save_image(pix[order], tmp, nrow=run.config.synthesis.ipc, format="png")

@@ -1,0 +1,134 @@
+"""Stage 5: students trained by knowledge distillation on the stored labels (Alg. 4, App. D.7),
+top-1 on held-out real data, mean +- std over students. Each student checkpoints every
+`checkpoint_every_epochs` epochs."""
+
+from __future__ import annotations
+
+import json
+import statistics
+from dataclasses import dataclass
+
+import torch
+from safetensors.torch import save as st_save
+
+from d3s_core.labelling import derive_seed
+from d3s_core.optim import make_optimizer, make_scheduler
+from d3s_core.students import epoch_schedule, evaluate_top1, train_student_epoch
+from storage.arrays import read_images
+from storage.labels import read_epoch
+from storage.run import SYN_IMAGES, Run, labels_epoch, student_dir
+from storage.states import has_state, load_state, remove_state, save_state
+
+from .common import Progress, data_splits, new_model, no_progress
+
+
+@dataclass
+class StudentPlan:
+    arch: str
+    epochs: int
+    seed: int
+
+
+def _plans(run: Run) -> list[StudentPlan]:
+    cfg, p = run.config, run.config.preset_obj()
+    arch = cfg.validation.arch or p.student.arch
+    epochs = cfg.validation.epochs or p.student.epochs
+    return [StudentPlan(arch, epochs, s) for s in range(cfg.validation.students)]
+
+
+def _train_one(run: Run, plan: StudentPlan, images, x_test, y_test, progress: Progress) -> float:
+    cfg, p = run.config, run.config.preset_obj()
+    sc = p.student
+    label_epochs = cfg.labels.epochs
+    for e in range(label_epochs):
+        run.manifest.verify(labels_epoch(e))
+    d = student_dir(plan.arch, plan.seed)
+    torch.manual_seed(derive_seed(cfg.seed, plan.seed, 300))
+    student = new_model(p, plan.arch).to(cfg.device)
+    steps_per_epoch = -(-len(images) // cfg.labels.batch_size)
+    opt = make_optimizer(
+        student.parameters(),
+        sc.optimizer,
+        sc.lr,
+        sc.weight_decay,  # type: ignore[arg-type]
+        sc.momentum,
+    )
+    sched = make_scheduler(opt, sc.schedule, steps_per_epoch * plan.epochs)  # type: ignore[arg-type]
+    order = epoch_schedule(
+        label_epochs,
+        plan.epochs,
+        torch.Generator().manual_seed(derive_seed(cfg.seed, plan.seed, 301)),
+    )
+    done = 0
+    if has_state(run.fs, f"{d}/checkpoint"):
+        state, _ = load_state(run.fs, f"{d}/checkpoint")
+        student.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        sched.load_state_dict({**state["scheduler"], "lr_lambdas": [None]})
+        torch.set_rng_state(state["torch_rng"])
+        done = state["epochs_done"]
+    for i in range(done, plan.epochs):
+        lab = read_epoch(run.fs, labels_epoch(order[i]), order[i])
+        loss = train_student_epoch(student, opt, images, lab, sc.temperature, sched)
+        if (i + 1) % cfg.validation.checkpoint_every_epochs == 0 and i + 1 < plan.epochs:
+            save_state(
+                run.fs,
+                f"{d}/checkpoint",
+                {
+                    "model": student.state_dict(),
+                    "optimizer": opt.state_dict(),
+                    "scheduler": {k: v for k, v in sched.state_dict().items() if k != "lr_lambdas"},
+                    "torch_rng": torch.get_rng_state(),
+                    "epochs_done": i + 1,
+                },
+            )
+        progress(
+            "validation",
+            (i + 1) / plan.epochs,
+            {"student": plan.seed, "epoch": i + 1, "loss": loss},
+        )
+    acc = evaluate_top1(student, x_test, y_test)
+    blob = st_save(
+        {k: v.detach().cpu().contiguous().clone() for k, v in student.state_dict().items()}
+    )
+    run.fs.write_bytes(f"{d}/weights.safetensors", blob)
+    metrics = {
+        "arch": plan.arch,
+        "seed": plan.seed,
+        "epochs": plan.epochs,
+        "label_epochs": label_epochs,
+        "top1": acc,
+        "test_images": len(x_test),
+    }
+    run.fs.write_bytes(f"{d}/metrics.json", json.dumps(metrics, indent=1).encode())
+    run.manifest.record(f"{d}/weights.safetensors", "validation")
+    run.manifest.record(f"{d}/metrics.json", "validation")
+    remove_state(run.fs, f"{d}/checkpoint")
+    return acc
+
+
+def validate(run: Run, progress: Progress = no_progress) -> str:
+    cfg = run.config
+    run.manifest.verify(SYN_IMAGES)
+    images, _ = read_images(run.fs, SYN_IMAGES)
+    images = images.to(cfg.device)
+    _, held, _ = data_splits(run)
+    x_test, y_test = (t.to(cfg.device) for t in held.tensors())
+    accs = []
+    for plan in _plans(run):
+        d = student_dir(plan.arch, plan.seed)
+        if run.manifest.is_recorded(f"{d}/metrics.json"):
+            run.manifest.verify(f"{d}/metrics.json")
+            accs.append(json.loads(run.fs.read_bytes(f"{d}/metrics.json"))["top1"])
+            continue
+        accs.append(_train_one(run, plan, images, x_test, y_test, progress))
+    summary = {
+        "students": len(accs),
+        "top1": accs,
+        "mean": statistics.mean(accs),
+        "std": statistics.stdev(accs) if len(accs) > 1 else 0.0,
+        "distilled_images": len(images),
+    }
+    run.fs.write_bytes("validation/summary.json", json.dumps(summary, indent=1).encode())
+    run.manifest.record("validation/summary.json", "validation")
+    return run.fs.url("validation/summary.json")
