@@ -82,12 +82,12 @@ class RunConfig(Strict):
     preset: str = "demo-mnist"
     seed: int = 0
     device: str = "cpu"
-    dataset: DatasetSpec = DatasetSpec()
-    teachers: TeachersSpec = TeachersSpec()
-    stats: StatsSpec = StatsSpec()
-    synthesis: SynthesisSpec = SynthesisSpec()
-    labels: LabelsSpec = LabelsSpec()
-    validation: ValidationSpec = ValidationSpec()
+    dataset: DatasetSpec = Field(default_factory=DatasetSpec)
+    teachers: TeachersSpec = Field(default_factory=TeachersSpec)
+    stats: StatsSpec = Field(default_factory=StatsSpec)
+    synthesis: SynthesisSpec = Field(default_factory=SynthesisSpec)
+    labels: LabelsSpec = Field(default_factory=LabelsSpec)
+    validation: ValidationSpec = Field(default_factory=ValidationSpec)
 
     # -- resolved pieces -----------------------------------------------------------------
     def preset_obj(self) -> Preset:
@@ -104,7 +104,7 @@ class RunConfig(Strict):
 
 
 def _override(base: Any, overrides: dict[str, Any], where: str) -> Any:
-    assert is_dataclass(base)
+    assert is_dataclass(base) and not isinstance(base, type)
     known = {f.name for f in fields(base)}
     unknown = sorted(set(overrides) - known)
     if unknown:

@@ -54,7 +54,9 @@ class RunLock:
         except BlockingIOError:
             holder = os.pread(fd, 4096, 0).decode(errors="replace").strip() or "unknown"
             os.close(fd)
-            raise RunLocked(f"run {self.fs.url()} is being written by another process ({holder})")
+            raise RunLocked(
+                f"run {self.fs.url()} is being written by another process ({holder})"
+            ) from None
         os.ftruncate(fd, 0)
         os.pwrite(fd, json.dumps(self.owner).encode(), 0)
         self._fd = fd
@@ -71,7 +73,8 @@ class RunLock:
         lease = self._lease()
         if lease and lease.get("id") != self.owner["id"] and time.time() - lease["time"] < self.ttl:
             raise RunLocked(
-                f"run {self.fs.url()} is being written by {lease.get('host')} pid {lease.get('pid')} "
+                f"run {self.fs.url()} is being written by {lease.get('host')} "
+                f"pid {lease.get('pid')} "
                 f"(lease renewed {time.time() - lease['time']:.0f} s ago; it expires after "
                 f"{self.ttl:.0f} s without renewal)"
             )

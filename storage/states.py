@@ -70,6 +70,11 @@ def save_state(fs: RunFS, rel: str, state: Any, meta: dict[str, Any] | None = No
     fs.write_bytes(f"{rel}.json", json.dumps(record, indent=1).encode())
 
 
+def weights_blob(state_dict: dict[str, torch.Tensor]) -> bytes:
+    """A model's state_dict as safetensors bytes (each tensor with its own storage)."""
+    return st_save({k: v.detach().cpu().contiguous().clone() for k, v in state_dict.items()})
+
+
 def has_state(fs: RunFS, rel: str) -> bool:
     return fs.exists(f"{rel}.json")
 

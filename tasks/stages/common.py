@@ -8,12 +8,12 @@ from typing import Any
 
 import torch
 from safetensors.torch import load as st_load
-from safetensors.torch import save as st_save
 
 from d3s_core.models import build_model, freeze
 from d3s_core.presets import Preset
 from storage.datasets import NormalisedImages, open_splits
 from storage.run import Run, teacher_meta, teacher_weights
+from storage.states import weights_blob
 
 Progress = Callable[[str, float, dict[str, Any]], None]
 
@@ -47,10 +47,7 @@ def data_splits(run: Run) -> tuple[NormalisedImages, NormalisedImages, str]:
 
 def save_teacher(run: Run, m: int, model: torch.nn.Module, meta: dict[str, Any]) -> None:
     """Weights (safetensors), then metadata; both recorded in the manifest."""
-    blob = st_save(
-        {k: v.detach().cpu().contiguous().clone() for k, v in model.state_dict().items()}
-    )
-    run.fs.write_bytes(teacher_weights(m), blob)
+    run.fs.write_bytes(teacher_weights(m), weights_blob(model.state_dict()))
     run.fs.write_bytes(teacher_meta(m), json.dumps(meta, indent=1).encode())
     run.manifest.record(teacher_weights(m), "teachers")
     run.manifest.record(teacher_meta(m), "teachers")

@@ -54,8 +54,9 @@ def _verify_batch(run: Run, b: int, start: int, images: torch.Tensor) -> dict:
     record = json.loads(run.fs.read_bytes(syn_commit(b)))
     if images_sha256(images[start : start + record["count"]]) != record["images_sha256"]:
         raise CorruptArtifact(
-            f"{run.fs.url(SYN_IMAGES)}: images of batch {b} (rows {start}..{start + record['count']}) "
-            "do not match their commit record; the chunk was damaged after it was written"
+            f"{run.fs.url(SYN_IMAGES)}: images of batch {b} "
+            f"(rows {start}..{start + record['count']}) do not match their commit record; "
+            "the chunk was damaged after it was written"
         )
     return record
 

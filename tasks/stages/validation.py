@@ -9,7 +9,6 @@ import statistics
 from dataclasses import dataclass
 
 import torch
-from safetensors.torch import save as st_save
 
 from d3s_core.labelling import derive_seed
 from d3s_core.optim import make_optimizer, make_scheduler
@@ -17,7 +16,7 @@ from d3s_core.students import epoch_schedule, evaluate_top1, train_student_epoch
 from storage.arrays import read_images
 from storage.labels import read_epoch
 from storage.run import SYN_IMAGES, Run, labels_epoch, student_dir
-from storage.states import has_state, load_state, remove_state, save_state
+from storage.states import has_state, load_state, remove_state, save_state, weights_blob
 
 from .common import Progress, data_splits, new_model, no_progress
 
@@ -88,10 +87,7 @@ def _train_one(run: Run, plan: StudentPlan, images, x_test, y_test, progress: Pr
             {"student": plan.seed, "epoch": i + 1, "loss": loss},
         )
     acc = evaluate_top1(student, x_test, y_test)
-    blob = st_save(
-        {k: v.detach().cpu().contiguous().clone() for k, v in student.state_dict().items()}
-    )
-    run.fs.write_bytes(f"{d}/weights.safetensors", blob)
+    run.fs.write_bytes(f"{d}/weights.safetensors", weights_blob(student.state_dict()))
     metrics = {
         "arch": plan.arch,
         "seed": plan.seed,
