@@ -49,6 +49,7 @@ class StatsSpec(Strict):
     batch_size: int = Field(256, ge=1)
     workers: int = Field(2, ge=0)
     layers: str | list[str] | None = None
+    checkpoint_batches: int = Field(50, ge=1)
 
 
 class SynthesisSpec(Strict):

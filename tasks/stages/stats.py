@@ -19,7 +19,7 @@ def _stats_key(m: int) -> str:
     return f"{STATS}/teacher_{m}"
 
 
-def compute_stats(run: Run, progress: Progress = no_progress, checkpoint_batches: int = 50) -> str:
+def compute_stats(run: Run, progress: Progress = no_progress) -> str:
     cfg = run.config
     teachers = load_teachers(run)
     train, _, fingerprint = data_splits(run)
@@ -52,7 +52,7 @@ def compute_stats(run: Run, progress: Progress = no_progress, checkpoint_batches
                 parts = [SuffStats.from_batch(a, cfg.stats.precision) for a in hooks.outputs]
                 acc = parts if not acc else [a.merge(b) for a, b in zip(acc, parts, strict=True)]
                 done = i + 1
-                if done % checkpoint_batches == 0 and done < total:
+                if done % cfg.stats.checkpoint_batches == 0 and done < total:
                     save_state(
                         run.fs, ckpt, {"batches": done, "stats": [(s.n, s.mean, s.m2) for s in acc]}
                     )
