@@ -14,7 +14,12 @@ def label_run(run: Run, progress: Progress = no_progress) -> str:
     cfg, p = run.config, run.config.preset_obj()
     lc, pl = cfg.labels, p.labels
     run.manifest.verify(SYN_IMAGES)
-    todo = [e for e in range(lc.epochs) if not run.manifest.is_recorded(labels_epoch(e))]
+    todo = []
+    for e in range(lc.epochs):
+        if run.manifest.is_recorded(labels_epoch(e)):
+            run.manifest.verify(labels_epoch(e))  # done is done, but checked
+        else:
+            todo.append(e)
     if todo:
         images, _ = read_images(run.fs, SYN_IMAGES)
         images = images.to(cfg.device)
