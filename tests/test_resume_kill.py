@@ -41,16 +41,29 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def stage_cmd(root, config_path, stage):
-    return [sys.executable, "-m", "tasks.stages", str(root), "--config", str(config_path),
-            "--stage", stage]
+    return [
+        sys.executable,
+        "-m",
+        "tasks.stages",
+        str(root),
+        "--config",
+        str(config_path),
+        "--stage",
+        stage,
+    ]
 
 
 def run_killed(root, config_path, stage, rng):
     """Start the stage, SIGKILL it shortly after it is part-way through, then run it again to
     the end. Returns True if the kill landed while the stage was unfinished."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen(stage_cmd(root, config_path, stage), cwd=REPO, env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    proc = subprocess.Popen(
+        stage_cmd(root, config_path, stage),
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
     marker = Path(root) / IN_PROGRESS[stage]
     deadline = time.time() + 120
     while not marker.exists() and proc.poll() is None and time.time() < deadline:
@@ -59,8 +72,9 @@ def run_killed(root, config_path, stage, rng):
     landed = proc.poll() is None
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    done = subprocess.run(stage_cmd(root, config_path, stage), cwd=REPO, env=env,
-                          capture_output=True, text=True)
+    done = subprocess.run(
+        stage_cmd(root, config_path, stage), cwd=REPO, env=env, capture_output=True, text=True
+    )
     assert done.returncode == 0, done.stderr
     return landed
 

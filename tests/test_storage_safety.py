@@ -17,11 +17,13 @@ from tasks.stages import STAGES
 
 from .test_resume_kill import CONFIG
 
-SMALL = {**CONFIG, "teachers": {"count": 2, "train": {"epochs": 1}},
-         "synthesis": {"ipc": 1, "batch_size": 10, "checkpoint_every": 4,
-                       "params": {"iterations": 4}},
-         "labels": {"epochs": 2, "batch_size": 10},
-         "validation": {"students": 1, "epochs": 1}}
+SMALL = {
+    **CONFIG,
+    "teachers": {"count": 2, "train": {"epochs": 1}},
+    "synthesis": {"ipc": 1, "batch_size": 10, "checkpoint_every": 4, "params": {"iterations": 4}},
+    "labels": {"epochs": 2, "batch_size": 10},
+    "validation": {"students": 1, "epochs": 1},
+}
 
 
 @pytest.fixture(scope="module")
@@ -44,7 +46,10 @@ def test_truncated_parquet_shard_is_detected(finished_run, tmp_path):
     root = copy_run(finished_run, tmp_path)
     shard = root / labels_epoch(1)
     shard.write_bytes(shard.read_bytes()[:-100])  # a write killed before the footer
-    with open_run(root, parse_config(SMALL)) as run, pytest.raises(CorruptArtifact, match="epoch=1"):
+    with (
+        open_run(root, parse_config(SMALL)) as run,
+        pytest.raises(CorruptArtifact, match="epoch=1"),
+    ):
         STAGES["labels"](run)
 
 
@@ -54,14 +59,20 @@ def test_corrupted_zarr_chunk_is_detected(finished_run, tmp_path):
     data = bytearray(chunk.read_bytes())
     data[len(data) // 2] ^= 0xFF
     chunk.write_bytes(bytes(data))
-    with open_run(root, parse_config(SMALL)) as run, pytest.raises(CorruptArtifact, match="images.zarr"):
+    with (
+        open_run(root, parse_config(SMALL)) as run,
+        pytest.raises(CorruptArtifact, match="images.zarr"),
+    ):
         STAGES["labels"](run)
 
 
 def test_missing_teacher_file_is_detected(finished_run, tmp_path):
     root = copy_run(finished_run, tmp_path)
     (root / teacher_weights(1)).unlink()
-    with open_run(root, parse_config(SMALL)) as run, pytest.raises(CorruptArtifact, match="teacher_1"):
+    with (
+        open_run(root, parse_config(SMALL)) as run,
+        pytest.raises(CorruptArtifact, match="teacher_1"),
+    ):
         STAGES["stats"](run)
 
 
