@@ -36,6 +36,11 @@ def finished_run(tmp_path_factory):
     return root
 
 
+def run_stage(root, stage):
+    with open_run(root, parse_config(SMALL)) as run:
+        STAGES[stage](run)
+
+
 def copy_run(src, tmp_path):
     dst = tmp_path / "copy"
     shutil.copytree(src, dst)
