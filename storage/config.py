@@ -39,7 +39,13 @@ class DatasetSpec(Strict):
 
 
 class TeachersSpec(Strict):
+    """import_from: existing weights used as the teachers as they are (one file per teacher);
+    init_from: weights training starts from (the classifier is re-initialised if its class
+    count differs), as the paper's ImageNet-21K teachers start from ImageNet-1K ones."""
+
     count: int = Field(2, ge=1)
+    import_from: list[str] = []
+    init_from: list[str] = []
     train: dict[str, Any] = {}
     checkpoint_every_epochs: int = Field(1, ge=1)
 
@@ -120,10 +126,22 @@ def canonical_json(obj: Any) -> bytes:
     return json.dumps(obj, sort_keys=True, separators=(",", ":")).encode()
 
 
+def _check(cfg: RunConfig) -> None:
+    t = cfg.teachers
+    for name, files in (("import_from", t.import_from), ("init_from", t.init_from)):
+        if files and len(files) != t.count:
+            raise ValueError(f"teachers.{name} lists {len(files)} files for {t.count} teachers")
+    if t.import_from and t.init_from:
+        raise ValueError("teachers.import_from and teachers.init_from exclude each other")
+    if cfg.dataset.kind == "imagefolder" and not cfg.dataset.path:
+        raise ValueError("dataset.path is required for an imagefolder dataset")
+
+
 def parse_config(data: dict[str, Any], source: str = "config") -> RunConfig:
     """Validate a config dict; errors name the offending field and the source."""
     try:
         cfg = RunConfig.model_validate(data)
+        _check(cfg)
         cfg.preset_obj()
         cfg.teacher_train()
         cfg.synthesis_cfg()

@@ -126,6 +126,19 @@ class RunFS:
             if os.path.exists(tmp):
                 os.unlink(tmp)
 
+    def sweep_temporaries(self) -> list[str]:
+        """Delete `.tmp-*` files that a killed writer left behind (local roots; object stores
+        never see them). Only call while holding the run's lock."""
+        if not self.local or not os.path.isdir(self.root):
+            return []
+        removed = []
+        for dirpath, _, files in os.walk(self.root):
+            for name in files:
+                if name.startswith(".tmp-"):
+                    os.unlink(os.path.join(dirpath, name))
+                    removed.append(os.path.join(dirpath, name))
+        return removed
+
     def remove(self, rel: str, recursive: bool = False) -> None:
         p = self.path(rel)
         if self.fs.exists(p):

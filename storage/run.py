@@ -72,6 +72,7 @@ def open_run(root: str | os.PathLike[str], config: RunConfig, **storage_options:
     fs = RunFS(root, **storage_options)
     lock = RunLock(fs).acquire()
     try:
+        fs.sweep_temporaries()
         save_config(fs, config)
     except BaseException:
         lock.release()

@@ -11,7 +11,9 @@ from safetensors.torch import load as st_load
 
 from d3s_core.models import build_model, freeze
 from d3s_core.presets import Preset
+from d3s_core.students import evaluate_top1
 from storage.datasets import NormalisedImages, open_splits
+from storage.imagefolder import ImageFolderDataset
 from storage.run import Run, teacher_meta, teacher_weights
 from storage.states import weights_blob
 
@@ -28,10 +30,32 @@ def new_model(p: Preset, arch: str | None = None) -> torch.nn.Module:
     )
 
 
-def data_splits(run: Run) -> tuple[NormalisedImages, NormalisedImages, str]:
-    """(train, held-out, dataset fingerprint) of the run's dataset."""
+Dataset = torch.utils.data.Dataset
+
+
+def data_splits(run: Run) -> tuple[Dataset, Dataset, str]:
+    """(train, held-out, dataset fingerprint) of the run's dataset. ImageFolder trees are
+    streamed from disk; the small kinds (mnist5k, synthetic) live in memory."""
     cfg, p = run.config, run.config.preset_obj()
     ds = cfg.dataset
+    if ds.kind == "imagefolder":
+        assert ds.path is not None
+        train = ImageFolderDataset(ds.path, p.image_size, p.in_chans, p.mean, p.std)
+        if len(train.classes) != p.num_classes:
+            raise ValueError(
+                f"{ds.path}: {len(train.classes)} class folders, but preset "
+                f"{p.name!r} has {p.num_classes} classes"
+            )
+        if ds.val_path:
+            held: Dataset = ImageFolderDataset(
+                ds.val_path, p.image_size, p.in_chans, p.mean, p.std, expect_classes=train.classes
+            )
+        else:
+            raise ValueError(
+                "dataset.val_path is required for an imagefolder dataset "
+                "(the held-out tree used for teacher and student accuracy)"
+            )
+        return train, held, train.fingerprint()
     return open_splits(
         ds.kind,
         p.num_classes,
@@ -70,3 +94,57 @@ def load_teachers(run: Run) -> list[torch.nn.Module]:
         model.load_state_dict(st_load(run.fs.read_bytes(teacher_weights(m))))
         out.append(freeze(model.to(run.config.device)))
     return out
+
+
+def batches(
+    run: Run,
+    ds: Dataset,
+    batch_size: int,
+    generator: torch.Generator | None = None,
+    start_batch: int = 0,
+):
+    """(x, y) batches on the run's device: straight slices of in-memory sets, a multi-worker
+    DataLoader otherwise. `generator` shuffles (seeded, so an epoch can be replayed); without
+    it the order is the dataset's, and `start_batch` skips batches without reading them."""
+    device = run.config.device
+    if isinstance(ds, NormalisedImages):
+        x, y = ds.tensors()
+        order = (
+            torch.randperm(len(x), generator=generator)
+            if generator is not None
+            else torch.arange(len(x))
+        )
+        for idx in order.split(batch_size)[start_batch:]:
+            yield x[idx].to(device), y[idx].to(device)
+        return
+    if start_batch:
+        assert generator is None, "skipping batches needs the sequential order"
+        ds = torch.utils.data.Subset(ds, range(start_batch * batch_size, len(ds)))  # type: ignore[arg-type]
+    loader = torch.utils.data.DataLoader(
+        ds,
+        batch_size=batch_size,
+        shuffle=generator is not None,
+        generator=generator,
+        num_workers=run.config.stats.workers,
+        pin_memory=device.startswith("cuda"),
+    )
+    for x, y in loader:
+        yield x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+
+
+def class_of_each(ds: Dataset) -> torch.Tensor:
+    """(N,) class of every sample, without reading images."""
+    if isinstance(ds, NormalisedImages):
+        return ds.classes
+    if isinstance(ds, ImageFolderDataset):
+        return torch.tensor([c for _, c in ds.samples])
+    raise TypeError(f"unknown dataset type {type(ds).__name__}")
+
+
+def held_out_top1(run: Run, model: torch.nn.Module, ds: Dataset, batch_size: int = 256) -> float:
+    """Top-1 accuracy in [0, 1] on a held-out dataset, streamed."""
+    correct, total = 0.0, 0
+    for x, y in batches(run, ds, batch_size):
+        correct += evaluate_top1(model, x, y) * len(y)
+        total += len(y)
+    return correct / max(1, total)

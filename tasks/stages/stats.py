@@ -12,7 +12,7 @@ from storage.arrays import read_teacher_stats, write_teacher_stats
 from storage.run import STATS, Run
 from storage.states import has_state, load_state, remove_state, save_state
 
-from .common import Progress, data_splits, load_teachers, no_progress
+from .common import Progress, batches, data_splits, load_teachers, no_progress
 
 
 def _stats_key(m: int) -> str:
@@ -45,10 +45,9 @@ def compute_stats(run: Run, progress: Progress = no_progress) -> str:
             done = state["batches"]
             acc = [SuffStats(n, mu, m2) for n, mu, m2 in state["stats"]]
         with FeatureHooks(model, names) as hooks, torch.no_grad():
-            for i, (x, _) in enumerate(loader):
-                if i < done:
-                    continue  # the sequential order makes skipping exact
-                model(x.to(cfg.device, non_blocking=True))
+            # The order is sequential, so a resumed pass starts at the next unseen batch.
+            for i, (x, _) in enumerate(batches(run, train, cfg.stats.batch_size, None, done), done):
+                model(x)
                 parts = [SuffStats.from_batch(a, cfg.stats.precision) for a in hooks.outputs]
                 acc = parts if not acc else [a.merge(b) for a, b in zip(acc, parts, strict=True)]
                 done = i + 1

@@ -29,7 +29,7 @@ from storage.manifest import CorruptArtifact
 from storage.run import SYN_CHECKPOINT, SYN_IMAGES, Run, syn_commit, syn_isu
 from storage.states import has_state, load_state, remove_state, save_state
 
-from .common import Progress, data_splits, load_teachers, no_progress
+from .common import Progress, class_of_each, data_splits, load_teachers, no_progress
 from .stats import load_targets
 
 
@@ -66,13 +66,13 @@ def _init_images(run: Run, labels: torch.Tensor, b: int) -> torch.Tensor | None:
     if run.config.synthesis.init != "real":
         return None
     train, _, _ = data_splits(run)
-    x, y = train.tensors()
+    y = class_of_each(train)
     g = torch.Generator().manual_seed(derive_seed(run.config.seed, b, 201))
     picks = []
     for c in labels.tolist():
         pool = torch.nonzero(y == c).flatten()
-        picks.append(pool[torch.randint(len(pool), (1,), generator=g)])
-    return x[torch.cat(picks)]
+        picks.append(int(pool[torch.randint(len(pool), (1,), generator=g)]))
+    return torch.stack([train[i][0] for i in picks])
 
 
 def synthesize(run: Run, progress: Progress = no_progress) -> str:

@@ -1,4 +1,5 @@
-"""Stage 1: train M teachers (Table 8), checkpointing every few epochs."""
+"""Stage 1: train M teachers (Table 8), checkpointing every few epochs, or import them from
+existing checkpoint files."""
 
 from __future__ import annotations
 
@@ -7,59 +8,75 @@ from dataclasses import asdict
 import torch
 
 from d3s_core.labelling import derive_seed
-from d3s_core.students import evaluate_top1
 from d3s_core.teachers import TeacherState, TeacherTrainer
+from storage.checkpoints import load_into, read_state_dict
 from storage.run import Run, teacher_checkpoint, teacher_weights
 from storage.states import has_state, load_state, remove_state, save_state
 
-from .common import Progress, data_splits, new_model, no_progress, save_teacher
+from .common import (
+    Progress,
+    batches,
+    data_splits,
+    held_out_top1,
+    new_model,
+    no_progress,
+    save_teacher,
+)
 
 
 def train_teachers(run: Run, progress: Progress = no_progress) -> list[str]:
     cfg, p, tcfg = run.config, run.config.preset_obj(), run.config.teacher_train()
     train, held, fingerprint = data_splits(run)
-    x, y = (t.to(cfg.device) for t in train.tensors())
-    xh, yh = (t.to(cfg.device) for t in held.tensors())
-    steps = -(-len(x) // tcfg.batch_size)
+    steps = -(-len(train) // tcfg.batch_size)  # type: ignore[arg-type]
     count = cfg.teachers.count
     for m in range(count):
         if run.manifest.is_recorded(teacher_weights(m)):
             run.manifest.verify(teacher_weights(m))
             continue
         torch.manual_seed(derive_seed(cfg.seed, m, 100))
-        trainer = TeacherTrainer(
-            new_model(p).to(cfg.device), tcfg, steps, seed=derive_seed(cfg.seed, m, 101)
-        )
-        ckpt = teacher_checkpoint(m)
-        if has_state(run.fs, ckpt):
-            state, _ = load_state(run.fs, ckpt)
-            trainer.load(TeacherState(**state))
-        while trainer.epoch < tcfg.epochs:
-            loss = trainer.train_epoch(trainer.shuffled_batches(x, y))
-            if trainer.epoch % cfg.teachers.checkpoint_every_epochs == 0:
-                save_state(run.fs, ckpt, asdict(trainer.state()), {"teacher": m})
-            progress(
-                "teachers",
-                (m + trainer.epoch / tcfg.epochs) / count,
-                {"teacher": m, "epoch": trainer.epoch, "loss": loss},
-            )
-        acc = evaluate_top1(trainer.model, xh, yh)
-        save_teacher(
-            run,
-            m,
-            trainer.model,
-            {
-                "arch": p.arch,
-                "num_classes": p.num_classes,
-                "in_chans": p.in_chans,
-                "low_res": p.low_res,
-                "width": p.width,
-                "preset": p.name,
-                "epochs": tcfg.epochs,
-                "held_out_top1": acc,
-                "dataset_fingerprint": fingerprint,
-                "source": "trained",
-            },
-        )
-        remove_state(run.fs, ckpt)
+        model = new_model(p)
+        meta = {
+            "arch": p.arch,
+            "num_classes": p.num_classes,
+            "in_chans": p.in_chans,
+            "low_res": p.low_res,
+            "width": p.width,
+            "preset": p.name,
+            "dataset_fingerprint": fingerprint,
+        }
+        if cfg.teachers.import_from:
+            url = cfg.teachers.import_from[m]
+            load_into(model, read_state_dict(url), url)
+            model = model.to(cfg.device)
+            meta |= {"source": "imported", "imported_from": url, "epochs": None}
+        else:
+            if cfg.teachers.init_from:
+                url = cfg.teachers.init_from[m]
+                reset = load_into(model, read_state_dict(url), url, allow_new_head=True)
+                meta |= {"initialised_from": url, "reinitialised": reset}
+            model = _train(run, m, model.to(cfg.device), train, steps, progress)
+            meta |= {"source": "trained", "epochs": tcfg.epochs}
+        meta["held_out_top1"] = held_out_top1(run, model, held)
+        save_teacher(run, m, model, meta)
+        remove_state(run.fs, teacher_checkpoint(m))
     return [run.fs.url(teacher_weights(m)) for m in range(count)]
+
+
+def _train(run: Run, m: int, model: torch.nn.Module, train, steps: int, progress: Progress):
+    cfg, tcfg = run.config, run.config.teacher_train()
+    trainer = TeacherTrainer(model, tcfg, steps, seed=derive_seed(cfg.seed, m, 101))
+    ckpt = teacher_checkpoint(m)
+    if has_state(run.fs, ckpt):
+        state, _ = load_state(run.fs, ckpt)
+        trainer.load(TeacherState(**state))
+    while trainer.epoch < tcfg.epochs:
+        order = torch.Generator().manual_seed(derive_seed(cfg.seed, m, trainer.epoch, 102))
+        loss = trainer.train_epoch(batches(run, train, tcfg.batch_size, order))
+        if trainer.epoch % cfg.teachers.checkpoint_every_epochs == 0:
+            save_state(run.fs, ckpt, asdict(trainer.state()), {"teacher": m})
+        progress(
+            "teachers",
+            (m + trainer.epoch / tcfg.epochs) / cfg.teachers.count,
+            {"teacher": m, "epoch": trainer.epoch, "loss": loss},
+        )
+    return trainer.model

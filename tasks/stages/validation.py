@@ -12,13 +12,13 @@ import torch
 
 from d3s_core.labelling import derive_seed
 from d3s_core.optim import make_optimizer, make_scheduler
-from d3s_core.students import epoch_schedule, evaluate_top1, train_student_epoch
+from d3s_core.students import epoch_schedule, train_student_epoch
 from storage.arrays import read_images
 from storage.labels import read_epoch
 from storage.run import SYN_IMAGES, Run, labels_epoch, student_dir
 from storage.states import has_state, load_state, remove_state, save_state, weights_blob
 
-from .common import Progress, data_splits, new_model, no_progress
+from .common import Progress, data_splits, held_out_top1, new_model, no_progress
 
 SUMMARY = "validation/summary.json"
 
@@ -37,7 +37,7 @@ def _plans(run: Run) -> list[StudentPlan]:
     return [StudentPlan(arch, epochs, s) for s in range(cfg.validation.students)]
 
 
-def _train_one(run: Run, plan: StudentPlan, images, x_test, y_test, progress: Progress) -> float:
+def _train_one(run: Run, plan: StudentPlan, images, held, progress: Progress) -> float:
     cfg, p = run.config, run.config.preset_obj()
     sc = p.student
     label_epochs = cfg.labels.epochs
@@ -88,7 +88,7 @@ def _train_one(run: Run, plan: StudentPlan, images, x_test, y_test, progress: Pr
             (i + 1) / plan.epochs,
             {"student": plan.seed, "epoch": i + 1, "loss": loss},
         )
-    acc = evaluate_top1(student, x_test, y_test)
+    acc = held_out_top1(run, student, held)
     run.fs.write_bytes(f"{d}/weights.safetensors", weights_blob(student.state_dict()))
     metrics = {
         "arch": plan.arch,
@@ -96,7 +96,7 @@ def _train_one(run: Run, plan: StudentPlan, images, x_test, y_test, progress: Pr
         "epochs": plan.epochs,
         "label_epochs": label_epochs,
         "top1": acc,
-        "test_images": len(x_test),
+        "test_images": len(held),
     }
     run.fs.write_bytes(f"{d}/metrics.json", json.dumps(metrics, indent=1).encode())
     run.manifest.record(f"{d}/weights.safetensors", "validation")
@@ -114,7 +114,7 @@ def validate(run: Run, progress: Progress = no_progress) -> str:
     images, _ = read_images(run.fs, SYN_IMAGES)
     images = images.to(cfg.device)
     _, held, _ = data_splits(run)
-    x_test, y_test = (t.to(cfg.device) for t in held.tensors())
+
     accs = []
     for plan in _plans(run):
         d = student_dir(plan.arch, plan.seed)
@@ -122,7 +122,7 @@ def validate(run: Run, progress: Progress = no_progress) -> str:
             run.manifest.verify(f"{d}/metrics.json")
             accs.append(json.loads(run.fs.read_bytes(f"{d}/metrics.json"))["top1"])
             continue
-        accs.append(_train_one(run, plan, images, x_test, y_test, progress))
+        accs.append(_train_one(run, plan, images, held, progress))
     summary = {
         "students": len(accs),
         "top1": accs,

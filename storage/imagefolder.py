@@ -1,0 +1,121 @@
+"""ImageFolder trees (the ImageNet layout `train/<class>/*.JPEG`, and a separate validation tree
+with the same class folders), streamed from disk.
+
+Every image is read, converted and resized here, with errors that name the file: a missing
+root, an empty class folder, an unreadable file, an image mode that cannot become the model's
+channels, a degenerate size.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+
+import torch
+from PIL import Image, UnidentifiedImageError
+from torchvision.transforms import functional as TF
+
+IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".ppm", ".pgm"}
+RGB_CONVERTIBLE = {"RGB", "L", "P", "CMYK", "RGBA", "LA", "YCbCr"}
+MIN_SIDE = 8
+
+
+def scan_tree(root: str | os.PathLike[str]) -> tuple[list[str], list[tuple[str, int]]]:
+    """(class names sorted, samples [(relative path, class index)] sorted)."""
+    base = Path(root)
+    if not base.is_dir():
+        raise FileNotFoundError(f"{base}: dataset folder does not exist")
+    classes = sorted(d.name for d in base.iterdir() if d.is_dir() and not d.name.startswith("."))
+    if not classes:
+        raise ValueError(f"{base}: no class folders (expected {base}/<class>/<image files>)")
+    samples = []
+    for idx, name in enumerate(classes):
+        files = sorted(
+            f
+            for f in (base / name).rglob("*")
+            if f.is_file() and f.suffix.lower() in IMAGE_EXTENSIONS
+        )
+        if not files:
+            raise ValueError(
+                f"{base / name}: class folder holds no image files "
+                f"({', '.join(sorted(IMAGE_EXTENSIONS))})"
+            )
+        samples += [(str(f.relative_to(base)), idx) for f in files]
+    return classes, samples
+
+
+def tree_fingerprint(root: str | os.PathLike[str], samples: list[tuple[str, int]]) -> str:
+    """Hash of every file's relative path, size and class: changes when the data does."""
+    h = hashlib.sha256()
+    base = Path(root)
+    for rel, c in samples:
+        h.update(f"{rel}\0{(base / rel).stat().st_size}\0{c}\n".encode())
+    return "imagefolder:" + h.hexdigest()
+
+
+class ImageFolderDataset(torch.utils.data.Dataset):
+    """Images resized (short side to size * 8/7) and centre-cropped to `size`, normalised.
+
+    in_chans 3: greyscale, palette, CMYK and alpha images are converted to RGB (ImageNet has
+    all of them); in_chans 1: only single-channel images are accepted.
+    """
+
+    def __init__(
+        self,
+        root: str | os.PathLike[str],
+        size: int,
+        in_chans: int,
+        mean: tuple[float, ...],
+        std: tuple[float, ...],
+        expect_classes: list[str] | None = None,
+    ):
+        self.root = Path(root)
+        self.classes, self.samples = scan_tree(self.root)
+        if expect_classes is not None and self.classes != expect_classes:
+            missing = sorted(set(expect_classes) - set(self.classes))[:5]
+            extra = sorted(set(self.classes) - set(expect_classes))[:5]
+            raise ValueError(
+                f"{self.root}: class folders differ from the training tree's "
+                f"(missing {missing}, unexpected {extra})"
+            )
+        self.size, self.in_chans = size, in_chans
+        self.mean, self.std = list(mean), list(std)
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def fingerprint(self) -> str:
+        return tree_fingerprint(self.root, self.samples)
+
+    def load(self, i: int) -> Image.Image:
+        path = self.root / self.samples[i][0]
+        try:
+            img = Image.open(path)
+            img.load()
+        except (UnidentifiedImageError, OSError) as e:
+            raise ValueError(f"{path}: unreadable image ({e})") from None
+        if min(img.size) < MIN_SIDE:
+            raise ValueError(
+                f"{path}: image is {img.size[0]}x{img.size[1]} px, smaller than "
+                f"{MIN_SIDE} px on a side"
+            )
+        if self.in_chans == 3:
+            if img.mode not in RGB_CONVERTIBLE:
+                raise ValueError(f"{path}: image mode {img.mode!r} cannot be read as RGB")
+            return img.convert("RGB") if img.mode != "RGB" else img
+        if self.in_chans == 1:
+            if img.mode not in ("L", "1"):
+                raise ValueError(
+                    f"{path}: image mode {img.mode!r} is not single-channel, "
+                    "but the models take 1 channel"
+                )
+            return img.convert("L")
+        raise ValueError(f"{self.in_chans} input channels are not supported for image files")
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        img = self.load(i)
+        img = TF.resize(img, round(self.size * 8 / 7))
+        img = TF.center_crop(img, [self.size, self.size])
+        x = TF.normalize(TF.to_tensor(img), self.mean, self.std)
+        return x, self.samples[i][1]
