@@ -35,6 +35,7 @@ def s3_endpoint():
     server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=port)
     server.start()
     url = f"http://127.0.0.1:{port}"
+    mp.setenv("AWS_ENDPOINT_URL", url)  # what a user of an S3-compatible store sets
     import boto3
 
     boto3.client("s3", endpoint_url=url).create_bucket(Bucket="runs")
@@ -69,3 +70,20 @@ def test_s3_root_round_trips(s3_endpoint):
         for fn in STAGES.values():
             fn(run)
         assert run.manifest.entries() == local_manifest
+
+
+def test_teacher_weights_import_from_an_s3_url(s3_endpoint):
+    import boto3
+    from safetensors.torch import save
+
+    from storage.checkpoints import read_state_dict
+
+    boto3.client("s3", endpoint_url=s3_endpoint).create_bucket(Bucket="weights")
+    blob = save({"fc.weight": torch.arange(6.0).view(2, 3)})
+    boto3.client("s3", endpoint_url=s3_endpoint).put_object(
+        Bucket="weights", Key="teacher.safetensors", Body=blob
+    )
+    sd = read_state_dict("s3://weights/teacher.safetensors")
+    assert torch.equal(sd["fc.weight"], torch.arange(6.0).view(2, 3))
+    with pytest.raises(FileNotFoundError, match="s3://weights/missing.safetensors"):
+        read_state_dict("s3://weights/missing.safetensors")
