@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -54,25 +55,33 @@ def select_layers(model: nn.Module, spec: str | Sequence[str] | None = None) -> 
 class FeatureHooks:
     """Forward hooks that keep the latest output of each measured layer.
 
-    Use as a context manager; `outputs` holds one tensor per layer, in `names` order, after each
+    Use as a context manager; `outputs` holds one entry per layer, in `names` order, after each
     forward pass. The tensors are kept in the autograd graph, so a loss on them backpropagates
-    to the input images.
+    to the input images. With `reduce`, each output is replaced by `reduce(output)` inside the
+    hook, so the activation can be freed as soon as the next layer has used it (the statistics
+    pass keeps only sufficient statistics, never 17 activations).
     """
 
-    def __init__(self, model: nn.Module, names: Sequence[str]):
+    def __init__(
+        self,
+        model: nn.Module,
+        names: Sequence[str],
+        reduce: Callable[[torch.Tensor], Any] | None = None,
+    ):
         self.names = list(names)
-        self._slots: dict[str, torch.Tensor] = {}
+        self.reduce = reduce
+        self._slots: dict[str, Any] = {}
         modules = dict(model.named_modules())
         self._handles = [modules[n].register_forward_hook(self._hook(n)) for n in self.names]
 
     def _hook(self, name: str):
         def hook(_module: nn.Module, _inp: tuple[torch.Tensor, ...], out: torch.Tensor) -> None:
-            self._slots[name] = out
+            self._slots[name] = out if self.reduce is None else self.reduce(out)
 
         return hook
 
     @property
-    def outputs(self) -> list[torch.Tensor]:
+    def outputs(self) -> list[Any]:
         missing = [n for n in self.names if n not in self._slots]
         if missing:
             raise RuntimeError(f"no forward pass reached layers {missing}")

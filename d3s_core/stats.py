@@ -53,14 +53,22 @@ class SuffStats:
         in float32, then held in float64; merging stays exact, so the error is that of one
         centred float32 batch (~1e-7 relative), not one that grows with the dataset.
         """
+        dtype = torch.float64 if precision == "float64" else torch.float32
         with torch.no_grad(), torch.autocast(x.device.type, enabled=False):
-            s = as_samples(x)
-            s = s.double() if precision == "float64" else s.float()
-            n = s.shape[0]
-            mean = s.mean(0)
-            centred = s - mean
+            if x.dim() == 4:
+                # One pass for the mean, one that centres (and casts) straight into an (N, C)
+                # buffer, one GEMM.
+                b, c, h, w = x.shape
+                mean = x.mean((0, 2, 3), dtype=dtype)
+                buf = torch.empty((b, h, w, c), dtype=dtype, device=x.device)
+                torch.sub(x, mean.view(1, c, 1, 1), out=buf.permute(0, 3, 1, 2))
+                centred = buf.view(-1, c)
+            else:
+                s = as_samples(x).to(dtype)
+                mean = s.mean(0)
+                centred = s - mean
             m2 = centred.T @ centred
-            return SuffStats(n, mean.double(), m2.double())
+            return SuffStats(centred.shape[0], mean.double(), m2.double())
 
     def merge(self, other: SuffStats) -> SuffStats:
         """Chan's parallel combination; exact in float64 up to rounding."""
@@ -102,40 +110,52 @@ def merge_all(parts: list[SuffStats]) -> SuffStats:
     return parts[0]
 
 
-class _Gram(torch.autograd.Function):
-    """G = S^T S for S (N, C), with a one-matmul backward: dS = S (dG + dG^T).
+class _Moments(torch.autograd.Function):
+    """(mean, population covariance) of an activation with one GEMM forward and one backward.
 
-    Autograd's generic matmul backward would do two (N, C) x (C, C) products, one per operand;
-    here both operands are S, and that second product is a third of the layer's statistics
-    cost in synthesis.
+    Backward: with D = (dSigma + dSigma^T) / n, dX = X D + 1 (dmu - n D mu)^T / n, computed in
+    the activation's own memory layout, so that the gradient adds to BatchNorm's without a
+    layout change (a layout mismatch there made the conv backward twice as slow).
     """
 
     @staticmethod
-    def forward(ctx, s: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
-        ctx.save_for_backward(s)
-        return s.T @ s
+    def forward(ctx, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:  # type: ignore[override]
+        s = as_samples(x)
+        n = s.shape[0]
+        mean = s.mean(0)
+        cov = torch.addmm(torch.outer(mean, mean), s.T, s, beta=-1.0, alpha=1.0 / n)
+        ctx.save_for_backward(x, mean)
+        return mean, 0.5 * (cov + cov.T)
 
     @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
-        (s,) = ctx.saved_tensors
-        return s @ (grad + grad.T)
-
-
-def gram(s: torch.Tensor) -> torch.Tensor:
-    """S^T S, (C, C), differentiable with a single-matmul backward. s: (N, C)."""
-    return _Gram.apply(s)
+    def backward(ctx, dmean: torch.Tensor | None, dcov: torch.Tensor | None) -> torch.Tensor:  # type: ignore[override]
+        x, mean = ctx.saved_tensors
+        c = mean.shape[0]
+        n = x.numel() // c
+        d = (
+            torch.zeros(c, c, dtype=x.dtype, device=x.device)
+            if dcov is None
+            else (dcov + dcov.T) / n
+        )
+        shift = -(d @ mean)
+        if dmean is not None:
+            shift = shift + dmean / n
+        if x.dim() == 4 and x.is_contiguous():  # NCHW: (C, C) @ (B, C, HW), written NCHW
+            b, _, h, w = x.shape
+            return torch.matmul(d, x.view(b, c, h * w)).add_(shift.view(1, c, 1)).view(b, c, h, w)
+        g = torch.addmm(shift, as_samples(x), d)
+        if x.dim() == 4:  # channels_last: the (N, C) view is the activation's own layout
+            b, _, h, w = x.shape
+            return g.view(b, h, w, c).permute(0, 3, 1, 2)
+        return g
 
 
 def batch_moments(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Differentiable mean (C,) and population covariance (C, C) of an activation batch.
+    """Differentiable mean (C,) and population covariance (C, C) of an activation batch
+    x: (B, C, H, W) or (N, C), in float32 with autocast off (statistics never in bf16/fp16).
 
-    Used inside the synthesis loss, in float32 (autocast off): the second moment is formed
-    uncentred, X^T X / n - mu mu^T, so that under channels_last no copy of the activation is
-    kept for backward beyond the one the network keeps already.
+    The second moment is formed uncentred, X^T X / n - mu mu^T, in one GEMM: no centred copy
+    of the activation is kept for backward.
     """
     with torch.autocast(x.device.type, enabled=False):
-        s = as_samples(x).float()
-        n = s.shape[0]
-        mean = s.mean(0)
-        cov = gram(s) / n - torch.outer(mean, mean)
-        return mean, 0.5 * (cov + cov.T)
+        return _Moments.apply(x.float())

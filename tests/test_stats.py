@@ -132,12 +132,37 @@ def test_other_architectures_have_measured_layers():
     assert lowres(torch.randn(1, 3, 32, 32)).shape == (1, 10)
 
 
-def test_gram_backward_matches_autograd():
-    from d3s_core.stats import gram
+def reference_moments(x):
+    s = x.permute(0, 2, 3, 1).reshape(-1, x.shape[1]) if x.dim() == 4 else x
+    mean = s.mean(0)
+    c = s - mean
+    return mean, c.T @ c / s.shape[0]
 
-    s = torch.randn(13, 4, dtype=torch.float64, requires_grad=True)
-    assert torch.autograd.gradcheck(gram, (s,))
-    w = torch.randn(4, 4, dtype=torch.float64)
-    (ours,) = torch.autograd.grad((gram(s) * w).sum(), s)
-    (ref,) = torch.autograd.grad(((s.T @ s) * w).sum(), s)
-    assert torch.allclose(ours, ref, rtol=1e-12)
+
+@pytest.mark.parametrize("layout", ["nchw", "channels_last", "samples"])
+def test_batch_moments_gradient_matches_autograd(layout):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 5, 4, 4, generator=g, dtype=torch.float64) + 2
+    if layout == "channels_last":
+        x = x.to(memory_format=torch.channels_last)
+    elif layout == "samples":
+        x = x[:, :, 0, 0].contiguous()
+    w1, w2 = (
+        torch.randn(5, generator=g, dtype=torch.float64),
+        torch.randn(5, 5, generator=g, dtype=torch.float64),
+    )
+    from d3s_core.stats import _Moments
+
+    xa = x.detach().clone().requires_grad_(True)
+    mu, cov = _Moments.apply(xa)
+    (ours,) = torch.autograd.grad((mu * w1).sum() + (cov * w2).sum(), xa)
+    xb = x.detach().clone().requires_grad_(True)
+    mu_r, cov_r = reference_moments(xb)
+    (ref,) = torch.autograd.grad((mu_r * w1).sum() + (cov_r * w2).sum(), xb)
+    assert torch.allclose(mu, mu_r) and torch.allclose(cov, cov_r)
+    assert torch.allclose(ours, ref, rtol=1e-10, atol=1e-12)
+    assert ours.stride() == x.stride()  # gradient in the activation's own layout
+    # mean-only and covariance-only paths
+    (g_mu,) = torch.autograd.grad(_Moments.apply(xa)[0].sum(), xa)
+    (g_mu_r,) = torch.autograd.grad(reference_moments(xb)[0].sum(), xb)
+    assert torch.allclose(g_mu, g_mu_r)

@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+from functools import partial
+
 import torch
 
 from d3s_core.layers import FeatureHooks, select_layers
@@ -44,11 +46,13 @@ def compute_stats(run: Run, progress: Progress = no_progress) -> str:
             state, _ = load_state(run.fs, ckpt)
             done = state["batches"]
             acc = [SuffStats(n, mu, m2) for n, mu, m2 in state["stats"]]
-        with FeatureHooks(model, names) as hooks, torch.no_grad():
+        precision = cfg.stats.precision
+        reduce = partial(SuffStats.from_batch, precision=precision)
+        with FeatureHooks(model, names, reduce) as hooks, torch.no_grad():
             # The order is sequential, so a resumed pass starts at the next unseen batch.
             for i, (x, _) in enumerate(batches(run, train, cfg.stats.batch_size, None, done), done):
                 model(x)
-                parts = [SuffStats.from_batch(a, cfg.stats.precision) for a in hooks.outputs]
+                parts = hooks.outputs
                 acc = parts if not acc else [a.merge(b) for a, b in zip(acc, parts, strict=True)]
                 done = i + 1
                 if done % cfg.stats.checkpoint_batches == 0 and done < total:
