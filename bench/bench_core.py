@@ -4,8 +4,9 @@ Measured per image size, on a frozen torchvision ResNet-18 (1000 classes, eval m
 32 px use the low-resolution 3x3 stem without max-pool), all in one process:
 
 (a) stats pass: no-grad forward with FeatureHooks on the 17 default layers, each layer's
-    output reduced inside its hook by `SuffStats.from_batch(out, precision)` and merged into a running SuffStats per
-    layer, over `--stats-batches` batches  ÷  a bare no-grad forward over the same batches.
+    output reduced inside its hook by `SuffStats.from_batch(out, precision)` and merged into
+    a running SuffStats per layer, over `--stats-batches` batches  ÷  a bare no-grad forward
+    over the same batches.
     Reported for precision "mixed" (the default) and "float64". Goal <= 1.10x.
 (b) synthesis iteration: `synthesis_loss` (forward with the 17 hooks, `batch_moments` per
     layer, ISU mix against zero running statistics at batch 1, 17-layer KL + alpha * CE) and
