@@ -31,7 +31,7 @@ bench: $(STAMP)
 	$(BIN)/python bench/bench_core.py
 
 demo: $(STAMP)
-	PREFECT_SERVER_ANALYTICS_ENABLED=false $(BIN)/python -m flows.demo
+	env -u PREFECT_API_URL PREFECT_SERVER_ANALYTICS_ENABLED=false $(BIN)/python -m flows.demo
 
 clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info

@@ -1,9 +1,8 @@
 """`make demo`: D3S end to end on the real MNIST-5k digits, on CPU, into a run directory.
 
-The five stages run in order through the stage runners (tasks/stages): every artifact lands
-under the root, checkpointed, so interrupting and re-running the command resumes where it
-stopped. The Prefect flow, dashboards and report arrive with the pipeline issue; until then
-this is what `make demo` runs.
+Runs the Prefect flow `d3s-distill` (flows/distill.py) on Prefect's ephemeral server (make
+unsets PREFECT_API_URL), on the config configs/demo-mnist.json. Every artifact lands under the
+root, checkpointed, so interrupting and re-running the command resumes where it stopped.
 
     python -m flows.demo [--root runs/demo-mnist] [--config configs/demo-mnist.json]
 """
@@ -15,27 +14,12 @@ import json
 import time
 from pathlib import Path
 
+from flows.distill import distill
 from storage.config import parse_config
-from storage.run import open_run, teacher_meta
-from tasks.stages import STAGES
+from storage.fs import RunFS
+from storage.run import teacher_meta
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-class Printer:
-    """Prints a line per stage at every tenth of the way."""
-
-    def __init__(self) -> None:
-        self.last: dict[str, int] = {}
-
-    def __call__(self, stage: str, fraction: float, info: dict) -> None:
-        step = int(fraction * 10)
-        if step > self.last.get(stage, -1):
-            self.last[stage] = step
-            details = ", ".join(
-                f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}" for k, v in info.items()
-            )
-            print(f"  {stage:<10} {100 * fraction:5.1f}%  {details}", flush=True)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -45,20 +29,15 @@ def main(argv: list[str] | None = None) -> None:
     args = ap.parse_args(argv)
     cfg = parse_config(json.loads(Path(args.config).read_text()), args.config)
     print(f"D3S demo '{cfg.name}' on MNIST-5k (real digits), CPU, run root {args.root}")
-    print("(stage runners without Prefect for now; re-running resumes an interrupted run)")
+    print("(re-running the command resumes an interrupted run)", flush=True)
     t0 = time.time()
-    printer = Printer()
-    with open_run(args.root, cfg) as run:
-        for i, (name, stage) in enumerate(STAGES.items(), start=1):
-            t = time.time()
-            print(f"[{i}/{len(STAGES)}] {name}", flush=True)
-            uri = stage(run, printer)
-            print(f"  -> {uri} ({time.time() - t:.0f} s)", flush=True)
-        teachers = [
-            json.loads(run.fs.read_bytes(teacher_meta(m)))["held_out_top1"]
-            for m in range(cfg.teachers.count)
-        ]
-        summary = json.loads(run.fs.read_bytes("validation/summary.json"))
+    distill(root=args.root, config=cfg)
+    fs = RunFS(args.root)
+    teachers = [
+        json.loads(fs.read_bytes(teacher_meta(m)))["held_out_top1"]
+        for m in range(cfg.teachers.count)
+    ]
+    summary = json.loads(fs.read_bytes("validation/summary.json"))
     print(f"\nteachers (held-out top-1): {', '.join(f'{100 * a:.1f}%' for a in teachers)}")
     print(
         f"students on {summary['distilled_images']} distilled images: "

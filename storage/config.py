@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import uuid
 from dataclasses import asdict, fields, is_dataclass
 from typing import Any, Literal
 
@@ -158,7 +159,11 @@ def parse_config(data: dict[str, Any], source: str = "config") -> RunConfig:
 def save_config(fs: RunFS, cfg: RunConfig) -> None:
     """Write config.json (with its hash) once; a different config for an existing run is an
     error, so a resumed run can never mix two configurations."""
-    payload = {"config": cfg.model_dump(mode="json"), "config_hash": cfg.config_hash()}
+    payload = {
+        "config": cfg.model_dump(mode="json"),
+        "config_hash": cfg.config_hash(),
+        "run_id": uuid.uuid4().hex,  # tells this run from a deleted and recreated one
+    }
     if fs.exists(CONFIG_FILE):
         existing = load_config(fs)
         if existing.config_hash() != cfg.config_hash():
@@ -169,6 +174,10 @@ def save_config(fs: RunFS, cfg: RunConfig) -> None:
             )
         return
     fs.write_bytes(CONFIG_FILE, json.dumps(payload, indent=2, sort_keys=True).encode())
+
+
+def run_id(fs: RunFS) -> str:
+    return str(json.loads(fs.read_bytes(CONFIG_FILE))["run_id"])
 
 
 def load_config(fs: RunFS) -> RunConfig:

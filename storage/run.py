@@ -6,6 +6,7 @@ See docs/artifacts.md for every file's schema.
 from __future__ import annotations
 
 import os
+import threading
 from dataclasses import dataclass
 from typing import Any
 
@@ -48,6 +49,32 @@ def student_dir(arch: str, seed: int) -> str:
     return f"validation/{arch.replace(':', '_')}-seed{seed}"
 
 
+# Locks this process holds, by run URL, with a count of the Runs using each: a flow and the
+# tasks it runs in threads share one lock (a second flock from the same process would fail).
+_HELD: dict[str, tuple[RunLock, int]] = {}
+_HELD_GUARD = threading.Lock()
+
+
+def _take_lock(fs: RunFS) -> RunLock:
+    with _HELD_GUARD:
+        lock, count = _HELD.get(fs.url(), (None, 0))
+        if lock is None:
+            lock = RunLock(fs).acquire()
+            fs.sweep_temporaries()
+        _HELD[fs.url()] = (lock, count + 1)
+        return lock
+
+
+def _drop_lock(fs: RunFS) -> None:
+    with _HELD_GUARD:
+        lock, count = _HELD[fs.url()]
+        if count == 1:
+            del _HELD[fs.url()]
+            lock.release()
+        else:
+            _HELD[fs.url()] = (lock, count - 1)
+
+
 @dataclass
 class Run:
     fs: RunFS
@@ -57,7 +84,7 @@ class Run:
 
     def close(self) -> None:
         if self.lock is not None:
-            self.lock.release()
+            _drop_lock(self.fs)
             self.lock = None
 
     def __enter__(self) -> Run:
@@ -70,11 +97,10 @@ class Run:
 def open_run(root: str | os.PathLike[str], config: RunConfig, **storage_options: Any) -> Run:
     """Open (or create) a run for writing: take the lock, then save or check the config."""
     fs = RunFS(root, **storage_options)
-    lock = RunLock(fs).acquire()
+    lock = _take_lock(fs)
     try:
-        fs.sweep_temporaries()
         save_config(fs, config)
     except BaseException:
-        lock.release()
+        _drop_lock(fs)
         raise
     return Run(fs, config, Manifest(fs), lock)

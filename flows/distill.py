@@ -1,0 +1,77 @@
+"""The D3S flow: teachers -> statistics -> synthesis -> labels -> validation, each a Prefect
+task around its stage runner. A new flow run with the same root and config reuses finished
+stages (Prefect cache, and each runner's own check of the manifest) and resumes the unfinished
+one from its checkpoint; so does `prefect flow-run retry` of a crashed run.
+"""
+
+from __future__ import annotations
+
+import json
+
+from prefect import flow
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
+from prefect.runtime import flow_run
+
+from storage.config import RunConfig
+from storage.fs import RunFS
+from storage.run import open_run, teacher_meta
+from tasks.prefect_tasks import (
+    labels_task,
+    stats_task,
+    synthesis_task,
+    teachers_task,
+    validation_task,
+)
+
+
+def _run_name() -> str:
+    cfg = flow_run.parameters.get("config")
+    cfg = cfg if isinstance(cfg, RunConfig) else RunConfig.model_validate(cfg or {})
+    return f"{cfg.name}-{cfg.preset}-ipc{cfg.synthesis.ipc}"
+
+
+@flow(name="d3s-distill", flow_run_name=_run_name, log_prints=True)
+def distill(root: str = "runs/demo-mnist", config: RunConfig = RunConfig()) -> str:  # noqa: B008
+    """Run (or resume) every D3S stage of one run. Returns the validation summary's URI."""
+    c = config.model_dump(mode="json")
+    # The flow holds the run's writer lock for its whole life (the tasks share it), and the
+    # run exists before the first cache key is computed.
+    with open_run(root, config):
+        t = teachers_task(root, c)
+        s = stats_task(root, c, wait_for=[t])
+        syn = synthesis_task(root, c, wait_for=[s])
+        lab = labels_task(root, c, wait_for=[syn])
+        summary_uri = validation_task(root, c, wait_for=[lab])
+        publish_summary(root, config)
+    return summary_uri
+
+
+def publish_summary(root: str, config: RunConfig) -> None:
+    """Tables of teacher and student accuracy in the Prefect UI."""
+    fs = RunFS(root)
+    rows = []
+    for m in range(config.teachers.count):
+        meta = json.loads(fs.read_bytes(teacher_meta(m)))
+        rows.append(
+            {
+                "model": f"teacher {m}",
+                "arch": meta["arch"],
+                "top1 %": round(100 * meta["held_out_top1"], 2),
+            }
+        )
+    summary = json.loads(fs.read_bytes("validation/summary.json"))
+    for i, acc in enumerate(summary["top1"]):
+        rows.append(
+            {
+                "model": f"student {i}",
+                "arch": config.validation.arch or config.preset_obj().student.arch,
+                "top1 %": round(100 * acc, 2),
+            }
+        )
+    create_table_artifact(rows, key="accuracy", description="held-out top-1")
+    create_markdown_artifact(
+        f"# {config.name}\n\nstudents on {summary['distilled_images']} distilled images: "
+        f"**{100 * summary['mean']:.1f} ± {100 * summary['std']:.1f} %** top-1 "
+        f"(n = {summary['students']})\n\nartifacts: `{fs.url()}`",
+        key="summary",
+    )

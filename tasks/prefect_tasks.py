@@ -1,0 +1,114 @@
+"""Prefect tasks: one per stage, each a thin wrapper around its stage runner (tasks/stages).
+
+Tasks take the run root and the config (a plain dict, validated again here) and return URIs,
+never tensors. The cache key is the stage, its version constant, the config hash, the run's
+id and the checksums of the stage's inputs in the manifest (Prefect's default key would look
+only at this file's source, not at the code it calls). Results are persisted. Progress goes to
+a Prefect progress artifact that moves while the stage runs, and to the run logger.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from typing import Any
+
+from prefect import task
+from prefect.artifacts import create_progress_artifact, update_progress_artifact
+from prefect.context import TaskRunContext
+from prefect.logging import get_run_logger
+
+from storage.config import parse_config, run_id
+from storage.fs import RunFS
+from storage.manifest import Manifest
+from storage.run import open_run
+
+from .stages import STAGES
+
+# Bump when a stage's code changes what it writes: cached results of older versions are ignored.
+STAGE_VERSION = {"teachers": 1, "stats": 1, "synthesis": 1, "labels": 1, "validation": 1}
+# Artifacts (manifest prefixes) each stage reads.
+STAGE_INPUTS = {
+    "teachers": [],
+    "stats": ["teachers/"],
+    "synthesis": ["teachers/", "stats.zarr"],
+    "labels": ["teachers/", "synthesis/images.zarr"],
+    "validation": ["synthesis/images.zarr", "labels/"],
+}
+
+
+def stage_cache_key(stage: str):
+    def key(context: TaskRunContext, params: dict[str, Any]) -> str | None:
+        root, cfg = params["root"], parse_config(params["config"])
+        fs = RunFS(root)
+        try:
+            rid = run_id(fs)
+        except FileNotFoundError:
+            return None
+        entries = Manifest(fs).entries()
+        inputs = sorted(
+            (k, v["sha256"])
+            for k, v in entries.items()
+            if any(k.startswith(p) for p in STAGE_INPUTS[stage])
+        )
+        blob = repr((stage, STAGE_VERSION[stage], cfg.config_hash(), rid, inputs)).encode()
+        return f"d3s-{stage}-" + hashlib.sha256(blob).hexdigest()
+
+    return key
+
+
+class PrefectProgress:
+    """Stage progress callback: a progress artifact (updated at most every `every` seconds)
+    and a log line at every tenth of the way."""
+
+    def __init__(self, stage: str, every: float = 2.0):
+        self.stage, self.every = stage, every
+        self.artifact = None
+        self.last_update = 0.0
+        self.last_tenth = -1
+        self.logger = get_run_logger()
+
+    def __call__(self, stage: str, fraction: float, info: dict[str, Any]) -> None:
+        now = time.time()
+        desc = ", ".join(
+            f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in info.items()
+        )
+        if self.artifact is None:
+            self.artifact = create_progress_artifact(100 * fraction, description=f"{stage}: {desc}")
+            self.last_update = now
+        elif now - self.last_update >= self.every or fraction >= 1.0:
+            update_progress_artifact(self.artifact, 100 * fraction, description=f"{stage}: {desc}")
+            self.last_update = now
+        if int(fraction * 10) > self.last_tenth:
+            self.last_tenth = int(fraction * 10)
+            self.logger.info("%s %.0f%% (%s)", stage, 100 * fraction, desc)
+
+
+def _run_stage(stage: str, root: str, config: dict[str, Any]) -> Any:
+    cfg = parse_config(config)
+    with open_run(root, cfg) as run:
+        return STAGES[stage](run, PrefectProgress(stage))
+
+
+def _stage_task(stage: str, retries: int = 0):
+    def fn(root: str, config: dict[str, Any]) -> Any:
+        return _run_stage(stage, root, config)
+
+    fn.__name__ = f"{stage}_task"
+    return task(
+        fn,
+        name=stage,
+        task_run_name=stage,
+        cache_key_fn=stage_cache_key(stage),
+        persist_result=True,
+        retries=retries,
+    )
+
+
+# Stages are not retried: a failure inside one is a bug or bad data, not a transient, and the
+# next run resumes from the checkpoint anyway. Transient I/O is retried where it happens.
+teachers_task = _stage_task("teachers")
+stats_task = _stage_task("stats")
+synthesis_task = _stage_task("synthesis")
+labels_task = _stage_task("labels")
+validation_task = _stage_task("validation")

@@ -1,0 +1,55 @@
+"""The whole D3S flow under a real (ephemeral) Prefect server, with an isolated PREFECT_HOME."""
+
+import json
+
+import pytest
+
+from storage.config import parse_config
+
+from .test_storage_safety import SMALL
+
+
+@pytest.fixture(scope="module")
+def prefect_server(tmp_path_factory):
+    mp = pytest.MonkeyPatch()
+    mp.setenv("PREFECT_HOME", str(tmp_path_factory.mktemp("prefect_home")))
+    mp.setenv("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    mp.delenv("PREFECT_API_URL", raising=False)
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        yield
+    mp.undo()
+
+
+def test_flow_runs_then_reuses_finished_stages(prefect_server, tmp_path):
+    from flows.distill import distill
+
+    cfg = parse_config({**SMALL, "name": "flowtest"})
+    root = str(tmp_path / "run")
+    state = distill(root=root, config=cfg, return_state=True)
+    assert state.is_completed()
+    summary = json.loads((tmp_path / "run" / "validation" / "summary.json").read_text())
+    assert summary["students"] == 1
+    manifest = (tmp_path / "run" / "manifest.json").read_text()
+    # A second flow run with the same config and root: every stage is reused, nothing rewritten.
+    again = distill(root=root, config=cfg, return_state=True)
+    assert again.is_completed()
+    assert (tmp_path / "run" / "manifest.json").read_text() == manifest
+    from prefect.client.orchestration import get_client
+
+    async def task_states():
+        async with get_client() as client:
+            runs = await client.read_task_runs()
+            return [
+                (r.name, r.state.name)
+                for r in runs
+                if r.flow_run_id == again.state_details.flow_run_id
+            ]
+
+    import asyncio
+
+    states = dict(asyncio.run(task_states()))
+    assert states == {
+        s: "Cached" for s in ("teachers", "stats", "synthesis", "labels", "validation")
+    }
