@@ -68,4 +68,4 @@ def load_into(
         raise ValueError(
             f"{url}: does not fit the model: missing {missing[:5]}, unexpected {unexpected[:5]}"
         )
-    return skipped
+    return sorted(skipped)

@@ -1,16 +1,20 @@
 """Named tensors + JSON metadata, without pickle.
 
 A state is any nested dict/list of tensors, numbers, strings and None (a model's state_dict, an
-optimiser's, a synthesis batch's). Tensors go to a safetensors file; the structure, with each
-tensor replaced by a reference, goes to a JSON file written last, which also records the
-tensors file's checksum: the JSON is the commit marker, so a state is either complete and
-verified or absent. Nothing on the load path can run code.
+optimiser's, a synthesis batch's). Tensors go to a safetensors file named by its own checksum,
+`<rel>.<sha256[:16]>.safetensors`; the structure, with each tensor replaced by a reference,
+goes to `<rel>.json`, written last, which names that file and records its checksum. The JSON is
+the commit marker: overwriting a state never touches the files the current marker points to,
+so a kill at any moment leaves either the old state or the new one, complete and verified.
+Tensors files no marker points to are deleted after the marker is written. Nothing on the load
+path can run code.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import posixpath
 from typing import Any
 
 import torch
@@ -61,13 +65,24 @@ def save_state(fs: RunFS, rel: str, state: Any, meta: dict[str, Any] | None = No
     structure = _flatten(state, "", tensors)
     # safetensors refuses tensors that share memory; give each its own storage.
     blob = st_save({k: v.clone() for k, v in tensors.items()})
-    fs.write_bytes(f"{rel}.safetensors", blob)
+    digest = hashlib.sha256(blob).hexdigest()
+    name = f"{posixpath.basename(rel)}.{digest[:16]}.safetensors"
+    fs.write_bytes(posixpath.join(posixpath.dirname(rel), name), blob)
     record = {
         "structure": structure,
         "meta": meta or {},
-        "tensors_sha256": hashlib.sha256(blob).hexdigest(),
+        "tensors_file": name,
+        "tensors_sha256": digest,
     }
     fs.write_bytes(f"{rel}.json", json.dumps(record, indent=1).encode())
+    _remove_tensor_files(fs, rel, keep=name)
+
+
+def _remove_tensor_files(fs: RunFS, rel: str, keep: str | None = None) -> None:
+    directory, base = posixpath.dirname(rel), posixpath.basename(rel)
+    for f in fs.listdir(directory):
+        if f.startswith(base + ".") and f.endswith(".safetensors") and f != keep:
+            fs.remove(posixpath.join(directory, f))
 
 
 def weights_blob(state_dict: dict[str, torch.Tensor]) -> bytes:
@@ -86,13 +101,14 @@ def load_state(fs: RunFS, rel: str) -> tuple[Any, dict[str, Any]]:
         record = json.loads(fs.read_bytes(f"{rel}.json"))
     except json.JSONDecodeError as e:
         raise CorruptArtifact(f"{fs.url(rel + '.json')}: not valid JSON ({e})") from e
-    blob = fs.read_bytes(f"{rel}.safetensors")
+    path = posixpath.join(posixpath.dirname(rel), record["tensors_file"])
+    blob = fs.read_bytes(path)
     if hashlib.sha256(blob).hexdigest() != record["tensors_sha256"]:
-        raise CorruptArtifact(f"{fs.url(rel + '.safetensors')}: checksum mismatch")
+        raise CorruptArtifact(f"{fs.url(path)}: checksum mismatch")
     tensors = st_load(blob)
     return _unflatten(record["structure"], tensors), record["meta"]
 
 
 def remove_state(fs: RunFS, rel: str) -> None:
     fs.remove(f"{rel}.json")  # marker first: a half-removed state reads as absent
-    fs.remove(f"{rel}.safetensors")
+    _remove_tensor_files(fs, rel)

@@ -41,11 +41,8 @@ def test_flow_runs_then_reuses_finished_stages(prefect_server, tmp_path):
     async def task_states():
         async with get_client() as client:
             runs = await client.read_task_runs()
-            return [
-                (r.name, r.state.name)
-                for r in runs
-                if r.flow_run_id == again.state_details.flow_run_id
-            ]
+            flow_run_id = again.state_details.flow_run_id
+            return [(r.name, r.state.name) for r in runs if r.flow_run_id == flow_run_id]
 
     import asyncio
 

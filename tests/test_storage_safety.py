@@ -84,12 +84,23 @@ def test_missing_teacher_file_is_detected(finished_run, tmp_path):
 def test_damaged_checkpoint_is_detected(tmp_path):
     fs = RunFS(tmp_path)
     save_state(fs, "ckpt/state", {"x": torch.arange(10)})
-    blob = tmp_path / "ckpt/state.safetensors"
+    (blob,) = (tmp_path / "ckpt").glob("state.*.safetensors")
     data = bytearray(blob.read_bytes())
     data[-3] ^= 0xFF  # one flipped byte in the tensor data
     blob.write_bytes(bytes(data))
-    with pytest.raises(CorruptArtifact, match="state.safetensors"):
+    with pytest.raises(CorruptArtifact, match=r"state\.[0-9a-f]{16}\.safetensors: checksum"):
         load_state(fs, "ckpt/state")
+
+
+def test_overwriting_a_state_keeps_the_old_one_until_the_new_marker(tmp_path):
+    fs = RunFS(tmp_path)
+    save_state(fs, "ckpt/state", {"epoch": 1, "w": torch.zeros(3)})
+    old = next((tmp_path / "ckpt").glob("state.*.safetensors")).name
+    save_state(fs, "ckpt/state", {"epoch": 2, "w": torch.ones(3)})
+    files = sorted(p.name for p in (tmp_path / "ckpt").iterdir())
+    assert old not in files and len(files) == 2  # new tensors + marker; old tensors gone
+    state, _ = load_state(fs, "ckpt/state")
+    assert state["epoch"] == 2 and torch.equal(state["w"], torch.ones(3))
 
 
 def _hold_lock(root, ready, release):
