@@ -27,7 +27,9 @@ from tasks.prefect_tasks import (
 def _run_name() -> str:
     cfg = flow_run.parameters.get("config")
     cfg = cfg if isinstance(cfg, RunConfig) else RunConfig.model_validate(cfg or {})
-    return f"{cfg.name}-{cfg.preset}-ipc{cfg.synthesis.ipc}"
+    if cfg.name != RunConfig.model_fields["name"].default:
+        return cfg.name  # e.g. distill-mnist5k-ipc10
+    return f"d3s-{cfg.preset}-ipc{cfg.synthesis.ipc}"
 
 
 @flow(name="d3s-distill", flow_run_name=_run_name, log_prints=True)

@@ -113,6 +113,7 @@ def synthesize(run: Run, progress: Progress = no_progress) -> str:
             saved, _ = load_state(run.fs, SYN_CHECKPOINT)
             if int(saved["batch_index"]) == b:
                 state = SynthesisState.from_tensors(saved, cfg.device)
+        resumed_from = state.iteration if state is not None else None
         if state is None:
             state = init_state(
                 b,
@@ -155,6 +156,7 @@ def synthesize(run: Run, progress: Progress = no_progress) -> str:
             "final_loss": float(last.loss) if last else None,
             "layer_kl": [float(v) for v in last.layer_losses] if last else None,
             "images_sha256": images_sha256(state.images),
+            "resumed_from_iteration": resumed_from,
         }
         run.fs.write_bytes(syn_commit(b), json.dumps(record, indent=1).encode())
         stored[start : start + len(labels)] = state.images.cpu()

@@ -85,7 +85,7 @@ def _train_one(run: Run, plan: StudentPlan, images, held, progress: Progress) ->
             )
         progress(
             "validation",
-            (i + 1) / plan.epochs,
+            (plan.seed + (i + 1) / plan.epochs) / run.config.validation.students,
             {"student": plan.seed, "epoch": i + 1, "loss": loss},
         )
     acc = held_out_top1(run, student, held)
