@@ -3,7 +3,6 @@ model by name, and a width-scaled small ResNet for CPU tests and the demo."""
 
 from __future__ import annotations
 
-import torch
 from torch import nn
 from torchvision.models import resnet as tv_resnet
 
@@ -104,17 +103,3 @@ def freeze(model: nn.Module) -> nn.Module:
     for p in model.parameters():
         p.requires_grad_(False)
     return model
-
-
-def count_parameters(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())
-
-
-@torch.no_grad()
-def predict_logits(model: nn.Module, images: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
-    """Logits (N, classes) of `images` (N, C, H, W) in eval mode, in batches."""
-    was_training = model.training
-    model.eval()
-    out = [model(images[i : i + batch_size]) for i in range(0, len(images), batch_size)]
-    model.train(was_training)
-    return torch.cat(out)

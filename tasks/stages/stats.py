@@ -68,11 +68,13 @@ def compute_stats(run: Run, progress: Progress = no_progress) -> str:
     return run.fs.url(STATS)
 
 
-def load_targets(run: Run, m: int, ridge: float) -> tuple[list[str], list[GaussianTarget]]:
-    """Teacher m's measured layers and Gaussians, verified and checked against the dataset."""
+def load_targets(
+    run: Run, m: int, ridge: float, fingerprint: str
+) -> tuple[list[str], list[GaussianTarget]]:
+    """Teacher m's measured layers and Gaussians, verified against the manifest and checked to
+    come from the dataset with `fingerprint`."""
     run.manifest.verify(_stats_key(m))
     data = read_teacher_stats(run.fs, STATS, m)
-    _, _, fingerprint = data_splits(run)
     if data["fingerprint"] != fingerprint:
         raise ValueError(
             f"{run.fs.url(_stats_key(m))}: statistics come from dataset "

@@ -61,11 +61,10 @@ def _verify_batch(run: Run, b: int, start: int, images: torch.Tensor) -> dict:
     return record
 
 
-def _init_images(run: Run, labels: torch.Tensor, b: int) -> torch.Tensor | None:
+def _init_images(run: Run, train, labels: torch.Tensor, b: int) -> torch.Tensor | None:
     """Real-image initialisation: a seeded draw of training images of the batch's classes."""
     if run.config.synthesis.init != "real":
         return None
-    train, _, _ = data_splits(run)
     y = class_of_each(train)
     g = torch.Generator().manual_seed(derive_seed(run.config.seed, b, 201))
     picks = []
@@ -82,9 +81,10 @@ def synthesize(run: Run, progress: Progress = no_progress) -> str:
         run.manifest.verify(SYN_IMAGES)
         return run.fs.url(SYN_IMAGES)
     models = load_teachers(run)
+    train, _, fingerprint = data_splits(run)  # once: an ImageFolder scan lists every file
     teachers = []
     for m, model in enumerate(models):
-        layers, targets = load_targets(run, m, scfg.ridge)
+        layers, targets = load_targets(run, m, scfg.ridge, fingerprint)
         teachers.append(MeasuredTeacher(model, layers, targets))
     channels = [t.channels for t in teachers]
     classes = distilled_classes(p.num_classes, cfg.synthesis.ipc)
@@ -120,7 +120,7 @@ def synthesize(run: Run, progress: Progress = no_progress) -> str:
                 labels,
                 shape,
                 derive_seed(cfg.seed, b, 200),
-                _init_images(run, labels, b),
+                _init_images(run, train, labels, b),
                 cfg.device,
             )
         history = []
