@@ -1,0 +1,121 @@
+"""The `d3s` command.
+
+d3s run [CONFIG | --preset NAME] [--root URI]   the whole flow (Prefect), resumable
+d3s status ROOT                                 what is done, what is in progress, how far
+d3s teachers|stats|synthesis|labels|validation CONFIG --root URI
+                                                one stage, without Prefect
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Any
+
+from storage.config import RunConfig, load_config, parse_config
+from storage.fs import RunFS
+from storage.manifest import Manifest
+from storage.run import SYN_CHECKPOINT, labels_epoch, open_run, student_dir, teacher_weights
+from storage.states import has_state, load_state
+
+
+def _config(path: str | None, preset: str | None) -> RunConfig:
+    if path:
+        try:
+            with open(path) as f:
+                data = json.load(f)
+        except FileNotFoundError:
+            raise SystemExit(f"d3s: config file {path} not found") from None
+        except json.JSONDecodeError as e:
+            raise SystemExit(f"d3s: {path} is not valid JSON ({e})") from None
+        if preset:
+            data["preset"] = preset
+        return parse_config(data, path)
+    return parse_config({"preset": preset or "demo-mnist", "name": f"d3s-{preset or 'demo-mnist'}"})
+
+
+def status(root: str) -> dict[str, Any]:
+    """A summary of a run's progress, read from its manifest and checkpoints."""
+    fs = RunFS(root)
+    if not fs.exists("config.json"):
+        raise SystemExit(f"d3s: {fs.url()} is not a run (no config.json)")
+    cfg = load_config(fs)
+    done = Manifest(fs).entries()
+    p = cfg.preset_obj()
+    n_images = p.num_classes * cfg.synthesis.ipc
+    n_batches = -(-n_images // cfg.synthesis.batch_size)
+    committed = len([f for f in fs.listdir("synthesis/batches") if f.endswith(".json")])
+    in_batch = None
+    if has_state(fs, SYN_CHECKPOINT):
+        state, meta = load_state(fs, SYN_CHECKPOINT)
+        in_batch = {"batch": meta.get("batch"), "iteration": int(state["iteration"])}
+    students = [
+        s
+        for s in range(cfg.validation.students)
+        if f"{student_dir(cfg.validation.arch or p.student.arch, s)}/metrics.json" in done
+    ]
+    return {
+        "run": cfg.name,
+        "root": fs.url(),
+        "preset": cfg.preset,
+        "teachers": f"{sum(teacher_weights(m) in done for m in range(cfg.teachers.count))}"
+        f"/{cfg.teachers.count}",
+        "stats": f"{sum(f'stats.zarr/teacher_{m}' in done for m in range(cfg.teachers.count))}"
+        f"/{cfg.teachers.count}",
+        "synthesis": f"{committed}/{n_batches} batches"
+        + (
+            f", batch {in_batch['batch']} at iteration {in_batch['iteration']}/"
+            f"{cfg.synthesis_cfg().iterations}"
+            if in_batch
+            else ""
+        )
+        + (" (done)" if "synthesis/images.zarr" in done else ""),
+        "labels": f"{sum(labels_epoch(e) in done for e in range(cfg.labels.epochs))}"
+        f"/{cfg.labels.epochs} epochs",
+        "validation": f"{len(students)}/{cfg.validation.students} students"
+        + (" (done)" if "validation/summary.json" in done else ""),
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(
+        prog="d3s", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    run = sub.add_parser("run", help="run or resume the whole flow")
+    run.add_argument("config", nargs="?")
+    run.add_argument("--preset")
+    run.add_argument("--root")
+    st = sub.add_parser("status", help="progress of a run")
+    st.add_argument("root")
+    from tasks.stages import STAGES
+
+    for name in STAGES:
+        sp = sub.add_parser(name, help=f"the {name} stage alone, without Prefect")
+        sp.add_argument("config", nargs="?")
+        sp.add_argument("--preset")
+        sp.add_argument("--root", required=True)
+    args = ap.parse_args(argv)
+    try:
+        if args.cmd == "status":
+            for k, v in status(args.root).items():
+                print(f"{k:<11} {v}")
+            return 0
+        cfg = _config(args.config, args.preset)
+        root = args.root or f"runs/{cfg.name}"
+        if args.cmd == "run":
+            from flows.distill import distill
+
+            print(distill(root=root, config=cfg))
+            return 0
+        with open_run(root, cfg) as r:
+            print(STAGES[args.cmd](r))
+        return 0
+    except (ValueError, FileNotFoundError, RuntimeError) as e:
+        print(f"d3s: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
