@@ -6,6 +6,7 @@ one from its checkpoint; so does `prefect flow-run retry` of a crashed run.
 
 from __future__ import annotations
 
+import base64
 import json
 
 from prefect import flow
@@ -71,9 +72,29 @@ def publish_summary(root: str, config: RunConfig) -> None:
             }
         )
     create_table_artifact(rows, key="accuracy", description="held-out top-1")
+    kl_rows = []
+    for name in fs.listdir("synthesis/batches"):
+        rec = json.loads(fs.read_bytes(f"synthesis/batches/{name}"))
+        kl_rows.append(
+            {
+                "batch": rec["batch"],
+                "teacher": rec["teacher"],
+                "loss": round(rec["final_loss"], 3),
+                **{f"L{i}": round(v, 3) for i, v in enumerate(rec["layer_kl"])},
+            }
+        )
+    if kl_rows:
+        create_table_artifact(
+            kl_rows,
+            key="synthesis-layer-kl",
+            description="per-layer loss at the end of each synthesis batch",
+        )
+    # The bundled UI renders a data: URI inline, offline (an image artifact only stores a URL).
+    grid = base64.b64encode(fs.read_bytes("synthesis/png/grid.png")).decode()
     create_markdown_artifact(
         f"# {config.name}\n\nstudents on {summary['distilled_images']} distilled images: "
         f"**{100 * summary['mean']:.1f} ± {100 * summary['std']:.1f} %** top-1 "
-        f"(n = {summary['students']})\n\nartifacts: `{fs.url()}`",
+        f"(n = {summary['students']})\n\nartifacts: `{fs.url()}`\n\n"
+        f"distilled images, one row per class:\n\n![grid](data:image/png;base64,{grid})",
         key="summary",
     )

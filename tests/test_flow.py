@@ -50,3 +50,26 @@ def test_flow_runs_then_reuses_finished_stages(prefect_server, tmp_path):
     assert states == {
         s: "Cached" for s in ("teachers", "stats", "synthesis", "labels", "validation")
     }
+
+
+def test_flow_publishes_tables_progress_and_image_grid(prefect_server, tmp_path):
+    import asyncio
+
+    from prefect.client.orchestration import get_client
+
+    from flows.distill import distill
+
+    cfg = parse_config({**SMALL, "name": "artifacts"})
+    state = distill(root=str(tmp_path / "run"), config=cfg, return_state=True)
+    flow_run_id = state.state_details.flow_run_id
+
+    async def artifacts():
+        async with get_client() as client:
+            return await client.read_artifacts()
+
+    mine = [a for a in asyncio.run(artifacts()) if a.flow_run_id == flow_run_id]
+    by_key = {a.key: a for a in mine if a.key}
+    assert {"accuracy", "summary", "synthesis-layer-kl"} <= set(by_key)
+    assert "data:image/png;base64," in by_key["summary"].data
+    progress = [a for a in mine if a.type == "progress"]
+    assert len(progress) >= 5 and all(a.data == 100.0 for a in progress)
