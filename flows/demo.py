@@ -17,7 +17,7 @@ from pathlib import Path
 from flows.distill import distill
 from storage.config import parse_config
 from storage.fs import RunFS
-from storage.run import teacher_meta
+from storage.run import BASELINE, summary_of, teacher_meta
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -44,6 +44,12 @@ def main(argv: list[str] | None = None) -> None:
         f"{100 * summary['mean']:.1f} +- {100 * summary['std']:.1f}% top-1 "
         f"(n = {summary['students']})"
     )
+    if cfg.validation.random_real_baseline:
+        base = json.loads(fs.read_bytes(summary_of(BASELINE)))
+        print(
+            f"random real subset ({base['distilled_images']} real images, same ensemble labels, "
+            f"same students): {100 * base['mean']:.1f} +- {100 * base['std']:.1f}% top-1"
+        )
     print(
         f"artifacts: {args.root} (layout: docs/artifacts.md); "
         f"images: {args.root}/synthesis/png/grid.png"

@@ -15,8 +15,9 @@ from prefect.runtime import flow_run
 
 from storage.config import RunConfig
 from storage.fs import RunFS
-from storage.run import open_run, teacher_meta
+from storage.run import BASELINE, open_run, summary_of, teacher_meta
 from tasks.prefect_tasks import (
+    baseline_task,
     labels_task,
     stats_task,
     synthesis_task,
@@ -45,6 +46,8 @@ def distill(root: str = "runs/demo-mnist", config: RunConfig = RunConfig()) -> s
         syn = synthesis_task(root, c, wait_for=[s])
         lab = labels_task(root, c, wait_for=[syn])
         summary_uri = validation_task(root, c, wait_for=[lab])
+        if config.validation.random_real_baseline:
+            baseline_task(root, c, wait_for=[t])
         publish_summary(root, config)
     return summary_uri
 
@@ -71,6 +74,21 @@ def publish_summary(root: str, config: RunConfig) -> None:
                 "top1 %": round(100 * acc, 2),
             }
         )
+    baseline_line = ""
+    if fs.exists(summary_of(BASELINE)):
+        base = json.loads(fs.read_bytes(summary_of(BASELINE)))
+        for i, acc in enumerate(base["top1"]):
+            rows.append(
+                {
+                    "model": f"random-real student {i}",
+                    "arch": rows[-1]["arch"],
+                    "top1 %": round(100 * acc, 2),
+                }
+            )
+        baseline_line = (
+            f"\n\nrandom real subset ({base['distilled_images']} real images, same ensemble "
+            f"labels, same students): **{100 * base['mean']:.1f} ± {100 * base['std']:.1f} %**"
+        )
     create_table_artifact(rows, key="accuracy", description="held-out top-1")
     kl_rows = []
     for name in fs.listdir("synthesis/batches"):
@@ -94,7 +112,7 @@ def publish_summary(root: str, config: RunConfig) -> None:
     create_markdown_artifact(
         f"# {config.name}\n\nstudents on {summary['distilled_images']} distilled images: "
         f"**{100 * summary['mean']:.1f} ± {100 * summary['std']:.1f} %** top-1 "
-        f"(n = {summary['students']})\n\nartifacts: `{fs.url()}`\n\n"
+        f"(n = {summary['students']}){baseline_line}\n\nartifacts: `{fs.url()}`\n\n"
         f"distilled images, one row per class:\n\n![grid](data:image/png;base64,{grid})",
         key="summary",
     )

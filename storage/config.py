@@ -75,7 +75,11 @@ class LabelsSpec(Strict):
 
 
 class ValidationSpec(Strict):
+    """random_real_baseline: also validate a random real subset of IPC images per class,
+    labelled the same way (the baseline every distillation method must beat)."""
+
     students: int = Field(2, ge=1)
+    random_real_baseline: bool = False
     arch: str | None = None
     epochs: int | None = None
     checkpoint_every_epochs: int = Field(10, ge=1)

@@ -71,7 +71,7 @@ def write_epoch(fs: RunFS, rel: str, lab: EpochLabels, fmt: LabelFormat, k: int 
         pq.write_table(table, tmp)
 
 
-def write_schema(fs: RunFS, fmt: LabelFormat, classes: int, k: int) -> None:
+def write_schema(fs: RunFS, fmt: LabelFormat, classes: int, k: int, prefix: str = "") -> None:
     doc = {
         "schema_version": LABELS_SCHEMA_VERSION,
         "format": fmt,
@@ -79,7 +79,7 @@ def write_schema(fs: RunFS, fmt: LabelFormat, classes: int, k: int) -> None:
         "topk": k if fmt == "topk" else None,
         "partitioning": "hive (epoch=N)",
     }
-    fs.write_bytes("labels/_schema.json", json.dumps(doc, indent=1).encode())
+    fs.write_bytes(f"{prefix}labels/_schema.json", json.dumps(doc, indent=1).encode())
 
 
 def read_epoch(fs: RunFS, rel: str, epoch: int) -> EpochLabels:

@@ -41,12 +41,25 @@ def syn_isu(b: int) -> str:
     return f"synthesis/isu/after_batch_{b:06d}"
 
 
-def labels_epoch(e: int) -> str:
-    return f"labels/epoch={e}/part-0.parquet"
+# The random-real baseline (a seeded random subset of real training images, labelled and
+# validated exactly like the distilled set) lives under this prefix with the same layout.
+BASELINE = "baselines/random-real/"
 
 
-def student_dir(arch: str, seed: int) -> str:
-    return f"validation/{arch.replace(':', '_')}-seed{seed}"
+def images_of(prefix: str = "") -> str:
+    return f"{prefix}images.zarr" if prefix else SYN_IMAGES
+
+
+def labels_epoch(e: int, prefix: str = "") -> str:
+    return f"{prefix}labels/epoch={e}/part-0.parquet"
+
+
+def student_dir(arch: str, seed: int, prefix: str = "") -> str:
+    return f"{prefix}validation/{arch.replace(':', '_')}-seed{seed}"
+
+
+def summary_of(prefix: str = "") -> str:
+    return f"{prefix}validation/summary.json"
 
 
 # Locks this process holds, by run URL, with a count of the Runs using each: a flow and the

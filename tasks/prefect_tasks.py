@@ -23,10 +23,17 @@ from storage.fs import RunFS
 from storage.manifest import Manifest
 from storage.run import open_run
 
-from .stages import STAGES
+from .stages import EXTRA_STAGES, STAGES
 
 # Bump when a stage's code changes what it writes: cached results of older versions are ignored.
-STAGE_VERSION = {"teachers": 1, "stats": 1, "synthesis": 1, "labels": 1, "validation": 1}
+STAGE_VERSION = {
+    "teachers": 1,
+    "stats": 1,
+    "synthesis": 1,
+    "labels": 1,
+    "validation": 1,
+    "baseline": 1,
+}
 # Artifacts (manifest prefixes) each stage reads.
 STAGE_INPUTS = {
     "teachers": [],
@@ -34,6 +41,7 @@ STAGE_INPUTS = {
     "synthesis": ["teachers/", "stats.zarr"],
     "labels": ["teachers/", "synthesis/images.zarr"],
     "validation": ["synthesis/images.zarr", "labels/"],
+    "baseline": ["teachers/"],
 }
 
 
@@ -87,7 +95,7 @@ class PrefectProgress:
 def _run_stage(stage: str, root: str, config: dict[str, Any]) -> Any:
     cfg = parse_config(config)
     with open_run(root, cfg) as run:
-        return STAGES[stage](run, PrefectProgress(stage))
+        return {**STAGES, **EXTRA_STAGES}[stage](run, PrefectProgress(stage))
 
 
 def _stage_task(stage: str, retries: int = 0):
@@ -112,3 +120,4 @@ stats_task = _stage_task("stats")
 synthesis_task = _stage_task("synthesis")
 labels_task = _stage_task("labels")
 validation_task = _stage_task("validation")
+baseline_task = _stage_task("baseline")

@@ -2,6 +2,7 @@
 is verified and kept), resumes from its last checkpoint, and writes atomically. Prefect tasks
 wrap them (tasks/)."""
 
+from .baseline import baseline_real
 from .labels import label_run
 from .stats import compute_stats
 from .synthesis import synthesize
@@ -16,4 +17,16 @@ STAGES = {
     "validation": validate,
 }
 
-__all__ = ["STAGES", "compute_stats", "label_run", "synthesize", "train_teachers", "validate"]
+# Optional stages, run when the config asks for them.
+EXTRA_STAGES = {"baseline": baseline_real}
+
+__all__ = [
+    "EXTRA_STAGES",
+    "baseline_real",
+    "STAGES",
+    "compute_stats",
+    "label_run",
+    "synthesize",
+    "train_teachers",
+    "validate",
+]

@@ -15,12 +15,10 @@ from d3s_core.optim import make_optimizer, make_scheduler
 from d3s_core.students import epoch_schedule, train_student_epoch
 from storage.arrays import read_images
 from storage.labels import read_epoch
-from storage.run import SYN_IMAGES, Run, labels_epoch, student_dir
+from storage.run import Run, images_of, labels_epoch, student_dir, summary_of
 from storage.states import has_state, load_state, remove_state, save_state, weights_blob
 
 from .common import Progress, data_splits, held_out_top1, new_model, no_progress
-
-SUMMARY = "validation/summary.json"
 
 
 @dataclass
@@ -37,13 +35,13 @@ def _plans(run: Run) -> list[StudentPlan]:
     return [StudentPlan(arch, epochs, s) for s in range(cfg.validation.students)]
 
 
-def _train_one(run: Run, plan: StudentPlan, images, held, progress: Progress) -> float:
+def _train_one(run: Run, plan: StudentPlan, images, held, progress: Progress, prefix: str) -> float:
     cfg, p = run.config, run.config.preset_obj()
     sc = p.student
     label_epochs = cfg.labels.epochs
     for e in range(label_epochs):
-        run.manifest.verify(labels_epoch(e))
-    d = student_dir(plan.arch, plan.seed)
+        run.manifest.verify(labels_epoch(e, prefix))
+    d = student_dir(plan.arch, plan.seed, prefix)
     torch.manual_seed(derive_seed(cfg.seed, plan.seed, 300))
     student = new_model(p, plan.arch).to(cfg.device)
     steps_per_epoch = -(-len(images) // cfg.labels.batch_size)
@@ -69,7 +67,7 @@ def _train_one(run: Run, plan: StudentPlan, images, held, progress: Progress) ->
         torch.set_rng_state(state["torch_rng"])
         done = state["epochs_done"]
     for i in range(done, plan.epochs):
-        lab = read_epoch(run.fs, labels_epoch(order[i]), order[i])
+        lab = read_epoch(run.fs, labels_epoch(order[i], prefix), order[i])
         loss = train_student_epoch(student, opt, images, lab, sc.temperature, sched)
         if (i + 1) % cfg.validation.checkpoint_every_epochs == 0 and i + 1 < plan.epochs:
             save_state(
@@ -105,24 +103,26 @@ def _train_one(run: Run, plan: StudentPlan, images, held, progress: Progress) ->
     return acc
 
 
-def validate(run: Run, progress: Progress = no_progress) -> str:
+def validate(run: Run, progress: Progress = no_progress, prefix: str = "") -> str:
+    """Students on the distilled set (prefix "") or on another labelled image set."""
     cfg = run.config
-    if run.manifest.is_recorded(SUMMARY):
-        run.manifest.verify(SUMMARY)
-        return run.fs.url(SUMMARY)
-    run.manifest.verify(SYN_IMAGES)
-    images, _ = read_images(run.fs, SYN_IMAGES)
+    summary_rel = summary_of(prefix)
+    if run.manifest.is_recorded(summary_rel):
+        run.manifest.verify(summary_rel)
+        return run.fs.url(summary_rel)
+    run.manifest.verify(images_of(prefix))
+    images, _ = read_images(run.fs, images_of(prefix))
     images = images.to(cfg.device)
     _, held, _ = data_splits(run)
 
     accs = []
     for plan in _plans(run):
-        d = student_dir(plan.arch, plan.seed)
+        d = student_dir(plan.arch, plan.seed, prefix)
         if run.manifest.is_recorded(f"{d}/metrics.json"):
             run.manifest.verify(f"{d}/metrics.json")
             accs.append(json.loads(run.fs.read_bytes(f"{d}/metrics.json"))["top1"])
             continue
-        accs.append(_train_one(run, plan, images, held, progress))
+        accs.append(_train_one(run, plan, images, held, progress, prefix))
     summary = {
         "students": len(accs),
         "top1": accs,
@@ -130,6 +130,6 @@ def validate(run: Run, progress: Progress = no_progress) -> str:
         "std": statistics.stdev(accs) if len(accs) > 1 else 0.0,
         "distilled_images": len(images),
     }
-    run.fs.write_bytes(SUMMARY, json.dumps(summary, indent=1).encode())
-    run.manifest.record(SUMMARY, "validation")
-    return run.fs.url(SUMMARY)
+    run.fs.write_bytes(summary_rel, json.dumps(summary, indent=1).encode())
+    run.manifest.record(summary_rel, "validation")
+    return run.fs.url(summary_rel)
