@@ -16,7 +16,14 @@ from typing import Any
 from storage.config import RunConfig, load_config, parse_config
 from storage.fs import RunFS
 from storage.manifest import Manifest
-from storage.run import SYN_CHECKPOINT, labels_epoch, open_run, student_dir, teacher_weights
+from storage.run import (
+    SYN_CHECKPOINT,
+    labels_epoch,
+    open_run,
+    student_dir,
+    summary_of,
+    teacher_weights,
+)
 from storage.states import has_state, load_state
 
 
@@ -53,7 +60,7 @@ def status(root: str) -> dict[str, Any]:
     students = [
         s
         for s in range(cfg.validation.students)
-        if f"{student_dir(cfg.validation.arch or p.student.arch, s)}/metrics.json" in done
+        if f"{student_dir(cfg.student_arch(), s)}/metrics.json" in done
     ]
     return {
         "run": cfg.name,
@@ -74,7 +81,7 @@ def status(root: str) -> dict[str, Any]:
         "labels": f"{sum(labels_epoch(e) in done for e in range(cfg.labels.epochs))}"
         f"/{cfg.labels.epochs} epochs",
         "validation": f"{len(students)}/{cfg.validation.students} students"
-        + (" (done)" if "validation/summary.json" in done else ""),
+        + (" (done)" if summary_of() in done else ""),
     }
 
 

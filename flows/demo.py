@@ -17,7 +17,7 @@ from pathlib import Path
 from flows.distill import distill
 from storage.config import parse_config
 from storage.fs import RunFS
-from storage.run import BASELINE, summary_of, teacher_meta
+from storage.run import read_results
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -33,19 +33,16 @@ def main(argv: list[str] | None = None) -> None:
     t0 = time.time()
     distill(root=args.root, config=cfg)
     fs = RunFS(args.root)
-    teachers = [
-        json.loads(fs.read_bytes(teacher_meta(m)))["held_out_top1"]
-        for m in range(cfg.teachers.count)
-    ]
-    summary = json.loads(fs.read_bytes("validation/summary.json"))
+    results = read_results(fs, cfg.teachers.count)
+    teachers = [meta["held_out_top1"] for meta in results["teachers"]]
+    summary, base = results["summary"], results["baseline"]
     print(f"\nteachers (held-out top-1): {', '.join(f'{100 * a:.1f}%' for a in teachers)}")
     print(
         f"students on {summary['distilled_images']} distilled images: "
         f"{100 * summary['mean']:.1f} +- {100 * summary['std']:.1f}% top-1 "
         f"(n = {summary['students']})"
     )
-    if cfg.validation.random_real_baseline:
-        base = json.loads(fs.read_bytes(summary_of(BASELINE)))
+    if base is not None:
         print(
             f"random real subset ({base['distilled_images']} real images, same ensemble labels, "
             f"same students): {100 * base['mean']:.1f} +- {100 * base['std']:.1f}% top-1"

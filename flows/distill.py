@@ -15,7 +15,7 @@ from prefect.runtime import flow_run
 
 from storage.config import RunConfig
 from storage.fs import RunFS
-from storage.run import BASELINE, open_run, summary_of, teacher_meta
+from storage.run import open_run, read_results
 from tasks.prefect_tasks import (
     baseline_task,
     labels_task,
@@ -55,9 +55,10 @@ def distill(root: str = "runs/demo-mnist", config: RunConfig = RunConfig()) -> s
 def publish_summary(root: str, config: RunConfig) -> None:
     """Tables of teacher and student accuracy in the Prefect UI."""
     fs = RunFS(root)
+    results = read_results(fs, config.teachers.count)
+    summary, base = results["summary"], results["baseline"]
     rows = []
-    for m in range(config.teachers.count):
-        meta = json.loads(fs.read_bytes(teacher_meta(m)))
+    for m, meta in enumerate(results["teachers"]):
         rows.append(
             {
                 "model": f"teacher {m}",
@@ -65,18 +66,16 @@ def publish_summary(root: str, config: RunConfig) -> None:
                 "top1 %": round(100 * meta["held_out_top1"], 2),
             }
         )
-    summary = json.loads(fs.read_bytes("validation/summary.json"))
     for i, acc in enumerate(summary["top1"]):
         rows.append(
             {
                 "model": f"student {i}",
-                "arch": config.validation.arch or config.preset_obj().student.arch,
+                "arch": config.student_arch(),
                 "top1 %": round(100 * acc, 2),
             }
         )
     baseline_line = ""
-    if fs.exists(summary_of(BASELINE)):
-        base = json.loads(fs.read_bytes(summary_of(BASELINE)))
+    if base is not None:
         for i, acc in enumerate(base["top1"]):
             rows.append(
                 {

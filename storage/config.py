@@ -111,6 +111,10 @@ class RunConfig(Strict):
     def synthesis_cfg(self) -> SynthesisConfig:
         return _override(self.preset_obj().synthesis, self.synthesis.params, "synthesis.params")
 
+    def student_arch(self) -> str:
+        """Validation students' architecture: the config's, else the preset's."""
+        return self.validation.arch or self.preset_obj().student.arch
+
     def config_hash(self) -> str:
         return hashlib.sha256(canonical_json(self.model_dump(mode="json"))).hexdigest()
 

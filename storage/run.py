@@ -5,6 +5,7 @@ See docs/artifacts.md for every file's schema.
 
 from __future__ import annotations
 
+import json
 import os
 import threading
 from dataclasses import dataclass
@@ -86,6 +87,17 @@ def _drop_lock(fs: RunFS) -> None:
             lock.release()
         else:
             _HELD[fs.url()] = (lock, count - 1)
+
+
+def read_results(fs: RunFS, teachers: int) -> dict[str, Any]:
+    """A finished run's accuracies: {"teachers": [teacher metadata], "summary": validation
+    summary, "baseline": the random-real baseline's summary or None}."""
+    base = summary_of(BASELINE)
+    return {
+        "teachers": [json.loads(fs.read_bytes(teacher_meta(m))) for m in range(teachers)],
+        "summary": json.loads(fs.read_bytes(summary_of())),
+        "baseline": json.loads(fs.read_bytes(base)) if fs.exists(base) else None,
+    }
 
 
 @dataclass

@@ -30,7 +30,7 @@ class StudentPlan:
 
 def _plans(run: Run) -> list[StudentPlan]:
     cfg, p = run.config, run.config.preset_obj()
-    arch = cfg.validation.arch or p.student.arch
+    arch = cfg.student_arch()
     epochs = cfg.validation.epochs or p.student.epochs
     return [StudentPlan(arch, epochs, s) for s in range(cfg.validation.students)]
 
