@@ -25,6 +25,7 @@ from storage.run import (
     teacher_weights,
 )
 from storage.states import has_state, load_state
+from tasks.terminal import TerminalProgress, bars_enabled
 
 
 def _config(path: str | None, preset: str | None) -> RunConfig:
@@ -116,8 +117,14 @@ def main(argv: list[str] | None = None) -> int:
 
             print(distill(root=root, config=cfg))
             return 0
-        with open_run(root, cfg) as r:
-            print(STAGES[args.cmd](r))
+        bars = TerminalProgress() if bars_enabled() else None
+        try:
+            with open_run(root, cfg) as r:
+                result = STAGES[args.cmd](r, bars) if bars else STAGES[args.cmd](r)
+        finally:
+            if bars:
+                bars.close()
+        print(result)
         return 0
     except (ValueError, FileNotFoundError, RuntimeError) as e:
         print(f"d3s: {e}", file=sys.stderr)

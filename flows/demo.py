@@ -47,9 +47,10 @@ def main(argv: list[str] | None = None) -> None:
             f"random real subset ({base['distilled_images']} real images, same ensemble labels, "
             f"same students): {100 * base['mean']:.1f} +- {100 * base['std']:.1f}% top-1"
         )
+    print(f"artifacts: {args.root} (layout: docs/artifacts.md)")
     print(
-        f"artifacts: {args.root} (layout: docs/artifacts.md); "
-        f"images: {args.root}/synthesis/png/grid.png"
+        f"report:    {args.root}/report/report.md "
+        "(with report/grid.png, the distilled images, and report/curves.png, the loss curves)"
     )
     print(f"done in {time.time() - t0:.0f} s")
 

@@ -78,6 +78,10 @@ class RunFS:
             out.append(posixpath.relpath(f, self.root))
         return sorted(out)
 
+    def tree_bytes(self, rel: str) -> int:
+        """Total size in bytes of the files under `rel` (0 if it does not exist)."""
+        return sum(int(self.fs.size(self.path(f))) for f in self.walk_files(rel))
+
     # -- writing --------------------------------------------------------------------------
     def makedirs(self, rel: str) -> None:
         if self.local:

@@ -57,7 +57,10 @@ class Manifest:
     def checksum(self, rel: str) -> str:
         entry = self._load()["artifacts"].get(rel)
         if entry is None:
-            raise CorruptArtifact(f"{self.fs.url(rel)}: not a finished artifact of this run")
+            raise CorruptArtifact(
+                f"{self.fs.url(rel)}: not a finished artifact of this run (the stage that writes "
+                "it has not completed; run it first)"
+            )
         return str(entry["sha256"])
 
     def verify(self, rel: str) -> str:

@@ -10,20 +10,28 @@ a Prefect progress artifact that moves while the stage runs, and to the run logg
 from __future__ import annotations
 
 import hashlib
+import json
 import time
 from typing import Any
 
 from prefect import task
-from prefect.artifacts import create_progress_artifact, update_progress_artifact
+from prefect.artifacts import (
+    create_markdown_artifact,
+    create_progress_artifact,
+    create_table_artifact,
+    update_progress_artifact,
+)
 from prefect.context import TaskRunContext
 from prefect.logging import get_run_logger
 
-from storage.config import parse_config, run_id
+from storage.config import RunConfig, parse_config, run_id
 from storage.fs import RunFS
 from storage.manifest import Manifest
-from storage.run import open_run
+from storage.run import open_run, read_results
+from tasks.report import REPORT, inline_images, write_report
 
 from .stages import EXTRA_STAGES, STAGES
+from .terminal import TerminalProgress, bars_enabled, describe
 
 # Bump when a stage's code changes what it writes: cached results of older versions are ignored.
 STAGE_VERSION = {
@@ -71,16 +79,17 @@ class PrefectProgress:
 
     def __init__(self, stage: str, every: float = 2.0):
         self.stage, self.every = stage, every
+        self.terminal = TerminalProgress() if bars_enabled() else None
         self.artifact = None
         self.last_update = 0.0
         self.last_tenth = -1
         self.logger = get_run_logger()
 
     def __call__(self, stage: str, fraction: float, info: dict[str, Any]) -> None:
+        if self.terminal is not None:
+            self.terminal(stage, fraction, info)
         now = time.time()
-        desc = ", ".join(
-            f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in info.items()
-        )
+        desc = describe(info)
         if self.artifact is None:
             self.artifact = create_progress_artifact(100 * fraction, description=f"{stage}: {desc}")
             self.last_update = now
@@ -94,8 +103,13 @@ class PrefectProgress:
 
 def _run_stage(stage: str, root: str, config: dict[str, Any]) -> Any:
     cfg = parse_config(config)
-    with open_run(root, cfg) as run:
-        return {**STAGES, **EXTRA_STAGES}[stage](run, PrefectProgress(stage))
+    progress = PrefectProgress(stage)
+    try:
+        with open_run(root, cfg) as run:
+            return {**STAGES, **EXTRA_STAGES}[stage](run, progress)
+    finally:
+        if progress.terminal is not None:
+            progress.terminal.close()
 
 
 def _stage_task(stage: str, retries: int = 0):
@@ -121,3 +135,70 @@ synthesis_task = _stage_task("synthesis")
 labels_task = _stage_task("labels")
 validation_task = _stage_task("validation")
 baseline_task = _stage_task("baseline")
+
+
+def publish_report(root: str, config: RunConfig) -> str:
+    """The run's report (report/report.md + PNGs beside the artifacts) and its Prefect UI
+    view: accuracy and per-layer KL tables, and the report as markdown with its images inline."""
+    fs = RunFS(root)
+    report_url = write_report(fs, config)
+    results = read_results(fs, config.teachers.count)
+    rows = []
+    for m, meta in enumerate(results["teachers"]):
+        rows.append(
+            {
+                "model": f"teacher {m}",
+                "arch": meta["arch"],
+                "top1 %": round(100 * meta["held_out_top1"], 2),
+            }
+        )
+    groups = [("student", results["summary"])]
+    if results["baseline"] is not None:
+        groups.append(("random-real student", results["baseline"]))
+    for name, summary in groups:
+        for i, acc in enumerate(summary["top1"]):
+            rows.append(
+                {
+                    "model": f"{name} {i}",
+                    "arch": config.student_arch(),
+                    "top1 %": round(100 * acc, 2),
+                }
+            )
+    create_table_artifact(rows, key="accuracy", description="held-out top-1")
+    kl_rows = []
+    for name in fs.listdir("synthesis/batches"):
+        rec = json.loads(fs.read_bytes(f"synthesis/batches/{name}"))
+        kl_rows.append(
+            {
+                "batch": rec["batch"],
+                "teacher": rec["teacher"],
+                "loss": round(rec["final_loss"], 3),
+                **{f"L{i}": round(v, 3) for i, v in enumerate(rec["layer_kl"])},
+            }
+        )
+    if kl_rows:
+        create_table_artifact(
+            kl_rows,
+            key="synthesis-layer-kl",
+            description="per-layer loss at the end of each synthesis batch",
+        )
+    markdown = fs.read_bytes(REPORT).decode()
+    create_markdown_artifact(
+        inline_images(fs, markdown) + f"\n\nreport file: `{report_url}`",
+        key="summary",
+        description="the run's report (report/report.md)",
+    )
+    create_markdown_artifact(
+        inline_images(fs, "# Loss curves\n\n![loss curves](curves.png)"),
+        key="loss-curves",
+        description="teacher, synthesis and student loss curves",
+    )
+    return report_url
+
+
+# Not cached: the report is cheap and reflects the run as it is now.
+report_task = task(
+    lambda root, config: publish_report(root, parse_config(config)),
+    name="report",
+    task_run_name="report",
+)

@@ -109,10 +109,12 @@ def synthesize(run: Run, progress: Progress = no_progress) -> str:
             continue
         running = _running_after(run, b - 1, channels)
         state = None
+        curve: list[float] = []  # loss at every iteration of this batch (the report's curve)
         if has_state(run.fs, SYN_CHECKPOINT):
-            saved, _ = load_state(run.fs, SYN_CHECKPOINT)
+            saved, saved_meta = load_state(run.fs, SYN_CHECKPOINT)
             if int(saved["batch_index"]) == b:
                 state = SynthesisState.from_tensors(saved, cfg.device)
+                curve = list(saved_meta.get("losses", []))[: state.iteration]
         resumed_from = state.iteration if state is not None else None
         if state is None:
             state = init_state(
@@ -128,7 +130,8 @@ def synthesize(run: Run, progress: Progress = no_progress) -> str:
             until = min(k, state.iteration + cfg.synthesis.checkpoint_every)
             state, hist = run_iterations(state, teachers, running, scfg, until)
             history += hist
-            save_state(run.fs, SYN_CHECKPOINT, state.tensors(), {"batch": b})
+            curve += [float(h.loss) for h in hist]
+            save_state(run.fs, SYN_CHECKPOINT, state.tensors(), {"batch": b, "losses": curve})
             progress(
                 "synthesis",
                 (b - 1 + state.iteration / k) / len(batches),
@@ -157,6 +160,7 @@ def synthesize(run: Run, progress: Progress = no_progress) -> str:
             "layer_kl": [float(v) for v in last.layer_losses] if last else None,
             "images_sha256": images_sha256(state.images),
             "resumed_from_iteration": resumed_from,
+            "loss_curve": curve,
         }
         run.fs.write_bytes(syn_commit(b), json.dumps(record, indent=1).encode())
         stored[start : start + len(labels)] = state.images.cpu()

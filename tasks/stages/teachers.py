@@ -54,8 +54,8 @@ def train_teachers(run: Run, progress: Progress = no_progress) -> list[str]:
                 url = cfg.teachers.init_from[m]
                 reset = load_into(model, read_state_dict(url), url, allow_new_head=True)
                 meta |= {"initialised_from": url, "reinitialised": reset}
-            model = _train(run, m, model.to(cfg.device), train, steps, progress)
-            meta |= {"source": "trained", "epochs": tcfg.epochs}
+            model, losses = _train(run, m, model.to(cfg.device), train, steps, progress)
+            meta |= {"source": "trained", "epochs": tcfg.epochs, "train_loss": losses}
         meta["held_out_top1"] = held_out_top1(run, model, held)
         save_teacher(run, m, model, meta)
         remove_state(run.fs, teacher_checkpoint(m))
@@ -66,17 +66,20 @@ def _train(run: Run, m: int, model: torch.nn.Module, train, steps: int, progress
     cfg, tcfg = run.config, run.config.teacher_train()
     trainer = TeacherTrainer(model, tcfg, steps, seed=derive_seed(cfg.seed, m, 101))
     ckpt = teacher_checkpoint(m)
+    losses: list[float] = []  # mean training loss per epoch (the report's curve)
     if has_state(run.fs, ckpt):
-        state, _ = load_state(run.fs, ckpt)
+        state, saved = load_state(run.fs, ckpt)
         trainer.load(TeacherState(**state))
+        losses = list(saved.get("losses", []))[: trainer.epoch]
     while trainer.epoch < tcfg.epochs:
         order = torch.Generator().manual_seed(derive_seed(cfg.seed, m, trainer.epoch, 102))
         loss = trainer.train_epoch(batches(run, train, tcfg.batch_size, order))
+        losses.append(float(loss))
         if trainer.epoch % cfg.teachers.checkpoint_every_epochs == 0:
-            save_state(run.fs, ckpt, asdict(trainer.state()), {"teacher": m})
+            save_state(run.fs, ckpt, asdict(trainer.state()), {"teacher": m, "losses": losses})
         progress(
             "teachers",
             (m + trainer.epoch / tcfg.epochs) / cfg.teachers.count,
             {"teacher": m, "epoch": trainer.epoch, "loss": loss},
         )
-    return trainer.model
+    return trainer.model, losses

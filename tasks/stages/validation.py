@@ -59,16 +59,19 @@ def _train_one(run: Run, plan: StudentPlan, images, held, progress: Progress, pr
         torch.Generator().manual_seed(derive_seed(cfg.seed, plan.seed, 301)),
     )
     done = 0
+    losses: list[float] = []  # mean KD loss per epoch (the report's curve)
     if has_state(run.fs, f"{d}/checkpoint"):
-        state, _ = load_state(run.fs, f"{d}/checkpoint")
+        state, saved = load_state(run.fs, f"{d}/checkpoint")
         student.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
         sched.load_state_dict({**state["scheduler"], "lr_lambdas": [None]})
         torch.set_rng_state(state["torch_rng"])
         done = state["epochs_done"]
+        losses = list(saved.get("losses", []))[:done]
     for i in range(done, plan.epochs):
         lab = read_epoch(run.fs, labels_epoch(order[i], prefix), order[i])
         loss = train_student_epoch(student, opt, images, lab, sc.temperature, sched)
+        losses.append(float(loss))
         if (i + 1) % cfg.validation.checkpoint_every_epochs == 0 and i + 1 < plan.epochs:
             save_state(
                 run.fs,
@@ -80,6 +83,7 @@ def _train_one(run: Run, plan: StudentPlan, images, held, progress: Progress, pr
                     "torch_rng": torch.get_rng_state(),
                     "epochs_done": i + 1,
                 },
+                {"losses": losses},
             )
         progress(
             "validation",
@@ -95,6 +99,7 @@ def _train_one(run: Run, plan: StudentPlan, images, held, progress: Progress, pr
         "label_epochs": label_epochs,
         "top1": acc,
         "test_images": len(held),
+        "train_loss": losses,
     }
     run.fs.write_bytes(f"{d}/metrics.json", json.dumps(metrics, indent=1).encode())
     run.manifest.record(f"{d}/weights.safetensors", "validation")

@@ -1,0 +1,199 @@
+"""The run's report: `report/report.md` with `report/grid.png` (distilled images, one row per
+class) and `report/curves.png` (teacher, synthesis and student loss curves), written beside
+the artifacts. Everything in it is read back from the run's files; nothing is recomputed.
+
+The report is derived: it is rewritten after every flow run and is not in the manifest.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import re
+import statistics
+import time
+from typing import Any
+
+from matplotlib.figure import Figure
+
+from storage.config import RunConfig
+from storage.fs import RunFS
+from storage.run import BASELINE, read_results, student_dir
+
+REPORT = "report/report.md"
+GRID = "report/grid.png"
+CURVES = "report/curves.png"
+
+
+def _batch_records(fs: RunFS) -> list[dict[str, Any]]:
+    names = sorted(n for n in fs.listdir("synthesis/batches") if n.endswith(".json"))
+    return [json.loads(fs.read_bytes(f"synthesis/batches/{n}")) for n in names]
+
+
+def _student_metrics(fs: RunFS, cfg: RunConfig, prefix: str) -> list[dict[str, Any]]:
+    out = []
+    for s in range(cfg.validation.students):
+        rel = f"{student_dir(cfg.student_arch(), s, prefix)}/metrics.json"
+        if fs.exists(rel):
+            out.append(json.loads(fs.read_bytes(rel)))
+    return out
+
+
+def curves_png(
+    teachers: list[dict[str, Any]],
+    batches: list[dict[str, Any]],
+    students: list[dict[str, Any]],
+    baseline: list[dict[str, Any]],
+) -> bytes:
+    """Three panels: teacher training loss per epoch, synthesis loss per iteration (one line a
+    batch, log scale), student KD loss per epoch (D3S and the random-real baseline)."""
+    fig = Figure(figsize=(13, 3.8), dpi=100)
+    ax_t, ax_s, ax_v = fig.subplots(1, 3)
+    for m, meta in enumerate(teachers):
+        if meta.get("train_loss"):
+            xs = range(1, len(meta["train_loss"]) + 1)
+            ax_t.plot(xs, meta["train_loss"], marker="o", label=f"teacher {m}")
+    ax_t.set(title="teachers: training loss", xlabel="epoch", ylabel="cross-entropy")
+    for rec in batches:
+        if rec.get("loss_curve"):
+            xs = range(1, len(rec["loss_curve"]) + 1)
+            ax_s.plot(xs, rec["loss_curve"], lw=1, label=f"batch {rec['batch']}")
+    ax_s.set(title="synthesis: loss per iteration", xlabel="iteration", ylabel="loss")
+    if any(rec.get("loss_curve") and min(rec["loss_curve"]) > 0 for rec in batches):
+        ax_s.set_yscale("log")
+    for group, style, name in ((students, "-", "D3S"), (baseline, "--", "random real")):
+        for met in group:
+            if met.get("train_loss"):
+                xs = range(1, len(met["train_loss"]) + 1)
+                ax_v.plot(
+                    xs,
+                    met["train_loss"],
+                    style,
+                    marker="o" if len(xs) < 20 else None,
+                    label=f"{name} student {met['seed']}",
+                )
+    ax_v.set(title="students: KD loss", xlabel="epoch", ylabel="loss")
+    for ax in (ax_t, ax_s, ax_v):
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=7)
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    return buf.getvalue()
+
+
+def _pct(x: float) -> str:
+    return f"{100 * x:.1f}"
+
+
+def report_markdown(
+    cfg: RunConfig,
+    fs: RunFS,
+    results: dict[str, Any],
+    batches: list[dict[str, Any]],
+    label_bytes: int,
+) -> str:
+    summary, base = results["summary"], results["baseline"]
+    lines = [
+        f"# D3S run `{cfg.name}`",
+        "",
+        f"preset `{cfg.preset}`, IPC {cfg.synthesis.ipc}, {cfg.teachers.count} teachers, "
+        f"artifacts `{fs.url()}`; report written {time.strftime('%Y-%m-%d %H:%M:%S %Z')}.",
+        "",
+        "## Accuracy (held-out top-1)",
+        "",
+        "| model | arch | source | top-1 % |",
+        "|---|---|---|---|",
+    ]
+    for m, meta in enumerate(results["teachers"]):
+        lines.append(
+            f"| teacher {m} | {meta['arch']} | {meta.get('source', '')} | "
+            f"{_pct(meta['held_out_top1'])} |"
+        )
+    arch = cfg.student_arch()
+    lines.append(
+        f"| students on {summary['distilled_images']} distilled images (n = "
+        f"{summary['students']}) | {arch} | D3S | **{_pct(summary['mean'])} ± "
+        f"{_pct(summary['std'])}** |"
+    )
+    if base is not None:
+        lines.append(
+            f"| students on a random real subset, {base['distilled_images']} images, same "
+            f"ensemble labels (n = {base['students']}) | {arch} | baseline | "
+            f"**{_pct(base['mean'])} ± {_pct(base['std'])}** |"
+        )
+    lines.append("")
+    if base is not None:
+        diff = 100 * (summary["mean"] - base["mean"])
+        verdict = "above" if diff > 0 else "below" if diff < 0 else "equal to"
+        lines += [
+            f"Measured: D3S is {abs(diff):.1f} points {verdict} the random real subset "
+            f"(means of {summary['students']} and {base['students']} students; standard "
+            f"deviations {_pct(summary['std'])} and {_pct(base['std'])}).",
+            "",
+        ]
+    teacher_mean = statistics.mean(m["held_out_top1"] for m in results["teachers"])
+    lines += [
+        f"Mean teacher accuracy {_pct(teacher_mean)} %; students reach "
+        f"{100 * summary['mean'] / teacher_mean:.0f} % of it.",
+        "",
+        "## Distilled images",
+        "",
+        "One row per class ([grid.png](grid.png)).",
+        "",
+        "![distilled images](grid.png)",
+        "",
+        "## Loss curves",
+        "",
+        "![loss curves](curves.png)",
+        "",
+    ]
+    if batches:
+        lines += [
+            "## Synthesis batches",
+            "",
+            "| batch | teacher | images | final loss | resumed from iteration |",
+            "|---|---|---|---|---|",
+        ]
+        for rec in batches:
+            resumed = rec.get("resumed_from_iteration")
+            lines.append(
+                f"| {rec['batch']} | {rec['teacher']} | {rec['count']} | "
+                f"{rec['final_loss']:.4g} | {'-' if resumed is None else resumed} |"
+            )
+        lines.append("")
+    lines += [
+        "## Labels",
+        "",
+        f"{cfg.labels.epochs} labelled epochs, format `{cfg.labels.format}`, "
+        f"{label_bytes / 1e6:.2f} MB on disk.",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def write_report(fs: RunFS, cfg: RunConfig) -> str:
+    """Write report/report.md, report/grid.png and report/curves.png; returns the report's URL.
+    Needs a finished validation stage."""
+    results = read_results(fs, cfg.teachers.count)
+    batches = _batch_records(fs)
+    students = _student_metrics(fs, cfg, "")
+    baseline = _student_metrics(fs, cfg, BASELINE) if results["baseline"] else []
+    fs.write_bytes(GRID, fs.read_bytes("synthesis/png/grid.png"))
+    fs.write_bytes(CURVES, curves_png(results["teachers"], batches, students, baseline))
+    md = report_markdown(cfg, fs, results, batches, fs.tree_bytes("labels"))
+    fs.write_bytes(REPORT, md.encode())
+    return fs.url(REPORT)
+
+
+def inline_images(fs: RunFS, markdown: str) -> str:
+    """The report with its PNGs as data: URIs (the Prefect UI renders those offline; an image
+    artifact only stores a link)."""
+    import base64
+
+    def sub(m: re.Match[str]) -> str:
+        data = base64.b64encode(fs.read_bytes(f"report/{m.group(2)}")).decode()
+        return f"![{m.group(1)}](data:image/png;base64,{data})"
+
+    return re.sub(r"!\[([^\]]*)\]\(([\w.-]+\.png)\)", sub, markdown)

@@ -1,0 +1,60 @@
+"""Progress bars in the terminal (tqdm on stderr), one per stage, fed by the same progress
+callback the stage runners call. On by default when stderr is a terminal; D3S_PROGRESS=bar
+forces them on (e.g. under `script` or CI logs), D3S_PROGRESS=off turns them off."""
+
+from __future__ import annotations
+
+import os
+import sys
+from typing import Any
+
+from tqdm import tqdm
+
+
+def describe(info: dict[str, Any]) -> str:
+    """Progress details as one line: "batch 2, iteration 150, loss 41.2"."""
+    return ", ".join(
+        f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in info.items()
+    )
+
+
+def bars_enabled() -> bool:
+    mode = os.environ.get("D3S_PROGRESS", "auto")
+    if mode in ("off", "0", "no"):
+        return False
+    return mode == "bar" or sys.stderr.isatty()
+
+
+class TerminalProgress:
+    """Stage progress callback drawing a bar per stage: percent done, then the stage's details
+    (teacher/epoch/loss, batch/iteration/loss, ...)."""
+
+    def __init__(self) -> None:
+        self.bars: dict[str, tqdm] = {}
+
+    def __call__(self, stage: str, fraction: float, info: dict[str, Any]) -> None:
+        bar = self.bars.get(stage)
+        if bar is None:
+            bar = self.bars[stage] = tqdm(
+                total=100,
+                desc=f"{stage:<10}",
+                unit="%",
+                file=sys.stderr,
+                dynamic_ncols=True,
+                bar_format="{desc} {percentage:5.1f}%|{bar}| [{elapsed}<{remaining}]{postfix}",
+            )
+        bar.set_postfix_str(
+            ", ".join(
+                f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in info.items()
+            ),
+            refresh=False,
+        )
+        bar.update(100 * fraction - bar.n)
+        if fraction >= 1.0:
+            self.close(stage)
+
+    def close(self, stage: str | None = None) -> None:
+        for name in [stage] if stage else list(self.bars):
+            bar = self.bars.pop(name, None)
+            if bar is not None:
+                bar.close()
