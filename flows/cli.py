@@ -25,6 +25,7 @@ from storage.run import (
     teacher_weights,
 )
 from storage.states import has_state, load_state
+from tasks.credentials import storage_options
 from tasks.terminal import TerminalProgress, bars_enabled
 
 
@@ -119,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         bars = TerminalProgress() if bars_enabled() else None
         try:
-            with open_run(root, cfg) as r:
+            with open_run(root, cfg, **storage_options(cfg)) as r:
                 result = STAGES[args.cmd](r, bars) if bars else STAGES[args.cmd](r)
         finally:
             if bars:

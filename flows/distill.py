@@ -11,6 +11,7 @@ from prefect.runtime import flow_run
 
 from storage.config import RunConfig
 from storage.run import open_run
+from tasks.credentials import storage_options
 from tasks.prefect_tasks import (
     baseline_task,
     labels_task,
@@ -36,7 +37,7 @@ def distill(root: str = "runs/demo-mnist", config: RunConfig = RunConfig()) -> s
     c = config.model_dump(mode="json")
     # The flow holds the run's writer lock for its whole life (the tasks share it), and the
     # run exists before the first cache key is computed.
-    with open_run(root, config):
+    with open_run(root, config, **storage_options(config)):
         t = teachers_task(root, c)
         s = stats_task(root, c, wait_for=[t])
         syn = synthesis_task(root, c, wait_for=[s])

@@ -10,6 +10,7 @@ from prefect import flow
 
 from storage.config import RunConfig
 from storage.run import open_run
+from tasks.credentials import storage_options
 from tasks.prefect_tasks import (
     labels_task,
     stats_task,
@@ -21,7 +22,7 @@ from tasks.prefect_tasks import (
 
 def _stage_flow(stage: str, stage_task):
     def run_stage(root: str, config: RunConfig) -> str:
-        with open_run(root, config):
+        with open_run(root, config, **storage_options(config)):
             return stage_task(root, config.model_dump(mode="json"))
 
     run_stage.__name__ = f"{stage}_flow"

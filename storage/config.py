@@ -19,6 +19,7 @@ from d3s_core.synthesis import SynthesisConfig
 from d3s_core.teachers import TeacherTrainConfig
 
 from .fs import RunFS
+from .urls import check_no_credentials
 
 CONFIG_FILE = "config.json"
 SCHEMA_VERSION = 1
@@ -85,6 +86,15 @@ class ValidationSpec(Strict):
     checkpoint_every_epochs: int = Field(10, ge=1)
 
 
+class StorageSpec(Strict):
+    """secret_block: name of a Prefect Secret block whose value is a JSON object of fsspec
+    storage options for the run root (for S3: key, secret, token, endpoint_url). The block's
+    name is saved; its value never is. Not part of the config hash: where the credentials come
+    from does not change the results."""
+
+    secret_block: str | None = None
+
+
 class RunConfig(Strict):
     """Everything that determines a run's results. `preset` supplies defaults (Tables 8-10);
     the per-stage sections override them."""
@@ -100,6 +110,7 @@ class RunConfig(Strict):
     synthesis: SynthesisSpec = Field(default_factory=SynthesisSpec)
     labels: LabelsSpec = Field(default_factory=LabelsSpec)
     validation: ValidationSpec = Field(default_factory=ValidationSpec)
+    storage: StorageSpec = Field(default_factory=StorageSpec)
 
     # -- resolved pieces -----------------------------------------------------------------
     def preset_obj(self) -> Preset:
@@ -116,7 +127,8 @@ class RunConfig(Strict):
         return self.validation.arch or self.preset_obj().student.arch
 
     def config_hash(self) -> str:
-        return hashlib.sha256(canonical_json(self.model_dump(mode="json"))).hexdigest()
+        results = self.model_dump(mode="json", exclude={"storage"})
+        return hashlib.sha256(canonical_json(results)).hexdigest()
 
 
 def _override(base: Any, overrides: dict[str, Any], where: str) -> Any:
@@ -142,6 +154,12 @@ def _check(cfg: RunConfig) -> None:
             raise ValueError(f"teachers.{name} lists {len(files)} files for {t.count} teachers")
     if t.import_from and t.init_from:
         raise ValueError("teachers.import_from and teachers.init_from exclude each other")
+    urls = [("dataset.path", cfg.dataset.path), ("dataset.val_path", cfg.dataset.val_path)]
+    urls += [(f"teachers.import_from[{i}]", u) for i, u in enumerate(t.import_from)]
+    urls += [(f"teachers.init_from[{i}]", u) for i, u in enumerate(t.init_from)]
+    for where, url in urls:
+        if url:
+            check_no_credentials(url, where)
     if cfg.dataset.kind == "imagefolder" and not cfg.dataset.path:
         raise ValueError("dataset.path is required for an imagefolder dataset")
 

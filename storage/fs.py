@@ -23,12 +23,15 @@ from typing import Any
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
+from .urls import check_no_credentials
+
 
 class RunFS:
     """File operations relative to a run root. `root`: a path or URL."""
 
     def __init__(self, root: str | os.PathLike[str], **storage_options: Any):
         root = os.fspath(root)
+        check_no_credentials(root, "run root")
         self.fs, path = fsspec.core.url_to_fs(root, **storage_options)
         self.local = isinstance(self.fs, LocalFileSystem)
         self.root = os.path.abspath(path) if self.local else path.rstrip("/")

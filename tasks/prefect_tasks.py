@@ -30,6 +30,7 @@ from storage.manifest import Manifest
 from storage.run import open_run, read_results
 from tasks.report import REPORT, inline_images, write_report
 
+from .credentials import storage_options
 from .stages import EXTRA_STAGES, STAGES
 from .terminal import TerminalProgress, bars_enabled, describe
 
@@ -56,7 +57,7 @@ STAGE_INPUTS = {
 def stage_cache_key(stage: str):
     def key(context: TaskRunContext, params: dict[str, Any]) -> str | None:
         root, cfg = params["root"], parse_config(params["config"])
-        fs = RunFS(root)
+        fs = RunFS(root, **storage_options(cfg))
         try:
             rid = run_id(fs)
         except FileNotFoundError:
@@ -105,7 +106,7 @@ def _run_stage(stage: str, root: str, config: dict[str, Any]) -> Any:
     cfg = parse_config(config)
     progress = PrefectProgress(stage)
     try:
-        with open_run(root, cfg) as run:
+        with open_run(root, cfg, **storage_options(cfg)) as run:
             return {**STAGES, **EXTRA_STAGES}[stage](run, progress)
     finally:
         if progress.terminal is not None:
@@ -140,7 +141,7 @@ baseline_task = _stage_task("baseline")
 def publish_report(root: str, config: RunConfig) -> str:
     """The run's report (report/report.md + PNGs beside the artifacts) and its Prefect UI
     view: accuracy and per-layer KL tables, and the report as markdown with its images inline."""
-    fs = RunFS(root)
+    fs = RunFS(root, **storage_options(config))
     report_url = write_report(fs, config)
     results = read_results(fs, config.teachers.count)
     rows = []
