@@ -196,4 +196,6 @@ def inline_images(fs: RunFS, markdown: str) -> str:
         data = base64.b64encode(fs.read_bytes(f"report/{m.group(2)}")).decode()
         return f"![{m.group(1)}](data:image/png;base64,{data})"
 
-    return re.sub(r"!\[([^\]]*)\]\(([\w.-]+\.png)\)", sub, markdown)
+    inlined = re.sub(r"!\[([^\]]*)\]\(([\w.-]+\.png)\)", sub, markdown)
+    # Links to the report's own files mean nothing in the UI: keep their text only.
+    return re.sub(r"(?<!!)\[([^\]]*)\]\(([\w.-]+\.png)\)", r"\1", inlined)

@@ -5,9 +5,11 @@
 For each page (the flow run page, its Artifacts tab, and one page per keyed artifact, in the
 default UI (v1, served at `/`) and in the new UI (v2, served at `/v2`)) it writes DIR/<page>.png
 (a full-page screenshot), DIR/<page>.html (the DOM after the SPA rendered it) and, for all pages,
-DIR/report.json: the page's URL, its visible text, and every <img> with the start of its src,
-whether it loaded and its natural size. The exit status is 0 when every page became ready
-(see `Page.ready`) and every image on the artifact pages loaded.
+DIR/report.json: the page's URL, its visible text, every <img> with the start of its src,
+whether it loaded and its natural size, and every <table>'s headers and cells. One progress
+artifact (the synthesis stage's, if any) is shown on its task run's Artifacts tab and on its own
+page. The exit status is 0 when every page became ready (see `Page.ready`) and every data: image
+on them decoded.
 
 The browser is driven over the Chrome DevTools Protocol (`--remote-debugging-port`) with the
 `websockets` package Prefect already depends on; `--dump-dom` alone cannot tell whether an
@@ -109,13 +111,7 @@ class Browser:
             self.ws = connect(ws_url, max_size=None, open_timeout=30)
             self.call("Page.enable")
             self.call("Runtime.enable")
-            self.call(
-                "Emulation.setDeviceMetricsOverride",
-                width=self.width,
-                height=self.height,
-                deviceScaleFactor=1,
-                mobile=False,
-            )
+            self._viewport(self.height)
         except BaseException:
             self.__exit__(None, None, None)
             raise
@@ -224,19 +220,40 @@ class Browser:
                     return
             time.sleep(0.2)
 
-    def screenshot(self, path: Path, max_height: int = 8000) -> None:
-        """The whole page (not only the viewport), up to max_height CSS pixels."""
-        m = self.call("Page.getLayoutMetrics")
-        size = m.get("cssContentSize") or m["contentSize"]
-        width = max(self.width, int(size["width"]))
-        height = min(max(self.height, int(size["height"])), max_height)
-        shot = self.call(
-            "Page.captureScreenshot",
-            format="png",
-            captureBeyondViewport=True,
-            clip={"x": 0, "y": 0, "width": width, "height": height, "scale": 1},
+    def screenshot(self, path: Path, max_height: int = 6000) -> None:
+        """The whole page, not only the viewport, up to max_height CSS pixels.
+
+        The v1 UI scrolls inside an element, not the document, so the viewport is first made as
+        tall as the tallest scrollable content, then restored."""
+        tallest = self.evaluate(
+            "Math.max(document.documentElement.scrollHeight,"
+            " ...Array.from(document.querySelectorAll('*'), e => e.scrollHeight))"
         )
+        height = min(max(self.height, int(tallest or 0)), max_height)
+        self._viewport(height)
+        try:
+            time.sleep(0.5)  # let the layout and lazy content follow the new size
+            m = self.call("Page.getLayoutMetrics")
+            size = m.get("cssContentSize") or m["contentSize"]
+            height = min(max(height, int(size["height"])), max_height)
+            shot = self.call(
+                "Page.captureScreenshot",
+                format="png",
+                captureBeyondViewport=True,
+                clip={"x": 0, "y": 0, "width": self.width, "height": height, "scale": 1},
+            )
+        finally:
+            self._viewport(self.height)
         path.write_bytes(base64.b64decode(shot["data"]))
+
+    def _viewport(self, height: int) -> None:
+        self.call(
+            "Emulation.setDeviceMetricsOverride",
+            width=self.width,
+            height=height,
+            deviceScaleFactor=1,
+            mobile=False,
+        )
 
 
 # ------------------------------------------------------------------------------------------
@@ -256,6 +273,11 @@ IMAGES_JS = """Array.from(document.images).map(i => ({
     natural_width: i.naturalWidth, natural_height: i.naturalHeight,
     width: i.width, height: i.height}))"""
 
+TABLES_JS = """Array.from(document.querySelectorAll('table'), t => ({
+    headers: Array.from(t.querySelectorAll('th'), th => th.innerText.trim()),
+    rows: Array.from(t.querySelectorAll('tbody tr'),
+        tr => Array.from(tr.querySelectorAll('td'), td => td.innerText.trim()))}))"""
+
 
 @dataclass
 class Page:
@@ -269,6 +291,7 @@ class Page:
     seconds: float = 0.0
     text: str = ""
     images: list[dict] = field(default_factory=list)
+    tables: list[dict] = field(default_factory=list)  # {"headers": [...], "rows": [[...]]}
     png: str = ""
     html: str = ""
     console: list[str] = field(default_factory=list)
@@ -369,6 +392,7 @@ def capture(
     page.seconds = round(time.time() - t0, 2)
     page.text = browser.evaluate("document.body ? document.body.innerText : ''") or ""
     page.images = browser.evaluate(IMAGES_JS) or []
+    page.tables = browser.evaluate(TABLES_JS) or []
     html = browser.evaluate("document.documentElement.outerHTML") or ""
     out.mkdir(parents=True, exist_ok=True)
     png, dom = out / f"{page.name}.png", out / f"{page.name}.html"
