@@ -31,6 +31,7 @@ from storage.run import open_run, read_results
 from tasks.report import REPORT, inline_images, write_report
 
 from .credentials import storage_options
+from .retry import retry_on_transient_io
 from .stages import EXTRA_STAGES, STAGES
 from .terminal import TerminalProgress, bars_enabled, describe
 
@@ -113,7 +114,7 @@ def _run_stage(stage: str, root: str, config: dict[str, Any]) -> Any:
             progress.terminal.close()
 
 
-def _stage_task(stage: str, retries: int = 0):
+def _stage_task(stage: str):
     def fn(root: str, config: dict[str, Any]) -> Any:
         return _run_stage(stage, root, config)
 
@@ -124,12 +125,14 @@ def _stage_task(stage: str, retries: int = 0):
         task_run_name=stage,
         cache_key_fn=stage_cache_key(stage),
         persist_result=True,
-        retries=retries,
+        # Transient I/O only (an object store or network file system hiccup); the retry resumes
+        # from the stage's checkpoint. Anything else fails at once.
+        retries=3,
+        retry_delay_seconds=[10, 60, 300],
+        retry_condition_fn=retry_on_transient_io,
     )
 
 
-# Stages are not retried: a failure inside one is a bug or bad data, not a transient, and the
-# next run resumes from the checkpoint anyway. Transient I/O is retried where it happens.
 teachers_task = _stage_task("teachers")
 stats_task = _stage_task("stats")
 synthesis_task = _stage_task("synthesis")
