@@ -169,6 +169,20 @@ def publish_report(root: str, config: RunConfig) -> str:
                 }
             )
     create_table_artifact(rows, key="accuracy", description="held-out top-1")
+    create_table_artifact(
+        [
+            {
+                "students on": "distilled images" if name == "student" else "random real subset",
+                "images": summary["distilled_images"],
+                "n": summary["students"],
+                "mean top1 %": round(100 * summary["mean"], 2),
+                "std": round(100 * summary["std"], 2),
+            }
+            for name, summary in groups
+        ],
+        key="validation",
+        description="validation: held-out top-1 of the students, mean ± std",
+    )
     kl_rows = []
     for name in fs.listdir("synthesis/batches"):
         rec = json.loads(fs.read_bytes(f"synthesis/batches/{name}"))

@@ -71,7 +71,14 @@ def test_flow_publishes_tables_progress_and_image_grid(prefect_server, tmp_path)
 
     mine = [a for a in asyncio.run(artifacts()) if a.flow_run_id == flow_run_id]
     by_key = {a.key: a for a in mine if a.key}
-    assert {"accuracy", "summary", "synthesis-layer-kl"} <= set(by_key)
-    assert "data:image/png;base64," in by_key["summary"].data
+    assert {"accuracy", "validation", "summary", "synthesis-layer-kl", "loss-curves"} <= set(by_key)
+    # The report, as written beside the artifacts, with both images inline.
+    report = (tmp_path / "run" / "report" / "report.md").read_text()
+    assert "## Accuracy" in report and "![loss curves](curves.png)" in report
+    assert by_key["summary"].data.count("data:image/png;base64,") == 2
+    assert "data:image/png;base64," in by_key["loss-curves"].data
+    summary = json.loads((tmp_path / "run" / "validation" / "summary.json").read_text())
+    validation = json.loads(by_key["validation"].data)
+    assert validation[0]["mean top1 %"] == round(100 * summary["mean"], 2)
     progress = [a for a in mine if a.type == "progress"]
     assert len(progress) >= 5 and all(a.data == 100.0 for a in progress)
