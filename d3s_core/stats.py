@@ -130,24 +130,35 @@ class _Moments(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dmean: torch.Tensor | None, dcov: torch.Tensor | None) -> torch.Tensor:  # type: ignore[override]
         x, mean = ctx.saved_tensors
-        c = mean.shape[0]
-        n = x.numel() // c
-        d = (
-            torch.zeros(c, c, dtype=x.dtype, device=x.device)
-            if dcov is None
-            else (dcov + dcov.T) / n
-        )
-        shift = -(d @ mean)
-        if dmean is not None:
-            shift = shift + dmean / n
-        if x.dim() == 4 and x.is_contiguous():  # NCHW: (C, C) @ (B, C, HW), written NCHW
-            b, _, h, w = x.shape
-            return torch.matmul(d, x.view(b, c, h * w)).add_(shift.view(1, c, 1)).view(b, c, h, w)
-        g = torch.addmm(shift, as_samples(x), d)
-        if x.dim() == 4:  # channels_last: the (N, C) view is the activation's own layout
-            b, _, h, w = x.shape
-            return g.view(b, h, w, c).permute(0, 3, 1, 2)
-        return g
+        return moments_grad(x, mean, x.numel() // mean.shape[0], dmean, dcov)
+
+
+def moments_grad(
+    x: torch.Tensor,
+    mean: torch.Tensor,
+    n: int,
+    dmean: torch.Tensor | None,
+    dcov: torch.Tensor | None,
+) -> torch.Tensor:
+    """Gradient with respect to the rows of x of a loss on (mean, covariance) of n samples that
+    include x's: dX = X D + 1 (dmu - n D mu)^T / n, D = (dSigma + dSigma^T) / n.
+
+    x: (B, C, H, W) or (N, C); mean: (C,) of all n samples (n = x's own count in one process,
+    the count over every rank in data-parallel synthesis). The result has x's memory layout.
+    """
+    c = mean.shape[0]
+    d = torch.zeros(c, c, dtype=x.dtype, device=x.device) if dcov is None else (dcov + dcov.T) / n
+    shift = -(d @ mean)
+    if dmean is not None:
+        shift = shift + dmean / n
+    if x.dim() == 4 and x.is_contiguous():  # NCHW: (C, C) @ (B, C, HW), written NCHW
+        b, _, h, w = x.shape
+        return torch.matmul(d, x.view(b, c, h * w)).add_(shift.view(1, c, 1)).view(b, c, h, w)
+    g = torch.addmm(shift, as_samples(x), d)
+    if x.dim() == 4:  # channels_last: the (N, C) view is the activation's own layout
+        b, _, h, w = x.shape
+        return g.view(b, h, w, c).permute(0, 3, 1, 2)
+    return g
 
 
 def batch_moments(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -4,6 +4,11 @@ A batch's whole optimisation state (images, Adam moments, iteration, RNG) is pla
 ints in `SynthesisState`, so running iterations 0..K equals running 0..j, saving the state,
 loading it and running j..K, bit for bit on CPU. Adam and the cosine schedule are written out
 here for that reason: nothing hides in an optimiser object.
+
+Data-parallel synthesis (`world`, d3s_core/distributed.py): each rank holds rows
+`world.rows(B)` of the images and Adam moments and the whole batch's labels and RNG; crops and
+initial images are drawn for the whole batch on every rank and sliced, so each rank's rows are
+exactly those a single process would have, and the loss is the whole batch's.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ import torch
 from torch import nn
 
 from .augment import apply_crops, curriculum_scale, draw_crops, pixel_bounds
+from .distributed import World, gather_rows, label_loss_across, moments_across
 from .isu import IsuMode, RunningStats, TeacherChoice, isu_mix, isu_weight, teacher_for_batch
 from .layers import FeatureHooks
 from .loss import (
@@ -81,8 +87,14 @@ class MeasuredTeacher:
         return logits, self.hooks.outputs
 
     @torch.no_grad()
-    def batch_stats(self, x: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    def batch_stats(
+        self, x: torch.Tensor, world: World | None = None
+    ) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """(mean, cov) per measured layer of the images x; with `world`, x is this rank's rows
+        and the statistics are those of the whole batch."""
         _, acts = self(x)
+        if world is not None:
+            return moments_across(acts, world)
         return [batch_moments(a) for a in acts]
 
 
@@ -93,6 +105,8 @@ class SynthesisState:
     batch_index: b, 1-indexed over the distilled set; iteration: steps done (0..K);
     images/exp_avg/exp_avg_sq: (B, C, H, W) float32, images in normalised space;
     labels: (B,) int64 classes; rng_state: CPU torch.Generator state (uint8).
+    On a rank of a data-parallel run, images/exp_avg/exp_avg_sq are rows `world.rows(B)` only
+    (`shard_state`, `gather_state`); labels and rng_state are the whole batch's.
     """
 
     batch_index: int
@@ -137,9 +151,11 @@ def init_state(
     seed: int,
     init_images: torch.Tensor | None = None,
     device: torch.device | str = "cpu",
+    world: World | None = None,
 ) -> SynthesisState:
     """Start batch b: images from N(0, 1) in normalised space (SRe2L's init), or copies of
-    `init_images` (B, C, H, W) (real-image initialisation)."""
+    `init_images` (B, C, H, W) (real-image initialisation). With `world`, the whole batch is
+    drawn and this rank keeps its rows."""
     g = torch.Generator().manual_seed(seed)
     shape = (len(labels), *image_shape)
     if init_images is None:
@@ -148,6 +164,8 @@ def init_state(
         if tuple(init_images.shape) != shape:
             raise ValueError(f"init_images has shape {tuple(init_images.shape)}, expected {shape}")
         images = init_images.detach().float().clone()
+    if world is not None:
+        images = images[world.rows(len(labels))].clone()
     images = images.to(device)
     return SynthesisState(
         batch_index=batch_index,
@@ -207,10 +225,18 @@ def synthesis_loss(
     running_covs: Sequence[torch.Tensor],
     isu_w: float,
     cfg: SynthesisConfig,
+    world: World | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Eq. 1 on ISU-mixed statistics (Eq. 2) plus alpha * CE. Returns (total, ce, per-layer)."""
+    """Eq. 1 on ISU-mixed statistics (Eq. 2) plus alpha * CE. Returns (total, ce, per-layer).
+
+    With `world`, images/labels are this rank's rows and all three values are the whole
+    batch's (the same on every rank); the gradient to the rows is the single-process one.
+    """
     logits, acts = teacher(images)
-    moments = [batch_moments(a) for a in acts]
+    if world is None:
+        moments = [batch_moments(a) for a in acts]
+    else:
+        moments = moments_across(acts, world)
     mixed = [
         isu_mix(bm, bc, rm, rc, isu_w, cfg.isu)
         for (bm, bc), rm, rc in zip(moments, running_means, running_covs, strict=True)
@@ -232,7 +258,7 @@ def synthesis_loss(
         )
     else:
         raise ValueError(f"unknown synthesis loss {cfg.loss!r}")
-    ce = label_loss(logits, labels)
+    ce = label_loss(logits, labels) if world is None else label_loss_across(logits, labels, world)
     return per_layer.sum() + cfg.alpha * ce, ce, per_layer
 
 
@@ -242,12 +268,14 @@ def run_iterations(
     running: RunningStats,
     cfg: SynthesisConfig,
     until: int | None = None,
+    world: World | None = None,
 ) -> tuple[SynthesisState, list[StepMetrics]]:
     """Advance `state` to iteration `until` (default: cfg.iterations), in place.
 
     Each iteration: choose the teacher (ENS), draw a crop box and flip per image (curriculum
     scale), forward, loss on ISU-mixed statistics, gradient to the images only, Adam step with
-    the cosine learning rate, clamp to the valid pixel range.
+    the cosine learning rate, clamp to the valid pixel range. With `world`, every rank calls
+    this together on its shard of the state (collectives in every iteration).
     """
     k = cfg.iterations
     until = k if until is None else until
@@ -258,6 +286,13 @@ def run_iterations(
             f"ISU statistics cover {running.batches_done} batches, but this is batch "
             f"{state.batch_index}; batches must be synthesised in order"
         )
+    n = len(state.labels)
+    rows = slice(None) if world is None else world.rows(n)
+    labels = state.labels[rows]
+    if state.images.shape[0] != len(labels):
+        raise ValueError(
+            f"state holds {state.images.shape[0]} images for {len(labels)} labels of this rank"
+        )
     g = torch.Generator().manual_seed(0)
     g.set_state(state.rng_state)
     fixed = teacher_for_batch(state.batch_index, len(teachers), cfg.teacher_choice)
@@ -267,7 +302,7 @@ def run_iterations(
     for it in range(state.iteration, until):
         m = fixed if fixed is not None else int(torch.randint(len(teachers), (1,), generator=g))
         boxes, flips = draw_crops(
-            len(state.labels),
+            n,
             g,
             curriculum_scale(it, k, cfg.min_crop_scale, cfg.curriculum_end),
             cfg.flip,
@@ -275,12 +310,13 @@ def run_iterations(
         x = state.images.detach().requires_grad_(True)
         loss, ce, per_layer = synthesis_loss(
             teachers[m],
-            apply_crops(x, boxes, flips),
-            state.labels,
+            apply_crops(x, boxes[rows], flips[rows]),
+            labels,
             running.means[m],
             running.covs[m],
             w,
             cfg,
+            world,
         )
         (grad,) = torch.autograd.grad(loss, x)
         with torch.no_grad():
@@ -307,13 +343,41 @@ def finish_batch(
     teachers: Sequence[MeasuredTeacher],
     running: RunningStats,
     cfg: SynthesisConfig,
+    world: World | None = None,
 ) -> RunningStats:
     """Alg. 3's last step: after batch b, update the running statistics of every teacher with
-    the statistics of the finished (un-augmented) images."""
+    the statistics of the finished (un-augmented) images (of the whole batch, with `world`)."""
     if state.iteration != cfg.iterations:
         raise ValueError(
             f"batch {state.batch_index} is at iteration {state.iteration} of "
             f"{cfg.iterations}; finish it first"
         )
-    stats = [t.batch_stats(state.images) for t in teachers]
+    stats = [t.batch_stats(state.images, world) for t in teachers]
     return running.updated(stats, len(state.labels), cfg.isu)
+
+
+def shard_state(state: SynthesisState, world: World) -> SynthesisState:
+    """This rank's rows of a whole-batch state (e.g. a checkpoint read on resume)."""
+    rows = world.rows(len(state.labels))
+    return SynthesisState(
+        state.batch_index,
+        state.iteration,
+        state.images[rows].clone(),
+        state.labels,
+        state.exp_avg[rows].clone(),
+        state.exp_avg_sq[rows].clone(),
+        state.rng_state,
+    )
+
+
+def gather_state(state: SynthesisState, world: World, dst: int = 0) -> SynthesisState | None:
+    """The whole-batch state on rank `dst` (None elsewhere); every rank must call it."""
+    n = len(state.labels)
+    images = gather_rows(state.images, world, n, dst)
+    m = gather_rows(state.exp_avg, world, n, dst)
+    v = gather_rows(state.exp_avg_sq, world, n, dst)
+    if images is None or m is None or v is None:
+        return None
+    return SynthesisState(
+        state.batch_index, state.iteration, images, state.labels, m, v, state.rng_state
+    )

@@ -11,7 +11,7 @@ import threading
 from dataclasses import dataclass
 from typing import Any
 
-from .config import RunConfig, save_config
+from .config import RunConfig, load_config, save_config
 from .fs import RunFS
 from .lock import RunLock
 from .manifest import Manifest
@@ -129,3 +129,17 @@ def open_run(root: str | os.PathLike[str], config: RunConfig, **storage_options:
         _drop_lock(fs)
         raise
     return Run(fs, config, Manifest(fs), lock)
+
+
+def attach_run(root: str | os.PathLike[str], config: RunConfig, **storage_options: Any) -> Run:
+    """Open, without the lock, a run that another process of the same job is writing (the
+    writer rank of a data-parallel stage, which took the lock with `open_run` first). The
+    caller only reads through it; the saved configuration must be this one."""
+    fs = RunFS(root, **storage_options)
+    saved = load_config(fs)
+    if saved.config_hash() != config.config_hash():
+        raise ValueError(
+            f"{fs.url()}: this run was started with a different configuration "
+            f"(hash {saved.config_hash()[:12]} vs {config.config_hash()[:12]})"
+        )
+    return Run(fs, config, Manifest(fs))

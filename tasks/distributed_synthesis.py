@@ -1,0 +1,96 @@
+"""Data-parallel synthesis (stage 3) over several processes, launched with torchrun:
+
+python -m torch.distributed.run --standalone --nproc-per-node N \\
+    -m tasks.distributed_synthesis ROOT --config run.json
+
+One process per GPU with NCCL (config device "cuda": rank r uses GPU LOCAL_RANK), or per CPU
+worker with gloo. Each rank optimises its rows of every batch; the per-layer statistics and the
+cross-entropy sum are all-reduced, so the images equal a single process's to float tolerance
+(docs/distributed.md). Rank 0 takes the run's writer lock and writes everything; the other
+ranks attach to the run to read (teachers, statistics, checkpoints on resume).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+from d3s_core.distributed import World
+from storage.config import RunConfig, parse_config
+from storage.run import Run, attach_run, open_run
+
+from .stages.synthesis import synthesize
+
+
+def _device_for_rank(cfg: RunConfig, world: World | None) -> None:
+    if not cfg.device.startswith("cuda"):
+        return
+    if world is not None and cfg.device != "cuda":
+        raise ValueError(
+            f'device {cfg.device!r} names one GPU for {world.size} ranks; use "cuda" '
+            "(each rank takes GPU LOCAL_RANK)"
+        )
+    torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+
+
+def _open(root: str, cfg: RunConfig, world: World | None) -> Run:
+    """Rank 0 opens the run for writing (lock, config check) and tells the others whether it
+    could; they then attach without the lock."""
+    if world is None:
+        return open_run(root, cfg)
+    run: Run | None = None
+    failure: list[str | None] = [None]
+    if world.is_writer:
+        try:
+            run = open_run(root, cfg)
+        except Exception as e:
+            failure = [f"{type(e).__name__}: {e}"]
+            dist.broadcast_object_list(failure, src=0, group=world.group)
+            raise
+    dist.broadcast_object_list(failure, src=0, group=world.group)
+    if failure[0] is not None:
+        raise RuntimeError(f"rank 0 could not open the run: {failure[0]}")
+    return run if run is not None else attach_run(root, cfg)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="tasks.distributed_synthesis", description=__doc__)
+    ap.add_argument("root", help="run root: a local path or fsspec URL")
+    ap.add_argument("--config", required=True, help="JSON config file")
+    ap.add_argument(
+        "--backend", choices=["nccl", "gloo"], help="default: nccl on CUDA, gloo on CPU"
+    )
+    ap.add_argument(
+        "--timeout-min",
+        type=float,
+        default=30.0,
+        help="how long a rank waits in a collective for the others (rank 0 writing included)",
+    )
+    args = ap.parse_args(argv)
+    with open(args.config) as f:
+        cfg = parse_config(json.load(f), args.config)
+    backend = args.backend or ("nccl" if cfg.device.startswith("cuda") else "gloo")
+    launched = "WORLD_SIZE" in os.environ
+    if launched:
+        dist.init_process_group(backend, timeout=timedelta(minutes=args.timeout_min))
+    try:
+        world = World.current()
+        _device_for_rank(cfg, world)
+        with _open(args.root, cfg, world) as run:
+            url = synthesize(run, world=world)
+        if world is None or world.is_writer:
+            print(f"synthesis: {url}", flush=True)
+    finally:
+        if launched:
+            dist.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
