@@ -5,6 +5,12 @@ Per batch b: resume the in-progress state if there is one, run to K in steps of
 every teacher, write the batch's chunk of images.zarr, the ISU statistics, and last the batch's
 commit record (checksums of both). A batch without a commit record is redone from its
 checkpoint; a committed batch is verified, never recomputed.
+
+Data-parallel (`world`, launched by tasks/distributed_synthesis.py): every rank runs this
+function together on its rows of each batch; only rank 0 writes (checkpoints gathered from all
+ranks, images, ISU statistics, commit records), every rank reads checkpoints on resume, and a
+barrier after each batch's writes keeps the readers behind the writer. The files are the same
+as a single process writes, so either can resume the other's checkpoint.
 """
 
 from __future__ import annotations
@@ -15,14 +21,17 @@ import json
 import torch
 import torchvision
 
+from d3s_core.distributed import World
 from d3s_core.isu import RunningStats
 from d3s_core.labelling import derive_seed
 from d3s_core.synthesis import (
     MeasuredTeacher,
     SynthesisState,
     finish_batch,
+    gather_state,
     init_state,
     run_iterations,
+    shard_state,
 )
 from storage.arrays import create_images, read_images, write_image_batch
 from storage.manifest import CorruptArtifact
@@ -74,8 +83,15 @@ def _init_images(run: Run, train, labels: torch.Tensor, b: int) -> torch.Tensor 
     return torch.stack([train[i][0] for i in picks])
 
 
-def synthesize(run: Run, progress: Progress = no_progress) -> str:
+def _barrier(world: World | None) -> None:
+    if world is not None:
+        world.barrier()
+
+
+def synthesize(run: Run, progress: Progress = no_progress, world: World | None = None) -> str:
+    """Synthesise the distilled set; with `world`, as one rank of a data-parallel group."""
     cfg, p = run.config, run.config.preset_obj()
+    writer = world is None or world.is_writer
     scfg = cfg.synthesis_cfg()
     if run.manifest.is_recorded(SYN_IMAGES):
         run.manifest.verify(SYN_IMAGES)
@@ -90,15 +106,17 @@ def synthesize(run: Run, progress: Progress = no_progress) -> str:
     classes = distilled_classes(p.num_classes, cfg.synthesis.ipc)
     bsz = cfg.synthesis.batch_size
     shape = (p.in_chans, p.image_size, p.image_size)
-    create_images(
-        run.fs,
-        SYN_IMAGES,
-        len(classes),
-        shape,
-        bsz,
-        classes,
-        {"mean": list(p.mean), "std": list(p.std), "space": "normalised"},
-    )
+    if writer:
+        create_images(
+            run.fs,
+            SYN_IMAGES,
+            len(classes),
+            shape,
+            bsz,
+            classes,
+            {"mean": list(p.mean), "std": list(p.std), "space": "normalised"},
+        )
+    _barrier(world)  # the readers open images.zarr once rank 0 has created it
     stored, _ = read_images(run.fs, SYN_IMAGES)
     batches = list(classes.split(bsz))
     k = scfg.iterations
@@ -114,6 +132,8 @@ def synthesize(run: Run, progress: Progress = no_progress) -> str:
             saved, saved_meta = load_state(run.fs, SYN_CHECKPOINT)
             if int(saved["batch_index"]) == b:
                 state = SynthesisState.from_tensors(saved, cfg.device)
+                if world is not None:
+                    state = shard_state(state, world)
                 curve = list(saved_meta.get("losses", []))[: state.iteration]
         resumed_from = state.iteration if state is not None else None
         if state is None:
@@ -124,21 +144,29 @@ def synthesize(run: Run, progress: Progress = no_progress) -> str:
                 derive_seed(cfg.seed, b, 200),
                 _init_images(run, train, labels, b),
                 cfg.device,
+                world,
             )
         history = []
         while state.iteration < k:
             until = min(k, state.iteration + cfg.synthesis.checkpoint_every)
-            state, hist = run_iterations(state, teachers, running, scfg, until)
+            state, hist = run_iterations(state, teachers, running, scfg, until, world)
             history += hist
             curve += [float(h.loss) for h in hist]
-            save_state(run.fs, SYN_CHECKPOINT, state.tensors(), {"batch": b, "losses": curve})
+            whole = state if world is None else gather_state(state, world)
+            if whole is not None:
+                save_state(run.fs, SYN_CHECKPOINT, whole.tensors(), {"batch": b, "losses": curve})
             progress(
                 "synthesis",
                 (b - 1 + state.iteration / k) / len(batches),
                 {"batch": b, "iteration": state.iteration, "loss": float(hist[-1].loss)},
             )
-        running = finish_batch(state, teachers, running, scfg)
-        write_image_batch(run.fs, SYN_IMAGES, start, state.images)
+        running = finish_batch(state, teachers, running, scfg, world)
+        whole = state if world is None else gather_state(state, world)
+        if whole is None:  # a reader rank: wait until rank 0 has written this batch
+            _barrier(world)
+            continue
+        images = whole.images
+        write_image_batch(run.fs, SYN_IMAGES, start, images)
         save_state(
             run.fs,
             syn_isu(b),
@@ -158,15 +186,20 @@ def synthesize(run: Run, progress: Progress = no_progress) -> str:
             "teacher": last.teacher if last else None,
             "final_loss": float(last.loss) if last else None,
             "layer_kl": [float(v) for v in last.layer_losses] if last else None,
-            "images_sha256": images_sha256(state.images),
+            "images_sha256": images_sha256(images),
             "resumed_from_iteration": resumed_from,
             "loss_curve": curve,
         }
         run.fs.write_bytes(syn_commit(b), json.dumps(record, indent=1).encode())
-        stored[start : start + len(labels)] = state.images.cpu()
+        stored[start : start + len(labels)] = images.cpu()
+        _barrier(world)
+    if not writer:
+        _barrier(world)  # returns once rank 0 has recorded the images
+        return run.fs.url(SYN_IMAGES)
     remove_state(run.fs, SYN_CHECKPOINT)
     export_png(run, stored, classes)
     run.manifest.record(SYN_IMAGES, "synthesis")
+    _barrier(world)
     return run.fs.url(SYN_IMAGES)
 
 
