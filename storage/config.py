@@ -57,6 +57,7 @@ class StatsSpec(Strict):
     batch_size: int = Field(256, ge=1)
     workers: int = Field(2, ge=0)
     layers: str | list[str] | None = None
+    # Batches per statistics shard: the unit of checkpointing and of Dask parallelism.
     checkpoint_batches: int = Field(50, ge=1)
 
 
@@ -95,6 +96,17 @@ class StorageSpec(Strict):
     secret_block: str | None = None
 
 
+class DaskSpec(Strict):
+    """Run the embarrassingly parallel passes (statistics shards, label epochs) on Dask.
+    address: an existing scheduler (e.g. "tcp://10.0.0.5:8786"); None starts a LocalCluster of
+    `workers` processes with `threads_per_worker` threads each, listening on 127.0.0.1 only.
+    Not part of the config hash: where the work runs does not change the results."""
+
+    address: str | None = None
+    workers: int = Field(2, ge=1)
+    threads_per_worker: int = Field(1, ge=1)
+
+
 class RunConfig(Strict):
     """Everything that determines a run's results. `preset` supplies defaults (Tables 8-10);
     the per-stage sections override them."""
@@ -111,6 +123,7 @@ class RunConfig(Strict):
     labels: LabelsSpec = Field(default_factory=LabelsSpec)
     validation: ValidationSpec = Field(default_factory=ValidationSpec)
     storage: StorageSpec = Field(default_factory=StorageSpec)
+    dask: DaskSpec | None = None
 
     # -- resolved pieces -----------------------------------------------------------------
     def preset_obj(self) -> Preset:
@@ -127,7 +140,7 @@ class RunConfig(Strict):
         return self.validation.arch or self.preset_obj().student.arch
 
     def config_hash(self) -> str:
-        results = self.model_dump(mode="json", exclude={"storage"})
+        results = self.model_dump(mode="json", exclude={"storage", "dask"})
         return hashlib.sha256(canonical_json(results)).hexdigest()
 
 

@@ -79,21 +79,23 @@ def save_teacher(run: Run, m: int, model: torch.nn.Module, meta: dict[str, Any])
 
 def load_teachers(run: Run) -> list[torch.nn.Module]:
     """The run's M teachers, verified against the manifest, frozen, on the run's device."""
+    return [load_teacher(run, m) for m in range(run.config.teachers.count)]
+
+
+def load_teacher(run: Run, m: int) -> torch.nn.Module:
+    """Teacher m, verified against the manifest, frozen, on the run's device."""
     p = run.config.preset_obj()
-    out = []
-    for m in range(run.config.teachers.count):
-        run.manifest.verify(teacher_weights(m))
-        run.manifest.verify(teacher_meta(m))
-        meta = json.loads(run.fs.read_bytes(teacher_meta(m)))
-        if meta["num_classes"] != p.num_classes:
-            raise ValueError(
-                f"{run.fs.url(teacher_meta(m))}: teacher has {meta['num_classes']} "
-                f"classes, the dataset {p.num_classes}"
-            )
-        model = new_model(p, meta["arch"])
-        model.load_state_dict(st_load(run.fs.read_bytes(teacher_weights(m))))
-        out.append(freeze(model.to(run.config.device)))
-    return out
+    run.manifest.verify(teacher_weights(m))
+    run.manifest.verify(teacher_meta(m))
+    meta = json.loads(run.fs.read_bytes(teacher_meta(m)))
+    if meta["num_classes"] != p.num_classes:
+        raise ValueError(
+            f"{run.fs.url(teacher_meta(m))}: teacher has {meta['num_classes']} "
+            f"classes, the dataset {p.num_classes}"
+        )
+    model = new_model(p, meta["arch"])
+    model.load_state_dict(st_load(run.fs.read_bytes(teacher_weights(m))))
+    return freeze(model.to(run.config.device))
 
 
 def batches(
@@ -102,10 +104,12 @@ def batches(
     batch_size: int,
     generator: torch.Generator | None = None,
     start_batch: int = 0,
+    stop_batch: int | None = None,
 ):
     """(x, y) batches on the run's device: straight slices of in-memory sets, a multi-worker
     DataLoader otherwise. `generator` shuffles (seeded, so an epoch can be replayed); without
-    it the order is the dataset's, and `start_batch` skips batches without reading them."""
+    it the order is the dataset's, and batches [start_batch, stop_batch) are read, the others
+    skipped without reading them."""
     device = run.config.device
     if isinstance(ds, NormalisedImages):
         x, y = ds.tensors()
@@ -114,12 +118,13 @@ def batches(
             if generator is not None
             else torch.arange(len(x))
         )
-        for idx in order.split(batch_size)[start_batch:]:
+        for idx in order.split(batch_size)[start_batch:stop_batch]:
             yield x[idx].to(device), y[idx].to(device)
         return
-    if start_batch:
+    if start_batch or stop_batch is not None:
         assert generator is None, "skipping batches needs the sequential order"
-        ds = torch.utils.data.Subset(ds, range(start_batch * batch_size, len(ds)))  # type: ignore[arg-type]
+        stop = len(ds) if stop_batch is None else min(len(ds), stop_batch * batch_size)  # type: ignore[arg-type]
+        ds = torch.utils.data.Subset(ds, range(start_batch * batch_size, stop))
     loader = torch.utils.data.DataLoader(
         ds,
         batch_size=batch_size,
