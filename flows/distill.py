@@ -12,6 +12,13 @@ from prefect.runtime import flow_run
 from storage.config import RunConfig
 from storage.run import open_run
 from tasks.credentials import storage_options
+from tasks.dask_stages import (
+    label_epochs_flow,
+    labels_plan_task,
+    on_dask,
+    stats_plan_task,
+    stats_shards_flow,
+)
 from tasks.prefect_tasks import (
     baseline_task,
     labels_task,
@@ -39,8 +46,16 @@ def distill(root: str = "runs/demo-mnist", config: RunConfig = RunConfig()) -> s
     # run exists before the first cache key is computed.
     with open_run(root, config, **storage_options(config)):
         t = teachers_task(root, c)
+        if config.dask is not None:  # statistics shards on the Dask cluster, merged below
+            todo = stats_plan_task(root, c, wait_for=[t])
+            if todo:
+                on_dask(stats_shards_flow, config.dask)(root, c, todo)
         s = stats_task(root, c, wait_for=[t])
         syn = synthesis_task(root, c, wait_for=[s])
+        if config.dask is not None:  # label epochs on the Dask cluster, recorded below
+            epochs = labels_plan_task(root, c, wait_for=[syn])
+            if epochs:
+                on_dask(label_epochs_flow, config.dask)(root, c, epochs)
         lab = labels_task(root, c, wait_for=[syn])
         summary_uri = validation_task(root, c, wait_for=[lab])
         if config.validation.random_real_baseline:

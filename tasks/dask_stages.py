@@ -1,0 +1,162 @@
+"""The embarrassingly parallel passes on Dask, through prefect-dask's DaskTaskRunner: the
+statistics shards (teacher x shard of the dataset) and the label epochs.
+
+Workers write only their own files, atomically (a shard's state, an epoch's Parquet file), and
+take no lock. The flow process holds the run's lock; after the workers, the usual stage task
+(tasks/stages) merges the shards in a tree / checks and records the epochs, and does whatever a
+worker left undone. A worker killed mid-shard loses that shard only.
+
+The cluster: an existing scheduler (`dask.address` in the config) or, by default, a
+LocalCluster of `dask.workers` processes listening on 127.0.0.1.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from typing import Any
+
+import torch
+from prefect import flow, task, unmapped
+from prefect.artifacts import create_progress_artifact, update_progress_artifact
+from prefect.futures import as_completed
+from prefect_dask import DaskTaskRunner
+
+from d3s_core.layers import select_layers
+from storage.arrays import read_images
+from storage.config import DaskSpec, RunConfig, parse_config
+from storage.run import Run, attach_run, images_of
+
+from .credentials import storage_options
+from .retry import retry_on_transient_io
+from .stages.common import data_splits, load_teacher
+from .stages.labels import missing_epochs, write_one_epoch
+from .stages.stats import compute_shard, missing_shards, shard_key
+
+
+def dask_task_runner(spec: DaskSpec) -> DaskTaskRunner:
+    if spec.address:
+        return DaskTaskRunner(address=spec.address)
+    return DaskTaskRunner(
+        cluster_class="distributed.LocalCluster",
+        cluster_kwargs={
+            "n_workers": spec.workers,
+            "threads_per_worker": spec.threads_per_worker,
+            "processes": True,
+            "host": "127.0.0.1",
+            "dashboard_address": "127.0.0.1:0",
+        },
+    )
+
+
+# Per worker process: the run, its training split and the teachers, opened once and reused by
+# every task the worker runs (an ImageFolder scan of a large tree is not repeated per shard).
+_cache: dict[Any, Any] = {}
+_cache_lock = threading.Lock()
+
+
+def _cached(key: Any, make):
+    with _cache_lock:
+        if key not in _cache:
+            _cache[key] = make()
+        return _cache[key]
+
+
+def _worker_run(root: str, cfg: RunConfig) -> Run:
+    torch.set_num_threads(cfg.dask.threads_per_worker if cfg.dask else 1)
+    return _cached(
+        ("run", root, cfg.config_hash()), lambda: attach_run(root, cfg, **storage_options(cfg))
+    )
+
+
+_io_retries: dict[str, Any] = {
+    "retries": 3,
+    "retry_delay_seconds": [5, 30, 120],
+    "retry_condition_fn": retry_on_transient_io,
+}
+
+
+@task(name="stats-shard", task_run_name="stats-shard-teacher{m}-shard{s}", **_io_retries)
+def stats_shard_task(root: str, config: dict[str, Any], m: int, s: int) -> dict[str, Any]:
+    cfg = parse_config(config)
+    run = _worker_run(root, cfg)
+    key = (root, cfg.config_hash())
+    train = _cached(("train", *key), lambda: data_splits(run)[0])
+    model = _cached(("teacher", *key, m), lambda: load_teacher(run, m))
+    names = select_layers(model, cfg.stats.layers)
+    compute_shard(run, model, names, train, m, s)
+    return {"shard": run.fs.url(shard_key(m, s)), "pid": os.getpid()}
+
+
+@task(name="labels-epoch", task_run_name="labels-epoch{e}", **_io_retries)
+def labels_epoch_task(
+    root: str, config: dict[str, Any], e: int, prefix: str = ""
+) -> dict[str, Any]:
+    cfg = parse_config(config)
+    run = _worker_run(root, cfg)
+    key = (root, cfg.config_hash())
+
+    def images() -> torch.Tensor:
+        x, _ = read_images(run.fs, images_of(prefix))
+        return x.to(cfg.device)
+
+    x = _cached(("images", *key, prefix), images)
+    teachers = [
+        _cached(("teacher", *key, m), lambda m=m: load_teacher(run, m))
+        for m in range(cfg.teachers.count)
+    ]
+    write_one_epoch(run, x, teachers, e, prefix)
+    return {"epoch": e, "pid": os.getpid()}
+
+
+def _gather(futures: list, what: str) -> list:
+    """Results as they complete, with a progress artifact that moves."""
+    done, out = 0, []
+    art = create_progress_artifact(0.0, description=f"{what} on Dask: 0/{len(futures)}")
+    for fut in as_completed(futures):
+        out.append(fut.result())
+        done += 1
+        update_progress_artifact(
+            art, 100 * done / len(futures), description=f"{what} on Dask: {done}/{len(futures)}"
+        )
+    return out
+
+
+@task(name="stats-plan")
+def stats_plan_task(root: str, config: dict[str, Any]) -> list[tuple[int, int]]:
+    """(teacher, shard) pairs still to compute."""
+    cfg = parse_config(config)
+    run = attach_run(root, cfg, **storage_options(cfg))
+    train, _, _ = data_splits(run)
+    return missing_shards(run, len(train))
+
+
+@task(name="labels-plan")
+def labels_plan_task(root: str, config: dict[str, Any], prefix: str = "") -> list[int]:
+    cfg = parse_config(config)
+    return missing_epochs(attach_run(root, cfg, **storage_options(cfg)), prefix)
+
+
+@flow(name="d3s-stats-shards")
+def stats_shards_flow(
+    root: str, config: dict[str, Any], todo: list[tuple[int, int]]
+) -> list[dict[str, Any]]:
+    """Compute the given statistics shards on the Dask cluster; returns {shard, pid} each."""
+    futures = stats_shard_task.map(
+        root, unmapped(config), [m for m, _ in todo], [s for _, s in todo]
+    )
+    return _gather(list(futures), "statistics shards")
+
+
+@flow(name="d3s-label-epochs")
+def label_epochs_flow(
+    root: str, config: dict[str, Any], todo: list[int], prefix: str = ""
+) -> list[dict[str, Any]]:
+    """Label the given epochs on the Dask cluster; returns {epoch, pid} each."""
+    futures = labels_epoch_task.map(root, unmapped(config), todo, unmapped(prefix))
+    return _gather(list(futures), "label epochs")
+
+
+def on_dask(subflow, spec: DaskSpec):
+    """The subflow with a DaskTaskRunner for this config's cluster."""
+    return subflow.with_options(task_runner=dask_task_runner(spec))
