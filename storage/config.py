@@ -31,9 +31,11 @@ class Strict(BaseModel):
 
 class DatasetSpec(Strict):
     """kind: "mnist5k" (bundled real digits), "imagefolder" (train/<class>/*.ext tree; `path`
-    and optionally `val_path`), or "synthetic" (random tensors for tests)."""
+    and optionally `val_path`), "webdataset" (tar shards of KEY.jpg + KEY.cls samples; `path`
+    and `val_path`: a folder, a brace pattern `.../train-{000000..000146}.tar` or a tar file,
+    local or an fsspec URL), or "synthetic" (random tensors for tests)."""
 
-    kind: Literal["mnist5k", "imagefolder", "synthetic"] = "mnist5k"
+    kind: Literal["mnist5k", "imagefolder", "webdataset", "synthetic"] = "mnist5k"
     path: str | None = None
     val_path: str | None = None
     synthetic_size: int = 256
@@ -107,6 +109,16 @@ class DaskSpec(Strict):
     threads_per_worker: int = Field(1, ge=1)
 
 
+class DistributedSpec(Strict):
+    """Synthesis data-parallel over `ranks` processes (torchrun; one per GPU with NCCL, gloo on
+    CPU), launched by the flow's synthesis task (tasks/distributed_synthesis.py). Not part of
+    the config hash: a run can be resumed with another number of ranks."""
+
+    ranks: int = Field(1, ge=1)
+    backend: Literal["nccl", "gloo"] | None = None
+    timeout_min: float = Field(30.0, gt=0)
+
+
 class RunConfig(Strict):
     """Everything that determines a run's results. `preset` supplies defaults (Tables 8-10);
     the per-stage sections override them."""
@@ -124,6 +136,7 @@ class RunConfig(Strict):
     validation: ValidationSpec = Field(default_factory=ValidationSpec)
     storage: StorageSpec = Field(default_factory=StorageSpec)
     dask: DaskSpec | None = None
+    distributed: DistributedSpec = Field(default_factory=DistributedSpec)
 
     # -- resolved pieces -----------------------------------------------------------------
     def preset_obj(self) -> Preset:
@@ -140,7 +153,7 @@ class RunConfig(Strict):
         return self.validation.arch or self.preset_obj().student.arch
 
     def config_hash(self) -> str:
-        results = self.model_dump(mode="json", exclude={"storage", "dask"})
+        results = self.model_dump(mode="json", exclude={"storage", "dask", "distributed"})
         return hashlib.sha256(canonical_json(results)).hexdigest()
 
 
@@ -173,8 +186,8 @@ def _check(cfg: RunConfig) -> None:
     for where, url in urls:
         if url:
             check_no_credentials(url, where)
-    if cfg.dataset.kind == "imagefolder" and not cfg.dataset.path:
-        raise ValueError("dataset.path is required for an imagefolder dataset")
+    if cfg.dataset.kind in ("imagefolder", "webdataset") and not cfg.dataset.path:
+        raise ValueError(f"dataset.path is required for a {cfg.dataset.kind!r} dataset")
 
 
 def parse_config(data: dict[str, Any], source: str = "config") -> RunConfig:

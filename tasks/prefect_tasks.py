@@ -31,6 +31,7 @@ from storage.run import open_run, read_results
 from tasks.report import REPORT, inline_images, write_report
 
 from .credentials import storage_options
+from .distributed_synthesis import launch as launch_distributed
 from .retry import retry_on_transient_io
 from .stages import EXTRA_STAGES, STAGES
 from .terminal import TerminalProgress, bars_enabled, describe
@@ -108,6 +109,9 @@ def _run_stage(stage: str, root: str, config: dict[str, Any]) -> Any:
     progress = PrefectProgress(stage)
     try:
         with open_run(root, cfg, **storage_options(cfg)) as run:
+            if stage == "synthesis" and cfg.distributed.ranks > 1:
+                # torchrun job on this machine; it attaches to the run this process has locked
+                return launch_distributed(root, cfg, progress.logger.info)
             return {**STAGES, **EXTRA_STAGES}[stage](run, progress)
     finally:
         if progress.terminal is not None:

@@ -40,6 +40,7 @@ from storage.run import SYN_IMAGES, open_run, syn_commit
 from tasks.stages import STAGES
 
 from .helpers import tiny_teacher
+from .test_flow import prefect_server  # noqa: F401, E402
 from .test_storage_safety import SMALL
 from .test_synthesis import CFG
 
@@ -371,3 +372,19 @@ def test_sigkill_of_two_rank_job_then_relaunch_resumes(stage_runs, tmp_path):
     ]
     assert any(it is not None and 0 < it < ITERATIONS for it in resumed), resumed
     assert torch.equal(images(root), images(stage_runs["multi"]))
+
+
+def test_the_flow_launches_the_two_rank_job(stage_runs, prefect_server, tmp_path):  # noqa: F811
+    """`distributed.ranks` in the config: the flow's synthesis task runs the torchrun job on
+    this machine (the ranks attach to the run the task has locked); the images are those of the
+    same 2-rank job launched by hand."""
+    from flows.distill import distill
+
+    root = tmp_path / "flow"
+    shutil.copytree(stage_runs["prepared"], root)
+    cfg = parse_config({**STAGE_CONFIG, "distributed": {"ranks": WORLD}})
+    assert cfg.config_hash() == parse_config(STAGE_CONFIG).config_hash()
+    state = distill(root=str(root), config=cfg, return_state=True)
+    assert state.is_completed(), state
+    assert torch.equal(images(root), images(stage_runs["multi"]))
+    assert (root / "validation" / "summary.json").exists()
