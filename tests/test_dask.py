@@ -112,3 +112,84 @@ def test_label_epochs_on_workers_are_recorded_by_the_stage(prefect_server, tmp_p
     labels = {k: v for k, v in checksums(root).items() if k.startswith("labels/")}
     assert len(labels) == 4
     assert labels == {k: v for k, v in checksums(reference).items() if k.startswith("labels/")}
+
+
+@pytest.mark.timeout(300)
+def test_an_existing_cluster_by_address(prefect_server, tmp_path):  # noqa: F811
+    """`dask scheduler` + `dask worker` started from the command line, named in the config."""
+    import signal
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    from distributed import Client
+
+    from tasks.dask_stages import on_dask, stats_plan_task, stats_shards_flow
+
+    from .live_server import free_port
+
+    bin_dir = Path(sys.executable).parent
+    port = free_port()
+    address = f"tcp://127.0.0.1:{port}"
+    procs = [
+        subprocess.Popen(
+            [
+                bin_dir / "dask",
+                "scheduler",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(port),
+                "--dashboard-address",
+                "127.0.0.1:0",
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,
+        ),
+        subprocess.Popen(
+            [
+                bin_dir / "dask",
+                "worker",
+                address,
+                "--nworkers",
+                "2",
+                "--nthreads",
+                "1",
+                "--host",
+                "127.0.0.1",
+                "--dashboard-address",
+                "127.0.0.1:0",
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,
+        ),
+    ]
+    try:
+        deadline = time.time() + 60
+        while True:
+            try:
+                with Client(address, timeout=5) as client:
+                    client.wait_for_workers(2, timeout=60)
+                break
+            except OSError:
+                if time.time() > deadline:
+                    raise
+                time.sleep(1)
+        cfg = parse_config({**DASK, "name": "addr", "dask": {"address": address}})
+        root = str(tmp_path / "run")
+        with open_run(root, cfg) as run:
+            STAGES["teachers"](run)
+        c = cfg.model_dump(mode="json")
+        done = on_dask(stats_shards_flow, cfg.dask)(root, c, stats_plan_task(root, c))
+        assert len(done) == 10 and os.getpid() not in {d["pid"] for d in done}
+        with open_run(root, cfg) as run:
+            STAGES["stats"](run)
+            assert run.manifest.is_recorded("stats.zarr/teacher_1")
+    finally:
+        for p in procs:
+            os.killpg(p.pid, signal.SIGTERM)
+        for p in procs:
+            p.wait(timeout=30)
