@@ -71,7 +71,16 @@ def status(root: str) -> dict[str, Any]:
         "teachers": f"{sum(teacher_weights(m) in done for m in range(cfg.teachers.count))}"
         f"/{cfg.teachers.count}",
         "stats": f"{sum(f'stats.zarr/teacher_{m}' in done for m in range(cfg.teachers.count))}"
-        f"/{cfg.teachers.count}",
+        f"/{cfg.teachers.count}"
+        + "".join(
+            f", teacher {m}: {n} shards on disk"
+            for m in range(cfg.teachers.count)
+            if (
+                n := len(
+                    [f for f in fs.listdir(f"stats_shards/teacher_{m}") if f.endswith(".json")]
+                )
+            )
+        ),
         "synthesis": f"{committed}/{n_batches} batches"
         + (
             f", batch {in_batch['batch']} at iteration {in_batch['iteration']}/"
