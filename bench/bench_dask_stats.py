@@ -114,7 +114,7 @@ def main() -> None:
     print(f"{'2 Dask workers (1 thread each)':<34} {statistics.median(two):>9.1f}")
     print(f"{'in this process, 1 thread':<34} {local:>9.1f}")
     verdict = "met" if ratio >= GOAL else "NOT met"
-    print(f"speed-up 2 vs 1 workers: {ratio:.2f}x (paired {paired:.2f}x); goal >= {GOAL}x {verdict}")
+    print(f"speed-up 2 vs 1 workers: {ratio:.2f}x (paired {paired:.2f}x); goal >= {GOAL}x", verdict)
 
 
 if __name__ == "__main__":

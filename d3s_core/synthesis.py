@@ -33,6 +33,7 @@ from .loss import (
     moment_matching_layers,
 )
 from .models import freeze
+from .precision import AutocastMode, CompiledForward, network_autocast, to_channels_last
 from .stats import batch_moments
 
 LossKind = Literal["kl", "kl_diag", "bn", "bn_full"]
@@ -47,6 +48,13 @@ class SynthesisConfig:
     loss: "kl" (Eq. 1, D3S), "kl_diag" (diagonal covariances), "bn" (SRe2L/CDA moment matching
     of means and variances), "bn_full" (the same with full covariances), all against the
     full-dataset statistics. mean/std: the normalisation, used to keep pixels in [0, 1].
+
+    Speed switches (d3s_core/precision.py; the defaults leave the computation as it always was):
+    autocast: "bf16" runs the teachers' forward (and so their backward) under bfloat16 autocast;
+    the measured activations are cast to float32 for their moments, the KL and CE stay
+    float32/float64, images and Adam state stay float32. channels_last: teachers' weights and
+    inputs in NHWC (the images in the state stay NCHW). compile: torch.compile of the teachers'
+    forward (slow first iteration; an error, not a fallback, where it cannot compile).
     """
 
     iterations: int = 1000
@@ -63,10 +71,17 @@ class SynthesisConfig:
     flip: bool = True
     mean: tuple[float, ...] = IMAGENET_MEAN
     std: tuple[float, ...] = IMAGENET_STD
+    autocast: AutocastMode = "off"
+    channels_last: bool = False
+    compile: bool = False
 
 
 class MeasuredTeacher:
-    """A frozen teacher with hooks on its measured layers and its full-dataset Gaussians."""
+    """A frozen teacher with hooks on its measured layers and its full-dataset Gaussians.
+
+    `configure` sets its memory layout and compilation (run_iterations and finish_batch apply
+    the SynthesisConfig's); autocast is chosen per call.
+    """
 
     def __init__(self, model: nn.Module, layers: Sequence[str], targets: Sequence[GaussianTarget]):
         if len(layers) != len(targets):
@@ -75,24 +90,51 @@ class MeasuredTeacher:
         self.layers = list(layers)
         self.targets = list(targets)
         self.hooks = FeatureHooks(self.model, self.layers)
+        self.channels_last = False
+        self._nhwc_weights = False
+        self._compiled: CompiledForward | None = None
+        self._use_compiled = False
 
     @property
     def channels(self) -> list[int]:
         return [t.dim for t in self.targets]
 
-    def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        """logits (N, classes) and the measured activations, one (N, C_l, H_l, W_l) per layer."""
+    def configure(self, channels_last: bool = False, compile: bool = False) -> MeasuredTeacher:
+        """Inputs (and, once, the weights) in channels_last; the compiled forward, built on
+        first request and kept. False leaves the model as it was given. Checks the weights are
+        still frozen: the gradient is for the images only, none is computed or kept for them."""
+        if any(p.requires_grad for p in self.model.parameters()):
+            raise ValueError("teacher weights require grad; synthesis needs a frozen teacher")
+        if channels_last and not self._nhwc_weights:
+            to_channels_last(self.model)
+            self._nhwc_weights = True
+        self.channels_last = channels_last
+        if compile and self._compiled is None:
+            self._compiled = CompiledForward(self.model)
+        self._use_compiled = compile
+        return self
+
+    def __call__(
+        self, x: torch.Tensor, autocast: AutocastMode = "off"
+    ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """logits (N, classes) float32 and the measured activations, one (N, C_l, H_l, W_l) per
+        layer (bfloat16 under autocast "bf16": the moments cast them to float32)."""
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
         self.hooks.clear()
-        logits = self.model(x)
-        return logits, self.hooks.outputs
+        compiled = self._compiled if self._use_compiled else None
+        forward = compiled if compiled is not None else self.model
+        with network_autocast(x.device.type, autocast):
+            logits = forward(x)
+        return logits.float(), self.hooks.outputs
 
     @torch.no_grad()
     def batch_stats(
-        self, x: torch.Tensor, world: World | None = None
+        self, x: torch.Tensor, world: World | None = None, autocast: AutocastMode = "off"
     ) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """(mean, cov) per measured layer of the images x; with `world`, x is this rank's rows
         and the statistics are those of the whole batch."""
-        _, acts = self(x)
+        _, acts = self(x, autocast)
         if world is not None:
             return moments_across(acts, world)
         return [batch_moments(a) for a in acts]
@@ -232,7 +274,7 @@ def synthesis_loss(
     With `world`, images/labels are this rank's rows and all three values are the whole
     batch's (the same on every rank); the gradient to the rows is the single-process one.
     """
-    logits, acts = teacher(images)
+    logits, acts = teacher(images, cfg.autocast)
     if world is None:
         moments = [batch_moments(a) for a in acts]
     else:
@@ -293,6 +335,8 @@ def run_iterations(
         raise ValueError(
             f"state holds {state.images.shape[0]} images for {len(labels)} labels of this rank"
         )
+    for t in teachers:
+        t.configure(cfg.channels_last, cfg.compile)
     g = torch.Generator().manual_seed(0)
     g.set_state(state.rng_state)
     fixed = teacher_for_batch(state.batch_index, len(teachers), cfg.teacher_choice)
@@ -352,7 +396,10 @@ def finish_batch(
             f"batch {state.batch_index} is at iteration {state.iteration} of "
             f"{cfg.iterations}; finish it first"
         )
-    stats = [t.batch_stats(state.images, world) for t in teachers]
+    stats = [
+        t.configure(cfg.channels_last, cfg.compile).batch_stats(state.images, world, cfg.autocast)
+        for t in teachers
+    ]
     return running.updated(stats, len(state.labels), cfg.isu)
 
 

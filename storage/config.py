@@ -55,7 +55,11 @@ class TeachersSpec(Strict):
 
 
 class StatsSpec(Strict):
+    """autocast: "bf16" runs the teachers' forward under bfloat16 autocast (d3s_core/precision.py);
+    the statistics are still taken in float32/float64 and accumulated in float64."""
+
     precision: Literal["mixed", "float64"] = "mixed"
+    autocast: Literal["off", "bf16"] = "off"
     batch_size: int = Field(256, ge=1)
     workers: int = Field(2, ge=0)
     layers: str | list[str] | None = None

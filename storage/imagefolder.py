@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import os
 from pathlib import Path
+from typing import IO
 
 import torch
 from PIL import Image, UnidentifiedImageError
@@ -54,6 +55,44 @@ def tree_fingerprint(root: str | os.PathLike[str], samples: list[tuple[str, int]
     return "imagefolder:" + h.hexdigest()
 
 
+def decode_image(
+    source: str | os.PathLike[str] | IO[bytes], where: str, in_chans: int
+) -> Image.Image:
+    """The image in `source` (a path or a binary file), decoded and converted to `in_chans`
+    channels. in_chans 3: greyscale, palette, CMYK and alpha images become RGB (ImageNet has
+    all of them); in_chans 1: only single-channel images are accepted. Errors name `where`."""
+    try:
+        img = Image.open(source)
+        img.load()
+    except (UnidentifiedImageError, OSError) as e:
+        raise ValueError(f"{where}: unreadable image ({e})") from None
+    if min(img.size) < MIN_SIDE:
+        raise ValueError(
+            f"{where}: image is {img.size[0]}x{img.size[1]} px, smaller than "
+            f"{MIN_SIDE} px on a side"
+        )
+    if in_chans == 3:
+        if img.mode not in RGB_CONVERTIBLE:
+            raise ValueError(f"{where}: image mode {img.mode!r} cannot be read as RGB")
+        return img.convert("RGB") if img.mode != "RGB" else img
+    if in_chans == 1:
+        if img.mode not in ("L", "1"):
+            raise ValueError(
+                f"{where}: image mode {img.mode!r} is not single-channel, "
+                "but the models take 1 channel"
+            )
+        return img.convert("L")
+    raise ValueError(f"{in_chans} input channels are not supported for image files")
+
+
+def model_input(img: Image.Image, size: int, mean: list[float], std: list[float]) -> torch.Tensor:
+    """(C, size, size) float32 in normalised space: the short side resized to size * 8/7, then
+    centre-cropped to `size`."""
+    img = TF.resize(img, round(size * 8 / 7))
+    img = TF.center_crop(img, [size, size])
+    return TF.normalize(TF.to_tensor(img), mean, std)
+
+
 class ImageFolderDataset(torch.utils.data.Dataset):
     """Images resized (short side to size * 8/7) and centre-cropped to `size`, normalised.
 
@@ -90,32 +129,7 @@ class ImageFolderDataset(torch.utils.data.Dataset):
 
     def load(self, i: int) -> Image.Image:
         path = self.root / self.samples[i][0]
-        try:
-            img = Image.open(path)
-            img.load()
-        except (UnidentifiedImageError, OSError) as e:
-            raise ValueError(f"{path}: unreadable image ({e})") from None
-        if min(img.size) < MIN_SIDE:
-            raise ValueError(
-                f"{path}: image is {img.size[0]}x{img.size[1]} px, smaller than "
-                f"{MIN_SIDE} px on a side"
-            )
-        if self.in_chans == 3:
-            if img.mode not in RGB_CONVERTIBLE:
-                raise ValueError(f"{path}: image mode {img.mode!r} cannot be read as RGB")
-            return img.convert("RGB") if img.mode != "RGB" else img
-        if self.in_chans == 1:
-            if img.mode not in ("L", "1"):
-                raise ValueError(
-                    f"{path}: image mode {img.mode!r} is not single-channel, "
-                    "but the models take 1 channel"
-                )
-            return img.convert("L")
-        raise ValueError(f"{self.in_chans} input channels are not supported for image files")
+        return decode_image(path, str(path), self.in_chans)
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
-        img = self.load(i)
-        img = TF.resize(img, round(self.size * 8 / 7))
-        img = TF.center_crop(img, [self.size, self.size])
-        x = TF.normalize(TF.to_tensor(img), self.mean, self.std)
-        return x, self.samples[i][1]
+        return model_input(self.load(i), self.size, self.mean, self.std), self.samples[i][1]

@@ -6,6 +6,7 @@ import json
 from collections.abc import Callable
 from typing import Any
 
+import fsspec
 import torch
 from safetensors.torch import load as st_load
 
@@ -16,6 +17,7 @@ from storage.datasets import NormalisedImages, open_splits
 from storage.imagefolder import ImageFolderDataset
 from storage.run import Run, teacher_meta, teacher_weights
 from storage.states import weights_blob
+from storage.webdataset import TarShardDataset
 
 Progress = Callable[[str, float, dict[str, Any]], None]
 
@@ -33,11 +35,36 @@ def new_model(p: Preset, arch: str | None = None) -> torch.nn.Module:
 Dataset = torch.utils.data.Dataset
 
 
+def tar_splits(run: Run) -> tuple[Dataset, Dataset, str]:
+    """(train, held-out, fingerprint) of a tar-sharded dataset. Every class index is checked
+    against the preset's class count when its shard is indexed. Credentials: the run root's
+    storage options where the shards live on the same kind of store, else the environment's."""
+    p, ds = run.config.preset_obj(), run.config.dataset
+    if not ds.val_path:
+        raise ValueError(
+            "dataset.val_path is required for a 'webdataset' dataset "
+            "(the held-out shards used for teacher and student accuracy)"
+        )
+
+    def shards(spec: str) -> TarShardDataset:
+        same_store = (fsspec.core.split_protocol(spec)[0] or "file") == run.fs.protocol
+        options = run.fs.storage_options if same_store else None
+        return TarShardDataset(
+            spec, p.image_size, p.in_chans, p.mean, p.std, p.num_classes, options
+        )
+
+    assert ds.path is not None
+    train = shards(ds.path)
+    return train, shards(ds.val_path), train.fingerprint()
+
+
 def data_splits(run: Run) -> tuple[Dataset, Dataset, str]:
-    """(train, held-out, dataset fingerprint) of the run's dataset. ImageFolder trees are
-    streamed from disk; the small kinds (mnist5k, synthetic) live in memory."""
+    """(train, held-out, dataset fingerprint) of the run's dataset. ImageFolder trees and tar
+    shards are streamed from disk; the small kinds (mnist5k, synthetic) live in memory."""
     cfg, p = run.config, run.config.preset_obj()
     ds = cfg.dataset
+    if ds.kind == "webdataset":
+        return tar_splits(run)
     if ds.kind == "imagefolder":
         assert ds.path is not None
         train = ImageFolderDataset(ds.path, p.image_size, p.in_chans, p.mean, p.std)
@@ -121,15 +148,27 @@ def batches(
         for idx in order.split(batch_size)[start_batch:stop_batch]:
             yield x[idx].to(device), y[idx].to(device)
         return
+    order = None
     if start_batch or stop_batch is not None:
         assert generator is None, "skipping batches needs the sequential order"
         stop = len(ds) if stop_batch is None else min(len(ds), stop_batch * batch_size)  # type: ignore[arg-type]
-        ds = torch.utils.data.Subset(ds, range(start_batch * batch_size, stop))
+        order = range(start_batch * batch_size, stop)
+    if isinstance(ds, TarShardDataset):
+        # Shuffled epochs stay within a few shards at a time (TarShardDataset.shuffled_order);
+        # sequential ranges are indexed here, once, before the workers fork.
+        if generator is not None:
+            order, generator = ds.shuffled_order(generator), None
+        else:
+            order = range(len(ds)) if order is None else order
+            ds.index_range(order.start, order.stop)
+    elif order is not None:
+        ds, order = torch.utils.data.Subset(ds, order), None
     loader = torch.utils.data.DataLoader(
         ds,
         batch_size=batch_size,
         shuffle=generator is not None,
         generator=generator,
+        sampler=order,
         num_workers=run.config.stats.workers,
         pin_memory=device.startswith("cuda"),
     )
@@ -143,6 +182,8 @@ def class_of_each(ds: Dataset) -> torch.Tensor:
         return ds.classes
     if isinstance(ds, ImageFolderDataset):
         return torch.tensor([c for _, c in ds.samples])
+    if isinstance(ds, TarShardDataset):
+        return ds.sample_classes()
     raise TypeError(f"unknown dataset type {type(ds).__name__}")
 
 

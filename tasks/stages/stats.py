@@ -16,6 +16,7 @@ import torch
 
 from d3s_core.layers import FeatureHooks, select_layers
 from d3s_core.loss import GaussianTarget, prepare_target
+from d3s_core.precision import network_autocast
 from d3s_core.stats import SuffStats, merge_all
 from storage.arrays import read_teacher_stats, write_teacher_stats
 from storage.run import STATS, Run, teacher_weights
@@ -71,7 +72,8 @@ def compute_shard(
     with FeatureHooks(model, names, reduce) as hooks, torch.no_grad():
         shard = batches(run, train, cfg.stats.batch_size, None, s * per, (s + 1) * per)
         for i, (x, _) in enumerate(shard):
-            model(x)
+            with network_autocast(x.device.type, cfg.stats.autocast):
+                model(x)
             parts = hooks.outputs
             acc = parts if not acc else [a.merge(b) for a, b in zip(acc, parts, strict=True)]
             if on_batch is not None:

@@ -1,0 +1,56 @@
+"""bfloat16 autocast, channels_last and torch.compile for the teachers' forward passes.
+
+Only the network runs in bfloat16. The measured activations are cast to float32 before their
+moments are taken (`batch_moments` and `SuffStats.from_batch` turn autocast off), so the
+covariances, Eq. 1's Cholesky solves and log-determinants, and the cross-entropy stay
+float32/float64, and the images and Adam state stay float32. "off" adds no context at all, so
+the default path is the same code as before these switches existed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Literal
+
+import torch
+from torch import nn
+
+AutocastMode = Literal["off", "bf16"]
+
+
+def network_autocast(device_type: str, mode: AutocastMode) -> contextlib.AbstractContextManager:
+    """The context a teacher's forward runs in: nothing for "off", torch.autocast to bfloat16
+    for "bf16" (on CUDA and on CPU, which supports bf16 autocast too)."""
+    if mode == "off":
+        return contextlib.nullcontext()
+    if mode == "bf16":
+        return torch.autocast(device_type, dtype=torch.bfloat16)
+    raise ValueError(f"unknown autocast mode {mode!r}; expected 'off' or 'bf16'")
+
+
+def to_channels_last(model: nn.Module) -> nn.Module:
+    """The model's 4-D weights in channels_last (NHWC), in place: with channels_last inputs,
+    cuDNN's NHWC kernels run without layout conversions (and the tensor cores' bf16 path)."""
+    return model.to(memory_format=torch.channels_last)
+
+
+class CompiledForward:
+    """torch.compile of a module's forward, with forward hooks on its submodules traced into
+    the graph. Compilation happens on the first call (tens of seconds; again for a new input
+    shape or grad mode); a compiler failure there is re-raised as a RuntimeError that says how
+    to turn compilation off, never hidden behind a silent fallback to eager."""
+
+    def __init__(self, model: nn.Module):
+        if not hasattr(torch, "compile"):
+            raise RuntimeError(f"torch {torch.__version__} has no torch.compile; set compile=False")
+        self.module = model
+        self._compiled = torch.compile(model)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        try:
+            return self._compiled(x)
+        except torch._dynamo.exc.TorchDynamoException as e:
+            raise RuntimeError(
+                f"torch.compile of {type(self.module).__name__} failed "
+                f"({type(e).__name__}); set compile=False to run it eagerly"
+            ) from e
