@@ -2,6 +2,7 @@
 
 d3s run [CONFIG | --preset NAME] [--root URI]   the whole flow (Prefect), resumable
 d3s status ROOT                                 what is done, what is in progress, how far
+d3s study CONFIG [--root URI]                   a study (Prefect): variants, Fig. 4, report
 d3s teachers|stats|synthesis|labels|validation CONFIG --root URI
                                                 one stage, without Prefect
 """
@@ -42,6 +43,23 @@ def _config(path: str | None, preset: str | None) -> RunConfig:
             data["preset"] = preset
         return parse_config(data, path)
     return parse_config({"preset": preset or "demo-mnist", "name": f"d3s-{preset or 'demo-mnist'}"})
+
+
+def _study(path: str, root: str | None) -> int:
+    from storage.study import StudySpec, plan_study
+
+    try:
+        with open(path) as f:
+            spec = StudySpec.model_validate(json.load(f))
+    except FileNotFoundError:
+        raise SystemExit(f"d3s: study file {path} not found") from None
+    except json.JSONDecodeError as e:
+        raise SystemExit(f"d3s: {path} is not valid JSON ({e})") from None
+    plan_study(spec)  # a bad variant is an error before anything runs (or imports Prefect)
+    from flows.study import study
+
+    print(study(root=root or f"runs/{spec.name}", config=spec))
+    return 0
 
 
 def status(root: str) -> dict[str, Any]:
@@ -105,6 +123,9 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("config", nargs="?")
     run.add_argument("--preset")
     run.add_argument("--root")
+    sd = sub.add_parser("study", help="run or resume a study of variants (storage/study.py)")
+    sd.add_argument("config")
+    sd.add_argument("--root")
     st = sub.add_parser("status", help="progress of a run")
     st.add_argument("root")
     from tasks.stages import STAGES
@@ -120,6 +141,8 @@ def main(argv: list[str] | None = None) -> int:
             for k, v in status(args.root).items():
                 print(f"{k:<11} {v}")
             return 0
+        if args.cmd == "study":
+            return _study(args.config, args.root)
         cfg = _config(args.config, args.preset)
         root = args.root or f"runs/{cfg.name}"
         if args.cmd == "run":

@@ -10,7 +10,7 @@ import hashlib
 import json
 import uuid
 from dataclasses import asdict, fields, is_dataclass
-from typing import Any, Literal
+from typing import Any, Literal, get_args, get_origin, get_type_hints
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
@@ -76,10 +76,14 @@ class SynthesisSpec(Strict):
 
 
 class LabelsSpec(Strict):
+    """teachers: "ensemble" labels with the mean logits of all M teachers (ENL, Sec. 4.3);
+    "single" with teacher 0 alone (the ablation of Fig. 3a)."""
+
     epochs: int = Field(30, ge=1)
     batch_size: int = Field(128, ge=1)
     format: Literal["fp32", "fp16", "topk"] = "fp32"
     topk: int = Field(10, ge=1)
+    teachers: Literal["ensemble", "single"] = "ensemble"
 
 
 class ValidationSpec(Strict):
@@ -168,7 +172,11 @@ def _override(base: Any, overrides: dict[str, Any], where: str) -> Any:
     if unknown:
         raise ValueError(f"unknown key(s) {unknown} in {where}; known: {sorted(known)}")
     values = asdict(base)
+    hints = get_type_hints(type(base))
     for k, v in overrides.items():
+        allowed = get_args(hints[k]) if get_origin(hints[k]) is Literal else None
+        if allowed and v not in allowed:
+            raise ValueError(f"{where}.{k}: {v!r} is not one of {list(allowed)}")
         values[k] = tuple(v) if isinstance(values[k], tuple) else v
     return type(base)(**values)
 

@@ -31,11 +31,12 @@ def write_one_epoch(
     run: Run, images: torch.Tensor, teachers: list[torch.nn.Module], e: int, prefix: str = ""
 ) -> None:
     """Label epoch e and write its file (atomic; touches no other file, so it is safe on a
-    worker without the run lock)."""
+    worker without the run lock). `teachers`: all M; labels.teachers "single" uses teacher 0."""
     cfg, pl = run.config, run.config.preset_obj().labels
     lc = cfg.labels
+    labellers = teachers if lc.teachers == "ensemble" else teachers[:1]
     lab = label_epoch(
-        images, teachers, e, cfg.seed, lc.batch_size, (pl.min_crop_scale, 1.0), pl.flip
+        images, labellers, e, cfg.seed, lc.batch_size, (pl.min_crop_scale, 1.0), pl.flip
     )
     write_epoch(run.fs, labels_epoch(e, prefix), lab, lc.format, lc.topk)
 

@@ -1,0 +1,211 @@
+"""A study: one base run config, variants of it (ablation switches), the Fig. 4 sweeps, and
+the plan that runs them with teachers and statistics computed once.
+
+Study config (JSON):
+
+    {"name": "mnist-ablation", "base": {<run config>}, "students": 3, "reference": "d3s",
+     "variants": {"d3s": {}, "diag": {"synthesis": {"params": {"loss": "kl_diag"}}},
+                  "random-real": {"kind": "random-real"}},
+     "label_epochs": [5, 10, 30], "student_epochs": [25, 50, 100]}
+
+Each variant is the base deep-merged with its overrides and validated as a run config. A
+variant may not override what the variants share (dataset, teachers, statistics, seed, preset).
+`kind` "random-real" is the baseline: a random real subset of IPC images per class, no
+synthesis, labelled and validated like the others. The Fig. 4 sweeps train the reference
+variant's students on `label_epochs` labelled epochs (student epochs fixed) and for
+`student_epochs` epochs (labelled epochs fixed). Layout under the study root: `shared/` (a run
+root of the base config holding teachers and statistics), `variants/<cell>/` (a run root per
+distinct config), `report/`.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import re
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from .config import RunConfig, canonical_json, parse_config
+
+SHARED_KEYS = ("dataset", "teachers", "stats", "seed", "preset")
+SHARED = "shared"
+Kind = Literal["d3s", "random-real"]
+Sweep = Literal["label_epochs", "student_epochs"]
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
+
+
+class StudySpec(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str
+    base: dict[str, Any]
+    variants: dict[str, dict[str, Any]]
+    students: int | None = Field(None, ge=1)
+    reference: str = "d3s"
+    label_epochs: list[int] = []
+    student_epochs: list[int] = []
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One run of the study: its name (its root is variants/<name>), kind and config, and the
+    earlier cells whose distilled images and label epochs it reuses (storage/share.py)."""
+
+    name: str
+    kind: Kind
+    config: RunConfig
+    images_from: str | None = None
+    labels_from: str | None = None
+
+    @property
+    def root(self) -> str:
+        return f"variants/{self.name}"
+
+
+@dataclass
+class StudyPlan:
+    shared: RunConfig
+    cells: list[Cell]  # distinct runs, in the order they run (the reference first)
+    variants: dict[str, str]  # variant name -> the cell holding its results
+    sweeps: dict[str, list[tuple[int, str]]] = field(default_factory=dict)  # (value, cell)
+    reference: str = "d3s"
+
+    def cell(self, name: str) -> Cell:
+        return next(c for c in self.cells if c.name == name)
+
+
+def deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    out = copy.deepcopy(base)
+    for k, v in over.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = deep_merge(out[k], v)
+        else:
+            out[k] = copy.deepcopy(v)
+    return out
+
+
+def _digest(cfg: RunConfig, leave_out: set[str], **replace: dict[str, Any]) -> str:
+    data = cfg.model_dump(mode="json", exclude={"name", "storage", "dask", "distributed"})
+    for section in leave_out:
+        del data[section]
+    for section, values in replace.items():
+        data[section] = {**data[section], **values}
+    return hashlib.sha256(canonical_json(data)).hexdigest()
+
+
+def results_key(cfg: RunConfig) -> str:
+    """What a run's results depend on: its config but for its name, with the students'
+    defaults resolved (epochs None and the preset's 100 are the same run)."""
+    return _digest(
+        cfg, set(), validation={"epochs": student_epochs(cfg), "arch": cfg.student_arch()}
+    )
+
+
+def synthesis_key(cfg: RunConfig) -> str:
+    """Two configs with the same key synthesise the same images (labels and validation do not
+    enter synthesis)."""
+    return _digest(cfg, {"labels", "validation"})
+
+
+def labelling_key(cfg: RunConfig) -> str:
+    """Two configs with the same key write the same label epoch e (epoch e depends on the
+    images, teachers, seed, e and the labelling settings, not on how many epochs there are)."""
+    return _digest(cfg, {"validation"}, labels={"epochs": None})
+
+
+def _variant_config(spec: StudySpec, name: str, over: dict[str, Any]) -> tuple[Kind, RunConfig]:
+    where = f"study {spec.name!r}, variant {name!r}"
+    if not _NAME.fullmatch(name):
+        raise ValueError(f"{where}: a variant name may hold letters, digits, '_', '.', '-' only")
+    over = dict(over)
+    kind = over.pop("kind", "d3s")
+    if kind not in ("d3s", "random-real"):
+        raise ValueError(f"{where}: unknown kind {kind!r}; expected 'd3s' or 'random-real'")
+    shared = [k for k in SHARED_KEYS if k in over]
+    if shared:
+        raise ValueError(
+            f"{where}: overrides {shared}: every variant of a study shares the teachers and "
+            f"statistics, so {list(SHARED_KEYS)} can only be set in 'base' (a new study)"
+        )
+    if kind == "random-real" and "synthesis" in over:
+        raise ValueError(f"{where}: a random-real baseline has no synthesis to override")
+    merged = deep_merge(spec.base, over)
+    merged["name"] = f"{spec.name}-{name}"
+    merged = deep_merge(merged, {"validation": {"random_real_baseline": False}})
+    return kind, parse_config(merged, where)
+
+
+def _donors(earlier: list[Cell], kind: Kind, cfg: RunConfig) -> tuple[str | None, str | None]:
+    """The first earlier cell with the same images, and the earlier cell with the same
+    labelling and the most label epochs."""
+    if kind != "d3s":
+        return None, None
+    ours = [c for c in earlier if c.kind == "d3s"]
+    images = [c for c in ours if synthesis_key(c.config) == synthesis_key(cfg)]
+    labels = [c for c in images if labelling_key(c.config) == labelling_key(cfg)]
+    best = max(labels, key=lambda c: c.config.labels.epochs, default=None)
+    return (images[0].name if images else None), (best.name if best else None)
+
+
+def plan_study(spec: StudySpec) -> StudyPlan:
+    """Validate every variant and sweep point and lay out the distinct runs. Variants or
+    points with the same config (but for the name) share one run."""
+    if not _NAME.fullmatch(spec.name):
+        raise ValueError(f"study name {spec.name!r}: letters, digits, '_', '.', '-' only")
+    base = dict(spec.base)
+    if spec.students is not None:
+        base = deep_merge(base, {"validation": {"students": spec.students}})
+    spec = spec.model_copy(update={"base": base})
+    shared = parse_config(
+        {
+            **deep_merge(base, {"validation": {"random_real_baseline": False}}),
+            "name": f"{spec.name}-{SHARED}",
+        },
+        f"study {spec.name!r}, base",
+    )
+    if spec.reference not in spec.variants:
+        raise ValueError(
+            f"study {spec.name!r}: reference variant {spec.reference!r} is not among the "
+            f"variants {sorted(spec.variants)}"
+        )
+    plan = StudyPlan(shared, [], {}, {}, spec.reference)
+    by_key: dict[tuple[str, str], str] = {}
+
+    def add(name: str, kind: Kind, cfg: RunConfig) -> str:
+        key = (kind, results_key(cfg))
+        if key not in by_key:
+            by_key[key] = name
+            plan.cells.append(Cell(name, kind, cfg, *_donors(plan.cells, kind, cfg)))
+        return by_key[key]
+
+    order = [spec.reference] + [v for v in spec.variants if v != spec.reference]
+    configs = {v: _variant_config(spec, v, spec.variants[v]) for v in order}
+    ref_kind, ref = configs[spec.reference]
+    if ref_kind != "d3s":
+        raise ValueError(f"study {spec.name!r}: the reference variant must be of kind 'd3s'")
+    for v in order:
+        plan.variants[v] = add(v, *configs[v])
+    sweeps: list[tuple[Sweep, str, str, list[int]]] = [
+        ("label_epochs", "labels", "epochs", spec.label_epochs),
+        ("student_epochs", "validation", "epochs", spec.student_epochs),
+    ]
+    for sweep, section, key, values in sweeps:
+        if any(v < 1 for v in values):
+            raise ValueError(f"study {spec.name!r}: {sweep} must be positive, got {values}")
+        points = []
+        for value in sorted(set(values)):
+            name = f"fig4-{sweep.replace('_', '-')}-{value}"
+            data = deep_merge(ref.model_dump(mode="json"), {section: {key: value}, "name": ""})
+            cfg = parse_config({**data, "name": f"{spec.name}-{name}"}, f"{spec.name}: {name}")
+            points.append((value, add(name, "d3s", cfg)))
+        if points:
+            plan.sweeps[sweep] = points
+    return plan
+
+
+def student_epochs(cfg: RunConfig) -> int:
+    """Epochs each validation student trains for (the config's, else the preset's)."""
+    return cfg.validation.epochs or cfg.preset_obj().student.epochs

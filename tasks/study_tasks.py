@@ -1,0 +1,96 @@
+"""Prefect tasks of a study (flows/study.py): seeding a cell's run root from the shared run
+and earlier cells (an I/O step), and the study report with its UI artifacts."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from prefect import task
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
+from prefect.logging import get_run_logger
+
+from storage.fs import RunFS
+from storage.run import open_run
+from storage.share import seed_run
+from storage.study import SHARED, StudySpec, plan_study
+from tasks.report import inline_images
+
+from .credentials import storage_options
+from .retry import retry_on_transient_io
+from .study_report import STUDY_MD, write_study_report
+
+
+def at(root: str, rel: str) -> str:
+    """`rel` under a study root (a path or URL)."""
+    return f"{root.rstrip('/')}/{rel}"
+
+
+def _share(root: str, config: dict[str, Any], cell: str) -> dict[str, list[str]]:
+    plan = plan_study(StudySpec.model_validate(config))
+    c = plan.cell(cell)
+    options = storage_options(c.config)
+
+    def fs(rel: str | None) -> RunFS | None:
+        return None if rel is None else RunFS(at(root, rel), **options)
+
+    with open_run(at(root, c.root), c.config, **options) as run:
+        seeded = seed_run(
+            run.fs,
+            RunFS(at(root, SHARED), **options),
+            stats=c.kind == "d3s",
+            images_from=fs(c.images_from and plan.cell(c.images_from).root),
+            labels_from=fs(c.labels_from and plan.cell(c.labels_from).root),
+            label_epochs=c.config.labels.epochs,
+        )
+    get_run_logger().info(
+        "%s: seeded %s", cell, ", ".join(f"{k} ({len(v)})" for k, v in seeded.items())
+    )
+    return seeded
+
+
+# Not cached: cheap and idempotent (an artifact already seeded is verified and kept).
+share_task = task(
+    _share,
+    name="share",
+    task_run_name="share-{cell}",
+    retries=3,
+    retry_delay_seconds=[10, 60, 300],
+    retry_condition_fn=retry_on_transient_io,
+)
+
+
+def _report(root: str, config: dict[str, Any]) -> str:
+    spec = StudySpec.model_validate(config)
+    plan = plan_study(spec)
+    fs = RunFS(root, **storage_options(plan.shared))
+    data = write_study_report(fs, spec, plan)
+    create_table_artifact(
+        [
+            {
+                "variant": r["variant"],
+                "kind": r["kind"],
+                "images": r["images"],
+                "n": r["n"],
+                "mean top1 %": round(100 * r["mean"], 2),
+                "std": round(100 * r["std"], 2),
+                f"delta vs {plan.reference}": round(100 * r["delta_vs_reference"], 2),
+                "delta vs random real": None
+                if r["delta_vs_random_real"] is None
+                else round(100 * r["delta_vs_random_real"], 2),
+            }
+            for r in data["variants"]
+        ],
+        key="study-variants",
+        description="held-out top-1 of the students per variant, mean ± std",
+    )
+    create_markdown_artifact(
+        inline_images(fs, fs.read_bytes(STUDY_MD).decode())
+        + f"\n\nreport file: `{fs.url(STUDY_MD)}`",
+        key="study",
+        description="the study's report (report/study.md)",
+    )
+    return fs.url(STUDY_MD)
+
+
+# Not cached: reflects the cells as they are now.
+study_report_task = task(_report, name="study-report", task_run_name="study-report")

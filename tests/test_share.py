@@ -1,0 +1,51 @@
+"""storage/share.py: finished artifacts copied between run roots, verified, recorded with
+their source, idempotent; damaged sources and conflicting destinations are errors."""
+
+import pytest
+
+from storage.fs import RunFS
+from storage.manifest import CorruptArtifact, Manifest
+from storage.share import copy_artifacts
+
+
+def _src(tmp_path):
+    src = RunFS(tmp_path / "src")
+    src.write_bytes("teachers/teacher_0.safetensors", b"weights")
+    src.write_bytes("teachers/checkpoints/teacher_0.json", b"in progress")
+    src.write_bytes("stats.zarr/zarr.json", b"{}")
+    src.write_bytes("stats.zarr/teacher_0/layer_00/mean", b"mu")
+    m = Manifest(src)
+    m.record("teachers/teacher_0.safetensors", "teachers", note="x")
+    m.record("stats.zarr/teacher_0", "stats")
+    return src
+
+
+def test_copy_is_verified_recorded_and_idempotent(tmp_path):
+    src, dst = _src(tmp_path), RunFS(tmp_path / "dst")
+    assert copy_artifacts(src, dst, "teachers/") == ["teachers/teacher_0.safetensors"]
+    assert copy_artifacts(src, dst, "stats.zarr/", extra=("stats.zarr",)) == [
+        "stats.zarr/teacher_0"
+    ]
+    done = Manifest(dst).entries()
+    for key in ("teachers/teacher_0.safetensors", "stats.zarr/teacher_0"):
+        assert done[key]["sha256"] == Manifest(src).checksum(key)
+        assert done[key]["copied_from"] == src.url(key)
+    assert done["teachers/teacher_0.safetensors"]["note"] == "x"
+    assert dst.read_bytes("stats.zarr/zarr.json") == b"{}"  # the group's own metadata
+    assert not dst.exists("teachers/checkpoints")  # resume state is never copied
+    before = dst.read_bytes("manifest.json")
+    copy_artifacts(src, dst, "teachers/")  # again: verified and kept
+    assert dst.read_bytes("manifest.json") == before
+
+
+def test_damaged_source_and_conflicting_destination_are_errors(tmp_path):
+    src, dst = _src(tmp_path), RunFS(tmp_path / "dst")
+    dst.write_bytes("teachers/teacher_0.safetensors", b"its own")
+    Manifest(dst).record("teachers/teacher_0.safetensors", "teachers")
+    with pytest.raises(CorruptArtifact, match="already has its own"):
+        copy_artifacts(src, dst, "teachers/")
+    src.write_bytes("stats.zarr/teacher_0/layer_00/mean", b"damaged")
+    with pytest.raises(CorruptArtifact, match="checksum mismatch"):
+        copy_artifacts(src, RunFS(tmp_path / "other"), "stats.zarr/")
+    with pytest.raises(CorruptArtifact, match="no finished artifact"):
+        copy_artifacts(src, dst, "synthesis/")

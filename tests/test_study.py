@@ -1,0 +1,160 @@
+"""`d3s study`: variants as subflows sharing teachers, statistics, images and label epochs
+(nothing recomputed), the random-real baseline, the Fig. 4 sweeps and the report."""
+
+import json
+
+import pytest
+
+from storage.fs import RunFS
+from storage.manifest import Manifest
+from storage.run import SYN_IMAGES, labels_epoch, teacher_weights
+from storage.study import StudySpec, plan_study
+
+from .test_flow import prefect_server  # noqa: F401
+from .test_storage_safety import SMALL
+
+STUDY = {
+    "name": "tiny",
+    "base": {**SMALL, "name": "base"},
+    "students": 2,
+    "variants": {
+        "d3s": {},
+        "diag": {"synthesis": {"params": {"loss": "kl_diag"}}},
+        "labels-single": {"labels": {"teachers": "single"}},
+        "random-real": {"kind": "random-real"},
+    },
+    "label_epochs": [1, 2],  # 2 is the reference's own: the same run
+    "student_epochs": [1, 2],  # 1 is the reference's own
+}
+
+
+def test_plan_shares_what_is_the_same():
+    plan = plan_study(StudySpec.model_validate(STUDY))
+    cells = {c.name: c for c in plan.cells}
+    assert list(cells) == [
+        "d3s",
+        "diag",
+        "labels-single",
+        "random-real",
+        "fig4-label-epochs-1",
+        "fig4-student-epochs-2",
+    ]
+    assert plan.sweeps == {
+        "label_epochs": [(1, "fig4-label-epochs-1"), (2, "d3s")],
+        "student_epochs": [(1, "d3s"), (2, "fig4-student-epochs-2")],
+    }
+    assert (cells["diag"].images_from, cells["diag"].labels_from) == (None, None)
+    assert (cells["labels-single"].images_from, cells["labels-single"].labels_from) == (
+        "d3s",
+        None,
+    )
+    for point in ("fig4-label-epochs-1", "fig4-student-epochs-2"):
+        assert (cells[point].images_from, cells[point].labels_from) == ("d3s", "d3s")
+    assert cells["fig4-label-epochs-1"].config.labels.epochs == 1
+    assert all(c.config.validation.students == 2 for c in plan.cells)
+    assert not any(c.config.validation.random_real_baseline for c in plan.cells)
+
+
+@pytest.mark.parametrize(
+    ("override", "match"),
+    [
+        ({"teachers": {"count": 3}}, r"variant 'bad': overrides \['teachers'\].*'base'"),
+        ({"stats": {"batch_size": 8}, "seed": 1}, r"overrides \['stats', 'seed'\]"),
+        ({"synthesis": {"params": {"los": "kl"}}}, r"variant 'bad'.*unknown key.*los"),
+        ({"synthesis": {"params": {"loss": "kl-diag"}}}, r"params.loss: .kl-diag. is not one of"),
+        ({"kind": "random-real", "synthesis": {"ipc": 2}}, "has no synthesis"),
+        ({"kind": "other"}, "unknown kind"),
+    ],
+)
+def test_bad_variant_is_rejected_naming_it(override, match):
+    spec = StudySpec.model_validate({**STUDY, "variants": {"d3s": {}, "bad": override}})
+    with pytest.raises(ValueError, match=match):
+        plan_study(spec)
+
+
+def test_cli_rejects_a_bad_study_before_running(tmp_path, capsys):
+    from flows.cli import main
+
+    path = tmp_path / "study.json"
+    path.write_text(json.dumps({**STUDY, "variants": {"d3s": {}, "x": {"dataset": {}}}}))
+    assert main(["study", str(path), "--root", str(tmp_path / "root")]) == 2
+    assert "variant 'x': overrides ['dataset']" in capsys.readouterr().err
+    assert not (tmp_path / "root").exists()
+
+
+def test_study_runs_with_shared_teachers_stats_images(prefect_server, tmp_path, monkeypatch):  # noqa: F811
+    import tasks.stages.stats as stats_stage
+    import tasks.stages.synthesis as syn_stage
+    import tasks.stages.teachers as teacher_stage
+    from flows.study import study
+
+    calls = {"teacher": 0, "shard": 0, "batch": 0}
+
+    def counting(name, fn):
+        def wrapped(*a, **k):
+            calls[name] += 1
+            return fn(*a, **k)
+
+        return wrapped
+
+    monkeypatch.setattr(teacher_stage, "_train", counting("teacher", teacher_stage._train))
+    monkeypatch.setattr(stats_stage, "compute_shard", counting("shard", stats_stage.compute_shard))
+    monkeypatch.setattr(syn_stage, "init_state", counting("batch", syn_stage.init_state))
+    spec = StudySpec.model_validate(STUDY)
+    root = tmp_path / "study"
+    state = study(root=str(root), config=spec, return_state=True)
+    assert state.result().endswith("report/study.md")
+    shards_per_teacher = calls["shard"] // 2
+    # Teachers and statistics once (in shared/); images once for d3s, labels-single and the
+    # Fig. 4 points, once for diag: one synthesis batch (IPC 1, 10 classes) each.
+    assert calls == {"teacher": 2, "shard": 2 * shards_per_teacher, "batch": 2}
+    shared = Manifest(RunFS(root / "shared")).entries()
+    plan = plan_study(spec)
+    for cell in plan.cells:
+        done = Manifest(RunFS(root / cell.root)).entries()
+        for m in range(2):
+            assert done[teacher_weights(m)]["sha256"] == shared[teacher_weights(m)]["sha256"]
+            assert done[teacher_weights(m)]["copied_from"].endswith(teacher_weights(m))
+        if cell.kind == "d3s":
+            assert (
+                done["stats.zarr/teacher_0"]["sha256"] == shared["stats.zarr/teacher_0"]["sha256"]
+            )
+    images = {
+        c.name: Manifest(RunFS(root / c.root)).entries()[SYN_IMAGES]["sha256"]
+        for c in plan.cells
+        if c.kind == "d3s"
+    }
+    assert len({images[n] for n in ("d3s", "labels-single", "fig4-label-epochs-1")}) == 1
+    assert images["diag"] != images["d3s"]
+    point = Manifest(RunFS(root / "variants/fig4-student-epochs-2")).entries()
+    assert "copied_from" in point[labels_epoch(1)]  # label epochs shared too
+    single = Manifest(RunFS(root / "variants/labels-single")).entries()
+    assert "copied_from" not in single[labels_epoch(0)]  # other labelling: its own
+    # The report lists every variant and both sweeps; the plots exist.
+    md = (root / "report" / "study.md").read_text()
+    for v in STUDY["variants"]:
+        assert f"| {v} |" in md
+    data = json.loads((root / "report" / "study.json").read_text())
+    assert [p["value"] for p in data["sweeps"]["label_epochs"]] == [1, 2]
+    assert all(r["n"] == 2 for r in data["variants"])
+    for png in ("variants.png", "fig4.png"):
+        assert (root / "report" / png).read_bytes()[:4] == b"\x89PNG"
+    # The UI view: the report with both plots inline, and the table.
+    import asyncio
+
+    from prefect.client.orchestration import get_client
+
+    async def artifacts():
+        async with get_client() as client:
+            return await client.read_artifacts()
+
+    flow_run = state.state_details.flow_run_id
+    mine = {a.key: a for a in asyncio.run(artifacts()) if a.flow_run_id == flow_run and a.key}
+    assert mine["study"].data.count("data:image/png;base64,") == 2
+    assert [r["variant"] for r in json.loads(mine["study-variants"].data)] == list(
+        STUDY["variants"]
+    )
+    # A second run of the same study recomputes nothing.
+    before = dict(calls)
+    study(root=str(root), config=spec)
+    assert calls == before
