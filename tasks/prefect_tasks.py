@@ -10,7 +10,6 @@ a Prefect progress artifact that moves while the stage runs, and to the run logg
 from __future__ import annotations
 
 import hashlib
-import json
 import time
 from typing import Any
 
@@ -21,6 +20,7 @@ from prefect.artifacts import (
     create_table_artifact,
     update_progress_artifact,
 )
+from prefect.cache_policies import NO_CACHE
 from prefect.context import TaskRunContext
 from prefect.logging import get_run_logger
 
@@ -28,7 +28,7 @@ from storage.config import RunConfig, parse_config, run_id
 from storage.fs import RunFS
 from storage.manifest import Manifest
 from storage.run import open_run, read_results
-from tasks.report import REPORT, inline_images, write_report
+from tasks.report import REPORT, batch_records, inline_images, write_report
 
 from .credentials import storage_options
 from .distributed_synthesis import launch as launch_distributed
@@ -187,17 +187,15 @@ def publish_report(root: str, config: RunConfig) -> str:
         key="validation",
         description="validation: held-out top-1 of the students, mean ± std",
     )
-    kl_rows = []
-    for name in fs.listdir("synthesis/batches"):
-        rec = json.loads(fs.read_bytes(f"synthesis/batches/{name}"))
-        kl_rows.append(
-            {
-                "batch": rec["batch"],
-                "teacher": rec["teacher"],
-                "loss": round(rec["final_loss"], 3),
-                **{f"L{i}": round(v, 3) for i, v in enumerate(rec["layer_kl"])},
-            }
-        )
+    kl_rows = [
+        {
+            "batch": rec["batch"],
+            "teacher": rec["teacher"],
+            "loss": round(rec["final_loss"], 3),
+            **{f"L{i}": round(v, 3) for i, v in enumerate(rec["layer_kl"])},
+        }
+        for rec in batch_records(fs)
+    ]
     if kl_rows:
         create_table_artifact(
             kl_rows,
@@ -219,8 +217,6 @@ def publish_report(root: str, config: RunConfig) -> str:
 
 
 # Not cached: the report is cheap and reflects the run as it is now.
-report_task = task(
-    lambda root, config: publish_report(root, parse_config(config)),
-    name="report",
-    task_run_name="report",
-)
+@task(name="report", task_run_name="report", cache_policy=NO_CACHE)
+def report_task(root: str, config: dict[str, Any]) -> str:
+    return publish_report(root, parse_config(config))

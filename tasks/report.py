@@ -25,7 +25,8 @@ GRID = "report/grid.png"
 CURVES = "report/curves.png"
 
 
-def _batch_records(fs: RunFS) -> list[dict[str, Any]]:
+def batch_records(fs: RunFS) -> list[dict[str, Any]]:
+    """The synthesis batches' commit records, in batch order."""
     names = sorted(n for n in fs.listdir("synthesis/batches") if n.endswith(".json"))
     return [json.loads(fs.read_bytes(f"synthesis/batches/{n}")) for n in names]
 
@@ -177,7 +178,7 @@ def write_report(fs: RunFS, cfg: RunConfig) -> str:
     """Write report/report.md, report/grid.png and report/curves.png; returns the report's URL.
     Needs a finished validation stage."""
     results = read_results(fs, cfg.teachers.count)
-    batches = _batch_records(fs)
+    batches = batch_records(fs)
     students = _student_metrics(fs, cfg, "")
     baseline = _student_metrics(fs, cfg, BASELINE) if results["baseline"] else []
     fs.write_bytes(GRID, fs.read_bytes("synthesis/png/grid.png"))
