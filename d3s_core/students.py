@@ -21,7 +21,11 @@ def kd_loss(
     t = temperature
     log_p = F.log_softmax(teacher_logits.float() / t, dim=1)
     log_q = F.log_softmax(student_logits.float() / t, dim=1)
-    return t * t * F.kl_div(log_q, log_p, reduction="batchmean", log_target=True)
+    pointwise = F.kl_div(log_q, log_p, reduction="none", log_target=True)
+    # A class with zero target mass (top-k labels read without their tail) adds 0 log 0 = 0,
+    # not exp(-inf) * (-inf - log q) = NaN.
+    pointwise = pointwise.masked_fill(torch.isneginf(log_p), 0.0)
+    return t * t * pointwise.sum() / student_logits.shape[0]
 
 
 def epoch_schedule(label_epochs: int, train_epochs: int, generator: torch.Generator) -> list[int]:

@@ -4,9 +4,10 @@ Columns (named, never positional): epoch int32, batch int32, position int32, ima
 crop_x0/crop_y0/crop_x1/crop_y1 float32 (normalised box), flip bool, and either
 `logits` fixed_size_list<float32|float16>[classes] (dense) or `topk_indices`
 fixed_size_list<int32>[k] + `topk_values` fixed_size_list<float32>[k] (top-k of the ensemble
-logits). The schema version and label format are in each file's metadata and in
-`labels/_schema.json`. Each file is written to a temporary name and renamed (or uploaded whole),
-so a killed write never leaves a footer-less file under the real name.
+logits) + `topk_rest` float32 (the mean of the other logits, what they are read back as).
+The schema version and label format are in each file's metadata and in `labels/_schema.json`.
+Each file is written to a temporary name and renamed (or uploaded whole), so a killed write
+never leaves a footer-less file under the real name.
 """
 
 from __future__ import annotations
@@ -55,6 +56,11 @@ def epoch_table(lab: EpochLabels, fmt: LabelFormat, k: int = 10) -> pa.Table:
         vals, idx = logits.topk(min(k, logits.shape[1]), dim=1)
         cols["topk_indices"] = _fixed(idx.numpy().astype(np.int32), pa.int32())
         cols["topk_values"] = _fixed(vals.numpy(), pa.float32())
+        # The mean of the other logits: what the classes outside the top k are read back as,
+        # so a softened (high-temperature) target keeps its tail mass instead of none.
+        rest = logits.shape[1] - vals.shape[1]
+        tail = (logits.sum(1) - vals.sum(1)) / max(1, rest)
+        cols["topk_rest"] = pa.array(tail.numpy().astype(np.float32))
     else:
         raise ValueError(f"unknown label format {fmt!r}; expected 'fp32', 'fp16' or 'topk'")
     meta = {
@@ -83,8 +89,9 @@ def write_schema(fs: RunFS, fmt: LabelFormat, classes: int, k: int, prefix: str 
 
 
 def read_epoch(fs: RunFS, rel: str, epoch: int) -> EpochLabels:
-    """Read one epoch back; top-k labels become dense logits with -inf outside the top k
-    (softmax then puts all mass on the stored classes)."""
+    """Read one epoch back; top-k labels become dense logits whose classes outside the top k
+    all hold `topk_rest`, the mean of those logits (files without that column: -inf, all mass
+    on the stored classes)."""
     try:
         table = pq.read_table(fs.path(rel), filesystem=fs.fs)
     except (pa.ArrowInvalid, OSError) as e:
@@ -100,6 +107,9 @@ def read_epoch(fs: RunFS, rel: str, epoch: int) -> EpochLabels:
         val = table.column("topk_values").combine_chunks().flatten().to_numpy()
         k = len(idx) // max(1, len(table))
         logits = torch.full((len(table), classes), float("-inf"))
+        if "topk_rest" in table.column_names:
+            rest = torch.from_numpy(table.column("topk_rest").to_numpy().astype(np.float32))
+            logits = rest[:, None].expand(-1, classes).clone()
         logits.scatter_(
             1,
             torch.from_numpy(idx.reshape(-1, k).astype(np.int64)),
