@@ -22,11 +22,9 @@ import torch.multiprocessing as mp
 from d3s_core import synthesis
 from d3s_core.distributed import World, gather_rows, label_loss_across, moments_across
 from d3s_core.isu import RunningStats
-from d3s_core.layers import FeatureHooks, default_measured_layers
-from d3s_core.loss import label_loss, prepare_target
-from d3s_core.stats import SuffStats, _Moments
+from d3s_core.loss import label_loss
+from d3s_core.stats import _Moments
 from d3s_core.synthesis import (
-    MeasuredTeacher,
     finish_batch,
     gather_state,
     init_state,
@@ -39,10 +37,9 @@ from storage.manifest import Manifest
 from storage.run import SYN_IMAGES, open_run, syn_commit
 from tasks.stages import STAGES
 
-from .helpers import tiny_teacher
 from .test_flow import prefect_server  # noqa: F401, E402
 from .test_storage_safety import SMALL
-from .test_synthesis import CFG
+from .test_synthesis import CFG, measured
 
 REPO = Path(__file__).resolve().parents[1]
 WORLD = 2
@@ -155,14 +152,7 @@ def measured_teacher(seed):
     samples than channels, so the batch covariances are full rank (with fewer, Eq. 1's
     log-determinant amplifies float32 rounding by up to 1/ridge and no two float32 runs agree
     for long, even in one process)."""
-    model = tiny_teacher(num_classes=4, seed=seed).eval()
-    names = default_measured_layers(model)
-    g = torch.Generator().manual_seed(100 + seed)
-    data = torch.rand(64, 3, SIZE, SIZE, generator=g) * 2 - 1
-    with FeatureHooks(model, names) as hooks, torch.no_grad():
-        model(data)
-        stats = [SuffStats.from_batch(a, "float64").mean_cov() for a in hooks.outputs]
-    return MeasuredTeacher(model, names, [prepare_target(m, c) for m, c in stats])
+    return measured(seed, size=SIZE)
 
 
 def _two_batches(world, n):

@@ -24,11 +24,12 @@ from .helpers import tiny_teacher
 SIZE = 12
 
 
-def measured(seed, num_classes=4):
+def measured(seed, num_classes=4, size=SIZE):
+    """A tiny teacher and its Gaussians, measured on 64 random images of `size` px."""
     model = tiny_teacher(num_classes=num_classes, seed=seed).eval()
     names = default_measured_layers(model)
     g = torch.Generator().manual_seed(100 + seed)
-    data = torch.rand(64, 3, SIZE, SIZE, generator=g) * 2 - 1
+    data = torch.rand(64, 3, size, size, generator=g) * 2 - 1
     with FeatureHooks(model, names) as hooks, torch.no_grad():
         model(data)
         stats = [SuffStats.from_batch(a, "float64").mean_cov() for a in hooks.outputs]
