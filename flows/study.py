@@ -16,7 +16,7 @@ from storage.study import SHARED, StudySpec, plan_study
 from tasks.credentials import storage_options
 from tasks.dask_stages import on_dask, stats_plan_task, stats_shards_flow
 from tasks.prefect_tasks import baseline_task, stats_task, teachers_task
-from tasks.study_tasks import at, share_task, study_report_task
+from tasks.study_tasks import at, match_task, share_task, study_report_task
 
 from .distill import distill
 
@@ -57,4 +57,5 @@ def study(root: str, config: StudySpec) -> str:
         share_task(root, spec, cell.name)
         run_cell = distill if cell.kind == "d3s" else random_real
         run_cell(root=at(root, cell.root), config=cell.config)
+    match_task(root, spec)
     return study_report_task(root, spec)

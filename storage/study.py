@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import json
 import re
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -29,6 +30,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from .config import RunConfig, canonical_json, parse_config
+from .fs import RunFS
 
 SHARED_KEYS = ("dataset", "teachers", "stats", "seed", "preset")
 SHARED = "shared"
@@ -209,3 +211,24 @@ def plan_study(spec: StudySpec) -> StudyPlan:
 def student_epochs(cfg: RunConfig) -> int:
     """Epochs each validation student trains for (the config's, else the preset's)."""
     return cfg.validation.epochs or cfg.preset_obj().student.epochs
+
+
+def match_path(cell: str) -> str:
+    """Where a cell's distribution-match numbers (tasks/stages/match.py) live, under the
+    study root: one JSON file per cell with images of its own."""
+    return f"report/match/{cell}.json"
+
+
+def read_match(fs: RunFS, cell: str) -> dict[str, Any] | None:
+    """A cell's match numbers, or None if not measured yet."""
+    rel = match_path(cell)
+    if not fs.exists(rel):
+        return None
+    try:
+        return json.loads(fs.read_bytes(rel))
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{fs.url(rel)}: not valid JSON ({e}); delete it to measure again") from e
+
+
+def write_match(fs: RunFS, cell: str, data: dict[str, Any]) -> None:
+    fs.write_bytes(match_path(cell), json.dumps(data, indent=1).encode())

@@ -15,12 +15,13 @@ from matplotlib.figure import Figure
 
 from storage.fs import RunFS
 from storage.run import BASELINE, summary_of, teacher_meta
-from storage.study import SHARED, StudyPlan, StudySpec, student_epochs
+from storage.study import SHARED, StudyPlan, StudySpec, read_match, student_epochs
 
 STUDY_MD = "report/study.md"
 STUDY_JSON = "report/study.json"
 VARIANTS_PNG = "report/variants.png"
 FIG4_PNG = "report/fig4.png"
+MATCH_PNG = "report/match.png"
 
 
 def _summary(fs: RunFS, plan: StudyPlan, cell: str) -> dict[str, Any]:
@@ -39,6 +40,7 @@ def collect(fs: RunFS, plan: StudyPlan) -> dict[str, Any]:
     rows = []
     for v, cell in plan.variants.items():
         c, s = plan.cell(cell), _summary(fs, plan, cell)
+        match = read_match(fs, c.images_from or c.name)
         rows.append(
             {
                 "variant": v,
@@ -49,6 +51,9 @@ def collect(fs: RunFS, plan: StudyPlan) -> dict[str, Any]:
                 "top1": s["top1"],
                 "mean": s["mean"],
                 "std": s["std"],
+                "kl_to_data": None if match is None else match["kl"],
+                "teacher_top1": None if match is None else match["top1"],
+                "teacher_confidence": None if match is None else match["confidence"],
             }
         )
     ref = next(r for r in rows if r["variant"] == plan.reference)
@@ -140,6 +145,47 @@ def fig4_png(sweeps: dict[str, list[dict[str, Any]]]) -> bytes:
     return _png(fig)
 
 
+def match_png(rows: list[dict[str, Any]], reference: str) -> bytes | None:
+    """Students' top-1 against how far each image set's feature Gaussians are from the full
+    data's (Eq. 1 of the whole set, mean over teachers; log scale), one point per variant with
+    its own images."""
+    pts = [r for r in rows if r["kl_to_data"] is not None]
+    if not pts:
+        return None
+    fig = Figure(figsize=(7, 4.5), dpi=100)
+    ax = fig.subplots()
+    for r in pts:
+        colour = (
+            "tab:orange"
+            if r["variant"] == reference
+            else "tab:grey"
+            if r["kind"] == "random-real"
+            else "tab:blue"
+        )
+        ax.errorbar(
+            r["kl_to_data"], 100 * r["mean"], yerr=100 * r["std"], fmt="o", color=colour, capsize=3
+        )
+        ax.annotate(
+            r["variant"],
+            (r["kl_to_data"], 100 * r["mean"]),
+            fontsize=7,
+            xytext=(4, 2),
+            textcoords="offset points",
+        )
+    ax.set_xscale("log")
+    ax.set(
+        xlabel="KL of the whole set to the full-data Gaussians (Eq. 1, sum over layers)",
+        ylabel="students' held-out top-1 %",
+        title="accuracy vs distribution match",
+    )
+    ax.grid(alpha=0.3)
+    return _png(fig)
+
+
+def _num(x: float | None, fmt: str) -> str:
+    return "-" if x is None else format(x, fmt)
+
+
 def _pct(x: float | None, sign: bool = False) -> str:
     if x is None:
         return "-"
@@ -159,17 +205,31 @@ def study_markdown(spec: StudySpec, plan: StudyPlan, data: dict[str, Any], root_
         "",
         "## Variants (held-out top-1 %, mean ± std over students)",
         "",
-        f"| variant | kind | images | n | top-1 % | Δ vs {ref} | Δ vs random real |",
-        "|---|---|---|---|---|---|---|",
+        f"| variant | kind | images | n | top-1 % | Δ vs {ref} | Δ vs random real | "
+        "KL to data | teachers' top-1 on set |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in data["variants"]:
         name = r["variant"] if r["cell"] == r["variant"] else f"{r['variant']} (= {r['cell']})"
         lines.append(
             f"| {name} | {r['kind']} | {r['images']} | {r['n']} | "
             f"{_pct(r['mean'])} ± {_pct(r['std'])} | {_pct(r['delta_vs_reference'], True)} | "
-            f"{_pct(r['delta_vs_random_real'], True)} |"
+            f"{_pct(r['delta_vs_random_real'], True)} | {_num(r['kl_to_data'], '.1f')} | "
+            f"{_pct(r['teacher_top1'])} |"
         )
     lines += ["", "![accuracy per variant](variants.png)", ""]
+    if any(r["kl_to_data"] is not None for r in data["variants"]):
+        lines += [
+            "**KL to data**: Eq. 1 of each whole image set (no augmentation, statistics of all "
+            "its images together) against the full-dataset Gaussians, summed over the measured "
+            "layers, mean over the teachers; what synthesis minimises batch by batch. A random "
+            "real subset's value is what real images of this size reach without optimisation. "
+            "**Teachers' top-1 on set**: how many images the teachers assign to their class "
+            "(the alpha * CE term's aim). Per teacher and per layer: `report/match/`.",
+            "",
+            "![accuracy vs distribution match](match.png)",
+            "",
+        ]
     lines += ["## Fig. 4: labelled epochs vs training epochs", ""]
     for sweep, title in (
         ("label_epochs", "labelled epochs"),
@@ -205,6 +265,9 @@ def write_study_report(fs: RunFS, spec: StudySpec, plan: StudyPlan) -> dict[str,
     data = collect(fs, plan)
     fs.write_bytes(VARIANTS_PNG, variants_png(data["variants"], plan.reference))
     fs.write_bytes(FIG4_PNG, fig4_png(data["sweeps"]))
+    png = match_png(data["variants"], plan.reference)
+    if png is not None:
+        fs.write_bytes(MATCH_PNG, png)
     fs.write_bytes(STUDY_JSON, json.dumps(data, indent=1).encode())
     fs.write_bytes(STUDY_MD, study_markdown(spec, plan, data, fs.url()).encode())
     return data

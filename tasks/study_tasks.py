@@ -9,14 +9,18 @@ from prefect import task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.logging import get_run_logger
 
+from storage.arrays import read_images
 from storage.fs import RunFS
-from storage.run import open_run
+from storage.manifest import Manifest
+from storage.run import BASELINE, attach_run, images_of, open_run
 from storage.share import seed_run
-from storage.study import SHARED, StudySpec, plan_study
+from storage.study import SHARED, StudySpec, plan_study, read_match, write_match
 from tasks.report import inline_images
 
 from .credentials import storage_options
 from .retry import retry_on_transient_io
+from .stages.match import match_images
+from .stages.synthesis import images_sha256
 from .study_report import STUDY_MD, write_study_report
 
 
@@ -57,6 +61,35 @@ share_task = task(
     retry_delay_seconds=[10, 60, 300],
     retry_condition_fn=retry_on_transient_io,
 )
+
+
+def _match(root: str, config: dict[str, Any]) -> list[str]:
+    """Measure every cell's own image set against the shared teachers' full-dataset
+    statistics (tasks/stages/match.py); a cell already measured on the same images is kept.
+    Returns the cells measured now."""
+    plan = plan_study(StudySpec.model_validate(config))
+    options = storage_options(plan.shared)
+    fs = RunFS(root, **options)
+    shared = attach_run(at(root, SHARED), plan.shared, **options)
+    measured = []
+    for c in plan.cells:
+        if c.images_from is not None:
+            continue  # the same images as an earlier cell
+        cell_fs = RunFS(at(root, c.root), **options)
+        rel = images_of(BASELINE if c.kind == "random-real" else "")
+        Manifest(cell_fs).verify(rel)
+        images, classes = read_images(cell_fs, rel)
+        known = read_match(fs, c.name)
+        if known is not None and known["images_sha256"] == images_sha256(images):
+            continue
+        write_match(fs, c.name, match_images(shared, images, classes))
+        measured.append(c.name)
+    get_run_logger().info("distribution match measured for %d cell(s)", len(measured))
+    return measured
+
+
+# Not cached: cheap when nothing changed (each cell's numbers are kept with its images' hash).
+match_task = task(_match, name="study-match", task_run_name="study-match")
 
 
 def _report(root: str, config: dict[str, Any]) -> str:

@@ -137,8 +137,18 @@ def test_study_runs_with_shared_teachers_stats_images(prefect_server, tmp_path, 
     data = json.loads((root / "report" / "study.json").read_text())
     assert [p["value"] for p in data["sweeps"]["label_epochs"]] == [1, 2]
     assert all(r["n"] == 2 for r in data["variants"])
-    for png in ("variants.png", "fig4.png"):
+    for png in ("variants.png", "fig4.png", "match.png"):
         assert (root / "report" / png).read_bytes()[:4] == b"\x89PNG"
+    # Distribution match: measured once per distinct image set (fig4/labels-single reuse d3s's),
+    # with the shared teachers, and in every variant's row.
+    measured = sorted(p.stem for p in (root / "report" / "match").glob("*.json"))
+    assert measured == sorted(c.name for c in plan.cells if c.images_from is None)
+    for r in data["variants"]:
+        assert r["kl_to_data"] > 0 and 0 <= r["teacher_top1"] <= 1
+    by_name = {r["variant"]: r for r in data["variants"]}
+    assert by_name["labels-single"]["kl_to_data"] == by_name["d3s"]["kl_to_data"]
+    assert by_name["diag"]["kl_to_data"] != by_name["d3s"]["kl_to_data"]
+    match_files = {p.name: p.stat().st_mtime_ns for p in (root / "report" / "match").iterdir()}
     # The UI view: the report with both plots inline, and the table.
     import asyncio
 
@@ -150,7 +160,7 @@ def test_study_runs_with_shared_teachers_stats_images(prefect_server, tmp_path, 
 
     flow_run = state.state_details.flow_run_id
     mine = {a.key: a for a in asyncio.run(artifacts()) if a.flow_run_id == flow_run and a.key}
-    assert mine["study"].data.count("data:image/png;base64,") == 2
+    assert mine["study"].data.count("data:image/png;base64,") == 3
     assert [r["variant"] for r in json.loads(mine["study-variants"].data)] == list(
         STUDY["variants"]
     )
@@ -158,3 +168,6 @@ def test_study_runs_with_shared_teachers_stats_images(prefect_server, tmp_path, 
     before = dict(calls)
     study(root=str(root), config=spec)
     assert calls == before
+    assert {p.name: p.stat().st_mtime_ns for p in (root / "report" / "match").iterdir()} == (
+        match_files
+    )
