@@ -27,13 +27,14 @@ from prefect.logging import get_run_logger
 from storage.config import RunConfig, parse_config, run_id
 from storage.fs import RunFS
 from storage.manifest import Manifest
-from storage.run import open_run, read_results
+from storage.run import attach_run, open_run, read_results
 from tasks.report import REPORT, batch_records, inline_images, write_report
 
 from .credentials import storage_options
 from .distributed_synthesis import launch as launch_distributed
 from .retry import retry_on_transient_io
 from .stages import EXTRA_STAGES, STAGES
+from .stages.match import match_run
 from .terminal import TerminalProgress, bars_enabled, describe
 
 # Bump when a stage's code changes what it writes: cached results of older versions are ignored.
@@ -41,9 +42,9 @@ STAGE_VERSION = {
     "teachers": 1,
     "stats": 1,
     "synthesis": 1,
-    "labels": 1,
+    "labels": 2,  # 2: label schema v2 (uint16 boxes, labelled on the quantised box)
     "validation": 1,
-    "baseline": 1,
+    "baseline": 2,  # 2: it writes its own labels/, label schema v2
 }
 # Artifacts (manifest prefixes) each stage reads.
 STAGE_INPUTS = {
@@ -149,6 +150,8 @@ def publish_report(root: str, config: RunConfig) -> str:
     """The run's report (report/report.md + PNGs beside the artifacts) and its Prefect UI
     view: accuracy and per-layer KL tables, and the report as markdown with its images inline."""
     fs = RunFS(root, **storage_options(config))
+    with attach_run(root, config, **storage_options(config)) as run:
+        match_run(run)  # measured once per image set, kept in report/match.json
     report_url = write_report(fs, config)
     results = read_results(fs, config.teachers.count)
     rows = []

@@ -21,6 +21,7 @@ from storage.fs import RunFS
 from storage.run import BASELINE, read_results, student_dir
 
 REPORT = "report/report.md"
+MATCH = "report/match.json"  # written by tasks/stages/match.py (match_run) before the report
 GRID = "report/grid.png"
 CURVES = "report/curves.png"
 
@@ -88,12 +89,46 @@ def _pct(x: float) -> str:
     return f"{100 * x:.1f}"
 
 
+def match_markdown(match: dict[str, Any]) -> list[str]:
+    """The distribution-match section: per image set, Eq. 1 of the whole set against each
+    teacher's full-dataset Gaussians and the teachers' top-1 on it."""
+    if not match:
+        return []
+    names = {"distilled": "distilled (D3S)", "random_real": "random real subset"}
+    teachers = len(next(iter(match.values()))["teachers"])
+    lines = [
+        "## Distribution match",
+        "",
+        "| images | n | "
+        + " | ".join(f"KL to data, teacher {m}" for m in range(teachers))
+        + " | teachers' top-1 on set % | confidence |",
+        "|---|---|" + "---|" * teachers + "---|---|",
+    ]
+    for key, m in match.items():
+        kls = " | ".join(f"{t['kl']:.2f}" for t in m["teachers"])
+        lines.append(
+            f"| {names.get(key, key)} | {m['images']} | {kls} | {_pct(m['top1'])} | "
+            f"{m['confidence']:.3f} |"
+        )
+    lines += [
+        "",
+        "KL to data: Eq. 1 of the whole set (all its images together, no augmentation) "
+        "against the teacher's full-dataset Gaussians, summed over the measured layers; what "
+        "synthesis minimises batch by batch. A random real subset of the same size is the "
+        "yardstick: a distilled set well above it has not converged (more iterations), one "
+        "below it matches the data's statistics better than real images do.",
+        "",
+    ]
+    return lines
+
+
 def report_markdown(
     cfg: RunConfig,
     fs: RunFS,
     results: dict[str, Any],
     batches: list[dict[str, Any]],
     label_bytes: int,
+    match: dict[str, Any] | None = None,
 ) -> str:
     summary, base = results["summary"], results["baseline"]
     lines = [
@@ -139,6 +174,9 @@ def report_markdown(
         f"Mean teacher accuracy {_pct(teacher_mean)} %; students reach "
         f"{100 * summary['mean'] / teacher_mean:.0f} % of it.",
         "",
+    ]
+    lines += match_markdown(match or {})
+    lines += [
         "## Distilled images",
         "",
         "One row per class ([grid.png](grid.png)).",
@@ -183,7 +221,8 @@ def write_report(fs: RunFS, cfg: RunConfig) -> str:
     baseline = _student_metrics(fs, cfg, BASELINE) if results["baseline"] else []
     fs.write_bytes(GRID, fs.read_bytes("synthesis/png/grid.png"))
     fs.write_bytes(CURVES, curves_png(results["teachers"], batches, students, baseline))
-    md = report_markdown(cfg, fs, results, batches, fs.tree_bytes("labels"))
+    match = json.loads(fs.read_bytes(MATCH)) if fs.exists(MATCH) else None
+    md = report_markdown(cfg, fs, results, batches, fs.tree_bytes("labels"), match)
     fs.write_bytes(REPORT, md.encode())
     return fs.url(REPORT)
 

@@ -22,7 +22,7 @@ def prefect_server(tmp_path_factory):
     mp.undo()
 
 
-def test_flow_runs_then_reuses_finished_stages(prefect_server, tmp_path):
+def test_flow_runs_then_reuses_finished_stages(prefect_server, tmp_path, monkeypatch):
     from flows.distill import distill
 
     cfg = parse_config({**SMALL, "name": "flowtest"})
@@ -32,10 +32,20 @@ def test_flow_runs_then_reuses_finished_stages(prefect_server, tmp_path):
     summary = json.loads((tmp_path / "run" / "validation" / "summary.json").read_text())
     assert summary["students"] == 1
     manifest = (tmp_path / "run" / "manifest.json").read_text()
+    match_file = tmp_path / "run" / "report" / "match.json"
+    match = json.loads(match_file.read_text())
+    assert set(match) == {"distilled"} and len(match["distilled"]["teachers"]) == 2
+
+    def measure_again(*a, **k):
+        raise AssertionError("the distribution match was measured again on the same images")
+
+    monkeypatch.setattr("tasks.stages.match.match_images", measure_again)
     # A second flow run with the same config and root: every stage is reused, nothing rewritten.
     again = distill(root=root, config=cfg, return_state=True)
     assert again.is_completed()
     assert (tmp_path / "run" / "manifest.json").read_text() == manifest
+    # The distribution match is kept with its images' hash, not measured again.
+    assert json.loads(match_file.read_text()) == match
     from prefect.client.orchestration import get_client
 
     async def task_states():
@@ -75,6 +85,7 @@ def test_flow_publishes_tables_progress_and_image_grid(prefect_server, tmp_path)
     # The report, as written beside the artifacts, with both images inline.
     report = (tmp_path / "run" / "report" / "report.md").read_text()
     assert "## Accuracy" in report and "![loss curves](curves.png)" in report
+    assert "## Distribution match" in report and "| distilled (D3S) | " in report
     assert by_key["summary"].data.count("data:image/png;base64,") == 2
     assert "data:image/png;base64," in by_key["loss-curves"].data
     summary = json.loads((tmp_path / "run" / "validation" / "summary.json").read_text())

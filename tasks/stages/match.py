@@ -4,13 +4,15 @@ only: the run's teachers and statistics must be finished."""
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import torch
 
 from d3s_core.diagnostics import set_match
 from d3s_core.synthesis import MeasuredTeacher
-from storage.run import Run
+from storage.arrays import read_images
+from storage.run import BASELINE, Run, images_of
 
 from .common import data_splits, load_teachers
 from .stats import load_targets
@@ -47,3 +49,27 @@ def match_images(run: Run, images: torch.Tensor, classes: torch.Tensor) -> dict[
         "top1": sum(t["top1"] for t in per_teacher) / n,
         "confidence": sum(t["confidence"] for t in per_teacher) / n,
     }
+
+
+MATCH = "report/match.json"
+SETS = (("distilled", ""), ("random_real", BASELINE))
+
+
+def match_run(run: Run) -> dict[str, Any]:
+    """The match of the run's distilled set and, if the run has one, its random real subset,
+    kept in report/match.json with each set's image hash: measured again only when the images
+    change. Needs the run's teachers and statistics."""
+    known = json.loads(run.fs.read_bytes(MATCH)) if run.fs.exists(MATCH) else {}
+    out = {}
+    for name, prefix in SETS:
+        rel = images_of(prefix)
+        if not run.manifest.is_recorded(rel):
+            continue
+        run.manifest.verify(rel)
+        images, classes = read_images(run.fs, rel)
+        if known.get(name, {}).get("images_sha256") == images_sha256(images):
+            out[name] = known[name]
+        else:
+            out[name] = match_images(run, images, classes)
+    run.fs.write_bytes(MATCH, json.dumps(out, indent=1).encode())
+    return out
