@@ -4,6 +4,8 @@ Parameters are a normalised crop box (x0, y0, x1, y1) in [0, 1] image coordinate
 flag. Drawing uses a CPU torch.Generator, so the same seed gives the same parameters on every
 device; applying is a differentiable bilinear resample (affine grid), so the same function
 serves synthesis (gradients to the images), labelling and student training (replay).
+Labelling replays quantised boxes (`quantise_boxes`, 1/65535 steps), the ones the label files
+store exactly as uint16, so a student replays the very crop its label was computed on.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 LOG_RATIO = (math.log(3 / 4), math.log(4 / 3))
+BOX_LEVELS = 65535  # box coordinates are stored as uint16 q, x = q / BOX_LEVELS
 
 
 def draw_crops(
@@ -38,6 +41,26 @@ def draw_crops(
     boxes = torch.stack([x0, y0, x0 + w, y0 + h], dim=1).float()
     flips = (u[:, 4] < 0.5) if flip else torch.zeros(n, dtype=torch.bool)
     return boxes, flips
+
+
+def box_codes(boxes: torch.Tensor) -> torch.Tensor:
+    """(N, 4) boxes in [0, 1] -> (N, 4) int32 codes q = round(clamp(x, 0, 1) * 65535).
+
+    Computed in float64, so a box already on the grid gets its own code back."""
+    return torch.round(boxes.double().clamp(0.0, 1.0) * BOX_LEVELS).to(torch.int32)
+
+
+def boxes_from_codes(codes: torch.Tensor) -> torch.Tensor:
+    """(N, 4) integer codes -> (N, 4) float32 boxes q / 65535 (one float32 division, so
+    correctly rounded: every reader that divides in float32 gets the same bits)."""
+    return codes.to(torch.float32) / BOX_LEVELS
+
+
+def quantise_boxes(boxes: torch.Tensor) -> torch.Tensor:
+    """(N, 4) boxes in [0, 1] -> the nearest boxes on the uint16 grid, float32 q / 65535.
+
+    Shifts each coordinate by at most 1/131070 (< 0.002 px at 224 px)."""
+    return boxes_from_codes(box_codes(boxes))
 
 
 def apply_crops(

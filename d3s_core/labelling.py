@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .augment import apply_crops, draw_crops
+from .augment import apply_crops, draw_crops, quantise_boxes
 
 
 def derive_seed(*parts: int) -> int:
@@ -35,7 +35,8 @@ class EpochLabels:
     """One labelled epoch, one row per (batch, position).
 
     batch, position: (N,) int64; image_index: (N,) int64 into the distilled set;
-    boxes: (N, 4) float32 [x0, y0, x1, y1] in [0, 1]; flips: (N,) bool;
+    boxes: (N, 4) float32 [x0, y0, x1, y1] in [0, 1] (from `label_epoch`: on the uint16 grid,
+    `quantise_boxes`); flips: (N,) bool;
     logits: (N, classes) float32, the ensemble mean.
     """
 
@@ -76,7 +77,8 @@ def label_epoch(
     """Label one epoch of the distilled set `images` (N, C, H, W), normalised space.
 
     Teachers must be in eval mode. Augmentations are drawn from a generator seeded by
-    (seed, epoch), so the same call gives the same rows anywhere.
+    (seed, epoch), so the same call gives the same rows anywhere; boxes are quantised to the
+    uint16 grid the label files store (`quantise_boxes`) before the teachers see the crops.
     """
     for t in teachers:
         if t.training:
@@ -85,6 +87,8 @@ def label_epoch(
     rows: dict[str, list[torch.Tensor]] = {k: [] for k in ("b", "p", "i", "box", "flip", "y")}
     for b, idx in enumerate(epoch_batches(len(images), batch_size, seed, epoch)):
         boxes, flips = draw_crops(len(idx), g, scale, flip)
+        # Label the crop the file stores exactly (uint16 boxes), not one 1/131070 away from it.
+        boxes = quantise_boxes(boxes)
         x = apply_crops(images[idx.to(images.device)], boxes, flips)
         rows["b"].append(torch.full((len(idx),), b, dtype=torch.int64))
         rows["p"].append(torch.arange(len(idx), dtype=torch.int64))

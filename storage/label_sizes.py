@@ -1,8 +1,9 @@
 """Bytes of soft labels on disk: ours (Parquet, storage/labels.py) and FKD's (SRe2L's relabel).
 
 Ours is measured, not estimated: one epoch of random logits is written by the same
-`write_epoch` the pipeline uses, and the file's size is multiplied by the number of epochs.
-Random float32 logits do not compress, so this is close to an upper bound for real logits.
+`write_epoch` the pipeline uses (schema v2, zstd), and the file's size is multiplied by the
+number of epochs. Random logits compress little (zstd finds ~7-8% in their exponent bits), so
+this is close to an upper bound for real logits.
 
 FKD's reference is measured the same way, by `torch.save` of the list that SRe2L's
 `relabel/generate_soft_label.py` (`save()`) writes per batch, `epoch_{e}/batch_{i}.tar`:
@@ -58,9 +59,9 @@ def parquet_epoch_bytes(n: int, classes: int, fmt: LabelFormat, k: int = 10) -> 
 def epoch_bytes(n: int, classes: int, fmt: LabelFormat, k: int = 10, max_rows: int = 50_000) -> int:
     """Bytes of one epoch of n rows, written whole up to `max_rows` rows. Above, a line through
     two measured sizes (max_rows / 2 and max_rows rows) is extrapolated to n. That is only
-    approximate: Parquet's dictionary encoding of a column switches on or off with its number of
-    distinct values, so the size is not linear in n (bench/label_storage.py measures the error:
-    a few percent, up to ~10% for top-k, from 5,000 and 10,000 rows to 50,000)."""
+    approximate: the dictionaries of the repeating columns (batch, position, top-k indices) and
+    zstd do not grow linearly in n (bench/label_storage.py measures the error from 5,000 and
+    10,000 rows to 50,000: under 1% with schema v2, up to ~10% for top-k with v1's writer)."""
     if n <= max_rows:
         return parquet_epoch_bytes(n, classes, fmt, k)
     lo, hi = max_rows // 2, max_rows

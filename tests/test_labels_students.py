@@ -1,9 +1,11 @@
 import torch
 import torch.nn.functional as F
 
-from d3s_core.augment import apply_crops
+from d3s_core.augment import apply_crops, draw_crops, quantise_boxes
 from d3s_core.labelling import derive_seed, ensemble_logits, epoch_batches, label_epoch
 from d3s_core.students import epoch_schedule, evaluate_top1, kd_loss, train_student_epoch
+from storage.fs import RunFS
+from storage.labels import read_epoch, write_epoch
 
 from .helpers import tiny_teacher
 
@@ -48,6 +50,22 @@ def test_augmentation_replay_is_exact():
     a = apply_crops(images[lab.image_index], lab.boxes, lab.flips)
     b = apply_crops(images[lab.image_index].clone(), lab.boxes.clone(), lab.flips.clone())
     assert torch.equal(a, b)
+
+
+def test_labels_are_computed_on_the_stored_box(tmp_path):
+    """label_epoch labels draw_crops' boxes moved onto the uint16 grid, the boxes the file
+    stores exactly: a replay of the crops read back gives the stored labels bit for bit."""
+    ts, images = teachers(2), torch.randn(8, 3, 12, 12)
+    lab = label_epoch(images, ts, epoch=2, seed=5, batch_size=8)  # one batch
+    drawn, flips = draw_crops(8, torch.Generator().manual_seed(derive_seed(5, 2, 1)))
+    assert torch.equal(lab.boxes, quantise_boxes(drawn)) and torch.equal(lab.flips, flips)
+    assert not torch.equal(lab.boxes, drawn)  # the grid moved them (by < 1/131070)
+    fs = RunFS(tmp_path)
+    write_epoch(fs, "e.parquet", lab, "fp32")
+    back = read_epoch(fs, "e.parquet", 2)
+    assert torch.equal(back.boxes, lab.boxes)
+    x = apply_crops(images[back.image_index], back.boxes, back.flips)
+    assert torch.equal(ensemble_logits(ts, x), back.logits)
 
 
 def test_kd_loss_is_t2_kl_teacher_to_student():
