@@ -115,6 +115,15 @@ def write_schema(fs: RunFS, fmt: LabelFormat, classes: int, k: int, prefix: str 
     fs.write_bytes(f"{prefix}labels/_schema.json", json.dumps(doc, indent=1).encode())
 
 
+def epoch_schema_version(fs: RunFS, rel: str) -> int:
+    """The label schema version an epoch file was written with (its footer only)."""
+    try:
+        meta = pq.read_schema(fs.path(rel), filesystem=fs.fs).metadata or {}
+    except (pa.ArrowInvalid, OSError) as e:
+        raise CorruptArtifact(f"{fs.url(rel)}: unreadable Parquet file ({e})") from e
+    return int(meta.get(b"d3s_labels_schema", b"1"))
+
+
 def read_epoch(fs: RunFS, rel: str, epoch: int) -> EpochLabels:
     """Read one epoch back (schema version 1 or 2); top-k labels become dense logits whose
     classes outside the top k all hold `topk_rest`, the mean of those logits (files without

@@ -12,6 +12,7 @@ destination already records with the same checksum is kept; a different checksum
 from __future__ import annotations
 
 from .fs import RunFS
+from .labels import LABELS_SCHEMA_VERSION, epoch_schema_version
 from .manifest import CorruptArtifact, Manifest
 from .run import STATS, SYN_IMAGES, labels_epoch
 
@@ -83,7 +84,8 @@ def seed_run(
     label_epochs: int = 0,
 ) -> dict[str, list[str]]:
     """Seed `dst` with the teachers (and the statistics) of `shared`, the distilled images of
-    `images_from` and label epochs [0, min(label_epochs, what `labels_from` has)). The caller
+    `images_from` and label epochs [0, min(label_epochs, what `labels_from` has)) written with
+    this code's label schema. The caller
     checks that the sources' configs make these artifacts the ones `dst` would compute
     (storage/study.py: synthesis_key, labelling_key). Returns the keys seeded, by stage."""
     out = {"teachers": copy_artifacts(shared, dst, "teachers/")}
@@ -93,7 +95,14 @@ def seed_run(
         out["synthesis"] = copy_artifacts(images_from, dst, SYN_IMAGES, extra=("synthesis",))
     if labels_from is not None:
         have = Manifest(labels_from).entries()
-        keys = [labels_epoch(e) for e in range(label_epochs) if labels_epoch(e) in have]
+        # Only epochs this code would write: one from an older label schema (e.g. v1's
+        # unquantised boxes) is labelled again rather than mixed into a newer run.
+        keys = [
+            labels_epoch(e)
+            for e in range(label_epochs)
+            if labels_epoch(e) in have
+            and epoch_schema_version(labels_from, labels_epoch(e)) == LABELS_SCHEMA_VERSION
+        ]
         if keys:
             out["labels"] = copy_artifacts(
                 labels_from, dst, "labels/", keys, extra=("labels/_schema.json",)

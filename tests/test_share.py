@@ -49,3 +49,26 @@ def test_damaged_source_and_conflicting_destination_are_errors(tmp_path):
         copy_artifacts(src, RunFS(tmp_path / "other"), "stats.zarr/")
     with pytest.raises(CorruptArtifact, match="no finished artifact"):
         copy_artifacts(src, dst, "synthesis/")
+
+
+def test_label_epochs_of_an_older_schema_are_not_shared(tmp_path):
+    import pyarrow.parquet as pq
+
+    from storage.labels import write_epoch
+    from storage.run import labels_epoch
+    from storage.share import seed_run
+
+    from .test_label_formats import epoch, v1_table
+
+    src = _src(tmp_path)
+    write_epoch(src, labels_epoch(0), epoch(), "fp16")  # this code's schema
+    with src.atomic_local_path(labels_epoch(1)) as tmp:
+        pq.write_table(v1_table(epoch(on_grid=False), "fp16"), tmp)
+    src.write_bytes("labels/_schema.json", b"{}")
+    m = Manifest(src)
+    for e in (0, 1):
+        m.record(labels_epoch(e), "labels")
+    dst = RunFS(tmp_path / "dst")
+    seeded = seed_run(dst, src, stats=False, labels_from=src, label_epochs=2)
+    assert seeded["labels"] == [labels_epoch(0)]
+    assert not dst.exists(labels_epoch(1))  # the labels stage writes it again
