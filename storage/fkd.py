@@ -229,11 +229,24 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--prefix", default="", help='labels prefix, e.g. "baselines/random-real/"')
     ap.add_argument("--batch-size", type=int, default=FKD_BATCH)
     ap.add_argument("--epochs", type=int, default=None, help="FKD epochs (default: ours)")
-    ap.add_argument("--fkd-seed", type=int, default=FKD_SEED)
+    ap.add_argument(
+        "--fkd-seed",
+        type=int,
+        default=FKD_SEED,
+        help="sampler seed (default 42; SRe2L's loader finds batches with 42 whatever its "
+        "--fkd_seed says, so other seeds are for other readers)",
+    )
     ap.add_argument("--fp32", action="store_true", help="float32 soft labels (default fp16)")
     ap.add_argument("--mix", choices=["identity", "none"], default="identity")
     ap.add_argument("--overwrite", action="store_true")
     args = ap.parse_args(argv)
+    if args.fkd_seed != FKD_SEED:
+        print(
+            f"warning: --fkd-seed {args.fkd_seed}: SRe2L's train_FKD.py looks batches up with "
+            f"seed {FKD_SEED} whatever its --fkd_seed is (utils_fkd.get_img2batch_idx_list), so "
+            "it stops with a KeyError on this export; other readers are fine",
+            file=sys.stderr,
+        )
     info = export_fkd(
         RunFS(args.root),
         args.prefix,

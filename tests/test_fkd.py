@@ -227,6 +227,10 @@ def test_cli(tmp_path, capsys):
     assert json.loads(capsys.readouterr().out)["mix_record"] == "none"
     rec = torch.load(tmp_path / "out" / "fkd" / "epoch_1" / "batch_2.tar", weights_only=True)
     assert rec[2:5] == [None, None, None] and len(rec[0]) == 4  # 24 = 10 + 10 + 4
+    assert "warning" not in capsys.readouterr().err
+    # SRe2L's loader finds batches with seed 42 whatever --fkd_seed says: another seed warns.
+    main([str(tmp_path / "run"), str(tmp_path / "out7"), "--batch-size", "10", "--fkd-seed", "7"])
+    assert "--fkd-seed 7" in capsys.readouterr().err
 
 
 # -- bytes ------------------------------------------------------------------------------------
