@@ -51,17 +51,19 @@ def ramp_pixels() -> torch.Tensor:
     return px
 
 
-def make_run(root, fmt="fp16", k=2) -> RunFS:
-    """A run root with finished images (classes not in index order) and LABEL_EPOCHS epochs."""
+def make_run(root, fmt="fp16", k=2, classes=CLASSES, class_of=None) -> RunFS:
+    """A run root with finished images of `classes` classes (`class_of`: the class of each
+    image; default: not in index order) and LABEL_EPOCHS labelled epochs."""
     fs = RunFS(root)
     m, s = torch.tensor(MEAN).view(1, 3, 1, 1), torch.tensor(STD).view(1, 3, 1, 1)
     images = (ramp_pixels() - m) / s
-    classes = (torch.arange(N) * 7) % CLASSES
-    create_images(fs, SYN_IMAGES, N, (3, SIZE, SIZE), N, classes, {"mean": MEAN, "std": STD})
+    if class_of is None:
+        class_of = (torch.arange(N) * 7) % CLASSES
+    create_images(fs, SYN_IMAGES, N, (3, SIZE, SIZE), N, class_of, {"mean": MEAN, "std": STD})
     write_image_batch(fs, SYN_IMAGES, 0, images)
     manifest = Manifest(fs)
     manifest.record(SYN_IMAGES, "synthesis")
-    write_schema(fs, fmt, CLASSES, k)
+    write_schema(fs, fmt, classes, k)
     g = torch.Generator().manual_seed(1)
     for e in range(LABEL_EPOCHS):
         batches = epoch_batches(N, 5, seed=3, epoch=e)
@@ -73,7 +75,7 @@ def make_run(root, fmt="fp16", k=2) -> RunFS:
             torch.cat(batches),
             boxes,
             flips,
-            3 * torch.randn(N, CLASSES, generator=g),
+            3 * torch.randn(N, classes, generator=g),
         )
         write_epoch(fs, labels_epoch(e), lab, fmt, k)
         manifest.record(labels_epoch(e), "labels", epoch=e)

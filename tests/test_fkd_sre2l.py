@@ -30,14 +30,14 @@ import torch
 import torchvision
 from torch.utils.data._utils import fetch as torch_fetch
 
-from d3s_core.augment import apply_crops, draw_crops
-from d3s_core.labelling import EpochLabels, epoch_batches
-from storage.arrays import create_images, write_image_batch
+from d3s_core.augment import apply_crops
 from storage.fkd import export_fkd, fkd_coords
 from storage.fs import RunFS
-from storage.labels import read_epoch, write_epoch, write_schema
-from storage.manifest import Manifest
-from storage.run import SYN_IMAGES, labels_epoch
+from storage.labels import read_epoch
+from storage.run import labels_epoch
+
+from .test_fkd import LABEL_EPOCHS, MEAN, STD, N, ramp_pixels
+from .test_fkd import make_run as fkd_make_run
 
 SRE2L = (
     Path(os.environ.get("SRE2L_DIR", Path(__file__).parent / "third_party" / "sre2l" / "src"))
@@ -55,9 +55,11 @@ pytestmark = pytest.mark.skipif(
     reason=f"SRe2L's code is not at {SRE2L} (tests/third_party/sre2l/README.md)",
 )
 
-# ImageNet-shaped labels: train_FKD.py builds its student by name with 1000 outputs
-N, CLASSES, SIZE, LABEL_EPOCHS, FKD_EPOCHS, BATCH = 24, 1000, 32, 2, 3, 10
-MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)  # train_FKD.py's normalisation
+# The run as tests/test_fkd.py builds it (N images of SIZE px, LABEL_EPOCHS epochs, ImageNet's
+# mean/std as train_FKD.py normalises), with ImageNet's 1000 classes: train_FKD.py's student
+# has 1000 outputs.
+
+CLASSES, FKD_EPOCHS, BATCH = 1000, 3, 10
 MODEL = "d3s_tiny_student"  # put among torchvision.models for train_FKD.py to build by name
 
 
@@ -74,17 +76,6 @@ def tiny_student(pretrained=False):
     )
 
 
-def ramp_pixels() -> torch.Tensor:
-    """(N, 3, S, S) in [0, 1]: red rises left to right, green top to bottom, blue is
-    10 * i / 255, so every crop of image i names i."""
-    ramp = torch.round(torch.arange(SIZE) * 255 / (SIZE - 1)) / 255
-    px = torch.empty(N, 3, SIZE, SIZE)
-    px[:, 0] = ramp.view(1, 1, SIZE)
-    px[:, 1] = ramp.view(1, SIZE, 1)
-    px[:, 2] = (10 * torch.arange(N) / 255).view(N, 1, 1)
-    return px
-
-
 def classes_of() -> torch.Tensor:
     """12 of the 1000 classes, 2 images each, not in index order (ImageFolder's order is not
     ours)."""
@@ -92,31 +83,8 @@ def classes_of() -> torch.Tensor:
 
 
 def make_run(root, fmt: str) -> RunFS:
-    """A finished run: N images, LABEL_EPOCHS labelled epochs (as tests/test_fkd.py builds one,
-    with 1000 classes)."""
-    fs = RunFS(root)
-    m, s = torch.tensor(MEAN).view(1, 3, 1, 1), torch.tensor(STD).view(1, 3, 1, 1)
-    create_images(fs, SYN_IMAGES, N, (3, SIZE, SIZE), N, classes_of(), {"mean": MEAN, "std": STD})
-    write_image_batch(fs, SYN_IMAGES, 0, (ramp_pixels() - m) / s)
-    manifest = Manifest(fs)
-    manifest.record(SYN_IMAGES, "synthesis")
-    write_schema(fs, fmt, CLASSES, 5)
-    g = torch.Generator().manual_seed(1)
-    for e in range(LABEL_EPOCHS):
-        batches = epoch_batches(N, 5, seed=3, epoch=e)
-        boxes, flips = draw_crops(N, g)
-        lab = EpochLabels(
-            e,
-            torch.cat([torch.full((len(b),), i) for i, b in enumerate(batches)]),
-            torch.cat([torch.arange(len(b)) for b in batches]),
-            torch.cat(batches),
-            boxes,
-            flips,
-            3 * torch.randn(N, CLASSES, generator=g),
-        )
-        write_epoch(fs, labels_epoch(e), lab, fmt, 5)
-        manifest.record(labels_epoch(e), "labels", epoch=e)
-    return fs
+    """A finished run: N images of 12 of the 1000 classes, LABEL_EPOCHS labelled epochs."""
+    return fkd_make_run(root, fmt, k=5, classes=CLASSES, class_of=classes_of())
 
 
 # -- SRe2L's code, with the shims -------------------------------------------------------------
