@@ -95,12 +95,16 @@ def seed_run(
         out["synthesis"] = copy_artifacts(images_from, dst, SYN_IMAGES, extra=("synthesis",))
     if labels_from is not None:
         have = Manifest(labels_from).entries()
+        mine = Manifest(dst).entries()
         # Only epochs this code would write: one from an older label schema (e.g. v1's
-        # unquantised boxes) is labelled again rather than mixed into a newer run.
+        # unquantised boxes) is labelled again rather than mixed into a newer run. An epoch
+        # the run already has is its own and kept (it may come from another source, or from
+        # older code, when the study grew since).
         keys = [
             labels_epoch(e)
             for e in range(label_epochs)
             if labels_epoch(e) in have
+            and labels_epoch(e) not in mine
             and epoch_schema_version(labels_from, labels_epoch(e)) == LABELS_SCHEMA_VERSION
         ]
         if keys:

@@ -72,3 +72,12 @@ def test_label_epochs_of_an_older_schema_are_not_shared(tmp_path):
     seeded = seed_run(dst, src, stats=False, labels_from=src, label_epochs=2)
     assert seeded["labels"] == [labels_epoch(0)]
     assert not dst.exists(labels_epoch(1))  # the labels stage writes it again
+    # An epoch the run already has (here: another labelling of epoch 1, as when a study grew
+    # and the source of its label epochs changed) is its own and kept.
+    write_epoch(dst, labels_epoch(1), epoch(n=5), "fp16")
+    Manifest(dst).record(labels_epoch(1), "labels")
+    own = dst.read_bytes(labels_epoch(1))
+    write_epoch(src, labels_epoch(1), epoch(), "fp16")  # the source now has a v2 epoch 1
+    Manifest(src).record(labels_epoch(1), "labels")
+    assert "labels" not in seed_run(dst, src, stats=False, labels_from=src, label_epochs=2)
+    assert dst.read_bytes(labels_epoch(1)) == own
