@@ -51,6 +51,7 @@ def collect(fs: RunFS, plan: StudyPlan) -> dict[str, Any]:
                 "top1": s["top1"],
                 "mean": s["mean"],
                 "std": s["std"],
+                "own_images": c.images_from is None,
                 "kl_to_data": None if match is None else match["kl"],
                 "teacher_top1": None if match is None else match["top1"],
                 "teacher_confidence": None if match is None else match["confidence"],
@@ -148,8 +149,8 @@ def fig4_png(sweeps: dict[str, list[dict[str, Any]]]) -> bytes:
 def match_png(rows: list[dict[str, Any]], reference: str) -> bytes | None:
     """Students' top-1 against how far each image set's feature Gaussians are from the full
     data's (Eq. 1 of the whole set, mean over teachers; log scale), one point per variant with
-    its own images."""
-    pts = [r for r in rows if r["kl_to_data"] is not None]
+    its own images (variants that only relabel another's images are left out)."""
+    pts = [r for r in rows if r["kl_to_data"] is not None and r["own_images"]]
     if not pts:
         return None
     fig = Figure(figsize=(7, 4.5), dpi=100)
