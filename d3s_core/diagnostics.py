@@ -11,6 +11,7 @@ images is not 0, and a distilled set above it has not reached what real images g
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -24,39 +25,49 @@ from .synthesis import MeasuredTeacher
 class SetMatch:
     """kl: (L,) float64, Eq. 1 per measured layer of the whole set against the targets;
     top1: fraction of images the teacher assigns to their class; confidence: mean softmax
-    probability of that class."""
+    probability of that class; images: how many were measured."""
 
     kl: torch.Tensor
     top1: float
     confidence: float
+    images: int
 
 
 @torch.no_grad()
 def set_match(
-    teacher: MeasuredTeacher,
-    images: torch.Tensor,
-    classes: torch.Tensor,
-    chunk: int = 256,
+    teachers: Sequence[MeasuredTeacher],
+    chunks: Iterable[tuple[torch.Tensor, torch.Tensor]],
     ridge: float | None = None,
-) -> SetMatch:
-    """Match of `images` (N, C, H, W), normalised space, with their `classes` (N,) to one
-    teacher's full-dataset Gaussians. `chunk` images go through the teacher at a time; the
-    layer statistics of the chunks are merged exactly (float64), so the result does not depend
-    on it. `ridge`: as in the synthesis loss (default: each target's own)."""
-    if len(images) != len(classes):
-        raise ValueError(f"{len(images)} images but {len(classes)} classes")
-    if len(images) == 0:
+) -> list[SetMatch]:
+    """Match of an image set with each teacher's full-dataset Gaussians, one pass over the set.
+
+    chunks: (images (B, C, H, W) in normalised space, classes (B,)) pieces of the set, on the
+    teachers' device; the layer statistics of the pieces are merged exactly (float64), so the
+    result does not depend on how the set is cut. `ridge`: as in the synthesis loss (default:
+    each target's own). Returns one SetMatch per teacher."""
+    stats: list[list[SuffStats] | None] = [None] * len(teachers)
+    hits = [0.0] * len(teachers)
+    conf = [0.0] * len(teachers)
+    n = 0
+    for x, y in chunks:
+        if len(x) != len(y):
+            raise ValueError(f"a chunk of {len(x)} images with {len(y)} classes")
+        n += len(x)
+        for m, teacher in enumerate(teachers):
+            logits, acts = teacher(x)
+            part = [SuffStats.from_batch(a, "float64") for a in acts]
+            prev = stats[m]
+            stats[m] = (
+                part if prev is None else [s.merge(p) for s, p in zip(prev, part, strict=True)]
+            )
+            yy = y.to(logits.device).long()
+            hits[m] += float((logits.argmax(1) == yy).sum())
+            conf[m] += float(logits.double().softmax(1).gather(1, yy[:, None]).sum())
+    if n == 0:
         raise ValueError("no images to measure")
-    stats: list[SuffStats] | None = None
-    hits, conf = 0.0, 0.0
-    for x, y in zip(images.split(chunk), classes.split(chunk), strict=True):
-        logits, acts = teacher(x)
-        part = [SuffStats.from_batch(a, "float64") for a in acts]
-        stats = part if stats is None else [s.merge(p) for s, p in zip(stats, part, strict=True)]
-        y = y.to(logits.device).long()
-        hits += float((logits.argmax(1) == y).sum())
-        conf += float(logits.double().softmax(1).gather(1, y[:, None]).sum())
-    assert stats is not None
-    mean_cov = [s.mean_cov() for s in stats]
-    kl = kl_layers([m for m, _ in mean_cov], [c for _, c in mean_cov], teacher.targets, ridge)
-    return SetMatch(kl.cpu(), hits / len(images), conf / len(images))
+    out = []
+    for m, teacher in enumerate(teachers):
+        mean_cov = [s.mean_cov() for s in stats[m]]  # type: ignore[union-attr]
+        kl = kl_layers([u for u, _ in mean_cov], [c for _, c in mean_cov], teacher.targets, ridge)
+        out.append(SetMatch(kl.cpu(), hits[m] / n, conf[m] / n, n))
+    return out

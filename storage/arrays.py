@@ -9,6 +9,7 @@ after the chunk (see storage/run.py: syn_commit).
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -89,6 +90,21 @@ def create_images(
 def write_image_batch(fs: RunFS, rel: str, start: int, images: torch.Tensor) -> None:
     g = _open_group(fs, rel, "a")
     g["images"][start : start + len(images)] = images.detach().cpu().numpy()  # type: ignore[index]
+
+
+def image_chunks(
+    fs: RunFS, rel: str, chunk: int = 256
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """(images, classes) `chunk` rows at a time: a whole ImageNet-scale set (IPC 50 at 224 px
+    is 30 GB) never sits in memory at once."""
+    g = _open_group(fs, rel, "r")
+    images, classes = g["images"], g["classes"]
+    for start in range(0, images.shape[0], chunk):  # type: ignore[union-attr]
+        stop = start + chunk
+        yield (
+            torch.from_numpy(np.asarray(images[start:stop])),  # type: ignore[index]
+            torch.from_numpy(np.asarray(classes[start:stop])),  # type: ignore[index]
+        )
 
 
 def read_images(fs: RunFS, rel: str) -> tuple[torch.Tensor, torch.Tensor]:

@@ -115,13 +115,17 @@ def write_schema(fs: RunFS, fmt: LabelFormat, classes: int, k: int, prefix: str 
     fs.write_bytes(f"{prefix}labels/_schema.json", json.dumps(doc, indent=1).encode())
 
 
+def _schema_version(meta: dict[bytes, bytes]) -> int:
+    return int(meta.get(b"d3s_labels_schema", b"1"))  # v1 files may predate the key
+
+
 def epoch_schema_version(fs: RunFS, rel: str) -> int:
     """The label schema version an epoch file was written with (its footer only)."""
     try:
         meta = pq.read_schema(fs.path(rel), filesystem=fs.fs).metadata or {}
     except (pa.ArrowInvalid, OSError) as e:
         raise CorruptArtifact(f"{fs.url(rel)}: unreadable Parquet file ({e})") from e
-    return int(meta.get(b"d3s_labels_schema", b"1"))
+    return _schema_version(meta)
 
 
 def read_epoch(fs: RunFS, rel: str, epoch: int) -> EpochLabels:
@@ -133,7 +137,7 @@ def read_epoch(fs: RunFS, rel: str, epoch: int) -> EpochLabels:
     except (pa.ArrowInvalid, OSError) as e:
         raise CorruptArtifact(f"{fs.url(rel)}: unreadable Parquet file ({e})") from e
     meta = table.schema.metadata or {}
-    version = int(meta.get(b"d3s_labels_schema", b"1"))
+    version = _schema_version(meta)
     if version > LABELS_SCHEMA_VERSION:
         raise ValueError(
             f"{fs.url(rel)}: label schema version {version}, newer than this code's "

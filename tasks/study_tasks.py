@@ -9,7 +9,6 @@ from prefect import task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.logging import get_run_logger
 
-from storage.arrays import read_images
 from storage.fs import RunFS
 from storage.manifest import Manifest
 from storage.run import BASELINE, attach_run, images_of, open_run
@@ -20,7 +19,6 @@ from tasks.report import inline_images
 from .credentials import storage_options
 from .retry import retry_on_transient_io
 from .stages.match import match_images
-from .stages.synthesis import images_sha256
 from .study_report import STUDY_MD, write_study_report
 
 
@@ -77,12 +75,10 @@ def _match(root: str, config: dict[str, Any]) -> list[str]:
             continue  # the same images as an earlier cell
         cell_fs = RunFS(at(root, c.root), **options)
         rel = images_of(BASELINE if c.kind == "random-real" else "")
-        Manifest(cell_fs).verify(rel)
-        images, classes = read_images(cell_fs, rel)
         known = read_match(fs, c.name)
-        if known is not None and known["images_sha256"] == images_sha256(images):
+        if known is not None and known["images_sha256"] == Manifest(cell_fs).checksum(rel):
             continue
-        write_match(fs, c.name, match_images(shared, images, classes))
+        write_match(fs, c.name, match_images(shared, cell_fs, rel))
         measured.append(c.name)
     get_run_logger().info("distribution match measured for %d cell(s)", len(measured))
     return measured

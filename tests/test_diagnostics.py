@@ -1,12 +1,15 @@
 """The distribution-match diagnostic (d3s_core/diagnostics.py) against float64 numpy.cov and
-torch.distributions, and its invariants."""
+torch.distributions, and its invariants; the chunked reader it runs on (storage/arrays.py)."""
 
 import numpy as np
+import pytest
 import torch
 from torch.distributions import MultivariateNormal, kl_divergence
 
 from d3s_core.diagnostics import set_match
 from d3s_core.stats import as_samples
+from storage.arrays import create_images, image_chunks, write_image_batch
+from storage.fs import RunFS
 
 from .test_synthesis import measured
 
@@ -16,10 +19,15 @@ def _images(n, seed):
     return torch.rand(n, 3, 12, 12, generator=g) * 2 - 1
 
 
+def _chunks(x, y, size):
+    return zip(x.split(size), y.split(size), strict=True)
+
+
 def test_set_match_equals_an_independent_computation():
     teacher = measured(0)
     x, y = _images(10, 5), torch.arange(10) % 4
-    r = set_match(teacher, x, y, chunk=3)
+    (r,) = set_match([teacher], _chunks(x, y, 3))
+    assert r.images == 10
     with torch.no_grad():
         logits, acts = teacher(x)
     for layer, (a, t) in enumerate(zip(acts, teacher.targets, strict=True)):
@@ -39,13 +47,33 @@ def test_set_match_equals_an_independent_computation():
 
 
 def test_set_match_does_not_depend_on_chunking_and_sees_a_shift():
-    teacher = measured(1)
+    teachers = [measured(1), measured(2)]
     x, y = _images(24, 6), torch.arange(24) % 4
-    whole = set_match(teacher, x, y, chunk=256)
-    pieces = set_match(teacher, x, y, chunk=5)
-    torch.testing.assert_close(whole.kl, pieces.kl, rtol=1e-9, atol=1e-9)
-    assert (whole.top1, whole.confidence) == (pieces.top1, pieces.confidence)
+    whole = set_match(teachers, _chunks(x, y, 256))
+    pieces = set_match(teachers, _chunks(x, y, 5))
+    for a, b in zip(whole, pieces, strict=True):
+        torch.testing.assert_close(a.kl, b.kl, rtol=1e-9, atol=1e-9)
+        assert (a.top1, a.confidence, a.images) == (b.top1, b.confidence, b.images)
+    # One teacher alone gives what it gives beside another (one pass serves every teacher).
+    (alone,) = set_match(teachers[1:], _chunks(x, y, 7))
+    torch.testing.assert_close(alone.kl, whole[1].kl, rtol=1e-9, atol=1e-9)
     # The targets were measured on U(-1, 1) images: a set from that distribution matches them
     # far better than the same set shifted.
-    shifted = set_match(teacher, x + 0.8, y)
-    assert float(shifted.kl.sum()) > 2 * float(whole.kl.sum())
+    (shifted,) = set_match(teachers[:1], _chunks(x + 0.8, y, 256))
+    assert float(shifted.kl.sum()) > 2 * float(whole[0].kl.sum())
+
+
+def test_set_match_refuses_an_empty_set():
+    with pytest.raises(ValueError, match="no images"):
+        set_match([measured(0)], iter([]))
+
+
+def test_image_chunks_stream_the_whole_set(tmp_path):
+    fs = RunFS(tmp_path)
+    x, y = _images(23, 7), torch.arange(23) % 4
+    create_images(fs, "images.zarr", 23, (3, 12, 12), 10, y, {})
+    write_image_batch(fs, "images.zarr", 0, x)
+    parts = list(image_chunks(fs, "images.zarr", chunk=8))
+    assert [len(p[0]) for p in parts] == [8, 8, 7]
+    assert torch.equal(torch.cat([p[0] for p in parts]), x)
+    assert torch.equal(torch.cat([p[1] for p in parts]), y)
