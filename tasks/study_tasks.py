@@ -10,7 +10,6 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.logging import get_run_logger
 
 from storage.fs import RunFS
-from storage.manifest import Manifest
 from storage.run import BASELINE, attach_run, images_of, open_run
 from storage.share import seed_run
 from storage.study import SHARED, StudySpec, plan_study, read_match, write_match
@@ -18,7 +17,7 @@ from tasks.report import inline_images
 
 from .credentials import storage_options
 from .retry import retry_on_transient_io
-from .stages.match import match_images
+from .stages.match import match_unless_known
 from .study_report import STUDY_MD, write_study_report
 
 
@@ -76,10 +75,10 @@ def _match(root: str, config: dict[str, Any]) -> list[str]:
         cell_fs = RunFS(at(root, c.root), **options)
         rel = images_of(BASELINE if c.kind == "random-real" else "")
         known = read_match(fs, c.name)
-        if known is not None and known["images_sha256"] == Manifest(cell_fs).checksum(rel):
-            continue
-        write_match(fs, c.name, match_images(shared, cell_fs, rel))
-        measured.append(c.name)
+        result = match_unless_known(shared, cell_fs, rel, known)
+        if result is not known:
+            write_match(fs, c.name, result)
+            measured.append(c.name)
     get_run_logger().info("distribution match measured for %d cell(s)", len(measured))
     return measured
 
