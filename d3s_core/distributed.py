@@ -21,7 +21,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from .stats import as_samples, moments_grad
+from .stats import as_samples, at_least_float32, moments_grad
 
 
 @dataclass(frozen=True)
@@ -170,7 +170,7 @@ def moments_across(
         return []
     device = xs[0].device
     with torch.autocast(device.type, enabled=False):
-        xs = [x if x.dtype == torch.float64 else x.float() for x in xs]
+        xs = [at_least_float32(x) for x in xs]
         out = _MomentsAcross.apply(world.group, *xs)
     return [(out[2 * i], out[2 * i + 1]) for i in range(len(xs))]
 
@@ -179,8 +179,8 @@ def label_loss_across(logits: torch.Tensor, labels: torch.Tensor, world: World) 
     """Eq. 1's cross-entropy averaged over the whole batch: this rank's sum, summed over ranks,
     over the global batch size (not the mean of per-rank means, which weights uneven shards
     wrongly). logits: (B_r, classes); labels: (B_r,)."""
-    local = F.cross_entropy(logits.float(), labels, reduction="sum")
-    count = torch.tensor(float(len(labels)), device=local.device)
+    local = F.cross_entropy(at_least_float32(logits), labels, reduction="sum")
+    count = torch.tensor(float(len(labels)), device=local.device, dtype=local.dtype)
     total = sum_across(torch.stack([local, count]), world)
     return total[0] / total[1]
 

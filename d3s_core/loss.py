@@ -19,6 +19,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from .stats import at_least_float32
+
 DEFAULT_RIDGE = 1e-4
 
 
@@ -180,5 +182,6 @@ def moment_matching_layers(
 
 
 def label_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """The label-alignment term of Eq. 1: cross-entropy against the fixed one-hot targets."""
-    return F.cross_entropy(logits.float(), labels)
+    """The label-alignment term of Eq. 1: cross-entropy against the fixed one-hot targets
+    (float32; float64 logits stay float64)."""
+    return F.cross_entropy(at_least_float32(logits), labels)

@@ -161,12 +161,18 @@ def moments_grad(
     return g
 
 
+def at_least_float32(x: torch.Tensor) -> torch.Tensor:
+    """x in float32, unless it is float64 (a float64 run stays float64)."""
+    return x if x.dtype == torch.float64 else x.float()
+
+
 def batch_moments(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Differentiable mean (C,) and population covariance (C, C) of an activation batch
-    x: (B, C, H, W) or (N, C), in float32 with autocast off (statistics never in bf16/fp16).
+    x: (B, C, H, W) or (N, C), in float32 (float64 stays float64) with autocast off
+    (statistics never in bf16/fp16).
 
     The second moment is formed uncentred, X^T X / n - mu mu^T, in one GEMM: no centred copy
     of the activation is kept for backward.
     """
     with torch.autocast(x.device.type, enabled=False):
-        return _Moments.apply(x.float())
+        return _Moments.apply(at_least_float32(x))

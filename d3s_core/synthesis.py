@@ -34,9 +34,11 @@ from .loss import (
 )
 from .models import freeze
 from .precision import AutocastMode, CompiledForward, network_autocast, to_channels_last
-from .stats import batch_moments
+from .stats import at_least_float32, batch_moments
 
 LossKind = Literal["kl", "kl_diag", "bn", "bn_full"]
+SynthesisDtype = Literal["float32", "float64"]
+DTYPES = {"float32": torch.float32, "float64": torch.float64}
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
@@ -55,6 +57,11 @@ class SynthesisConfig:
     float32/float64, images and Adam state stay float32. channels_last: teachers' weights and
     inputs in NHWC (the images in the state stay NCHW). compile: torch.compile of the teachers'
     forward (slow first iteration; an error, not a fallback, where it cannot compile).
+
+    dtype: "float32" (the paper's) or "float64": images, Adam state, the teachers' forward, the
+    moments and the cross-entropy in float64. float64 runs are exact to rounding whatever the
+    number of ranks or threads, so tests can compare trajectories; slow, and on consumer GPUs
+    very slow. It excludes autocast.
     """
 
     iterations: int = 1000
@@ -74,6 +81,17 @@ class SynthesisConfig:
     autocast: AutocastMode = "off"
     channels_last: bool = False
     compile: bool = False
+    dtype: SynthesisDtype = "float32"
+
+    def __post_init__(self) -> None:
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype: {self.dtype!r} is not one of {list(DTYPES)}")
+        if self.dtype == "float64" and self.autocast != "off":
+            raise ValueError(f"dtype 'float64' excludes autocast {self.autocast!r}")
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return DTYPES[self.dtype]
 
 
 class MeasuredTeacher:
@@ -94,17 +112,29 @@ class MeasuredTeacher:
         self._nhwc_weights = False
         self._compiled: CompiledForward | None = None
         self._use_compiled = False
+        self.dtype = torch.float32
 
     @property
     def channels(self) -> list[int]:
         return [t.dim for t in self.targets]
 
-    def configure(self, channels_last: bool = False, compile: bool = False) -> MeasuredTeacher:
+    def configure(
+        self,
+        channels_last: bool = False,
+        compile: bool = False,
+        dtype: torch.dtype = torch.float32,
+    ) -> MeasuredTeacher:
         """Inputs (and, once, the weights) in channels_last; the compiled forward, built on
-        first request and kept. False leaves the model as it was given. Checks the weights are
-        still frozen: the gradient is for the images only, none is computed or kept for them."""
+        first request and kept; the weights in `dtype` (float32 -> float64 is exact, and back).
+        False leaves the model as it was given. Checks the weights are still frozen: the
+        gradient is for the images only, none is computed or kept for them."""
         if any(p.requires_grad for p in self.model.parameters()):
             raise ValueError("teacher weights require grad; synthesis needs a frozen teacher")
+        if dtype != self.dtype:
+            if self._compiled is not None:
+                raise ValueError("a compiled teacher cannot change its dtype")
+            self.model.to(dtype)
+            self.dtype = dtype
         if channels_last and not self._nhwc_weights:
             to_channels_last(self.model)
             self._nhwc_weights = True
@@ -117,8 +147,9 @@ class MeasuredTeacher:
     def __call__(
         self, x: torch.Tensor, autocast: AutocastMode = "off"
     ) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        """logits (N, classes) float32 and the measured activations, one (N, C_l, H_l, W_l) per
-        layer (bfloat16 under autocast "bf16": the moments cast them to float32)."""
+        """logits (N, classes) float32 (float64 for a float64 teacher) and the measured
+        activations, one (N, C_l, H_l, W_l) per layer (bfloat16 under autocast "bf16": the
+        moments cast them to float32)."""
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         self.hooks.clear()
@@ -126,7 +157,7 @@ class MeasuredTeacher:
         forward = compiled if compiled is not None else self.model
         with network_autocast(x.device.type, autocast):
             logits = forward(x)
-        return logits.float(), self.hooks.outputs
+        return at_least_float32(logits), self.hooks.outputs
 
     @torch.no_grad()
     def batch_stats(
@@ -145,7 +176,8 @@ class SynthesisState:
     """Everything one batch's optimisation needs to continue exactly where it stopped.
 
     batch_index: b, 1-indexed over the distilled set; iteration: steps done (0..K);
-    images/exp_avg/exp_avg_sq: (B, C, H, W) float32, images in normalised space;
+    images/exp_avg/exp_avg_sq: (B, C, H, W) float32 (float64 in a float64 run), images in
+    normalised space;
     labels: (B,) int64 classes; rng_state: CPU torch.Generator state (uint8).
     On a rank of a data-parallel run, images/exp_avg/exp_avg_sq are rows `world.rows(B)` only
     (`shard_state`, `gather_state`); labels and rng_state are the whole batch's.
@@ -173,15 +205,17 @@ class SynthesisState:
 
     @staticmethod
     def from_tensors(
-        t: dict[str, torch.Tensor], device: torch.device | str = "cpu"
+        t: dict[str, torch.Tensor],
+        device: torch.device | str = "cpu",
+        dtype: torch.dtype = torch.float32,
     ) -> SynthesisState:
         return SynthesisState(
             batch_index=int(t["batch_index"]),
             iteration=int(t["iteration"]),
-            images=t["images"].to(device, torch.float32).contiguous(),
+            images=t["images"].to(device, dtype).contiguous(),
             labels=t["labels"].to(device, torch.int64),
-            exp_avg=t["exp_avg"].to(device, torch.float32).contiguous(),
-            exp_avg_sq=t["exp_avg_sq"].to(device, torch.float32).contiguous(),
+            exp_avg=t["exp_avg"].to(device, dtype).contiguous(),
+            exp_avg_sq=t["exp_avg_sq"].to(device, dtype).contiguous(),
             rng_state=t["rng_state"].to("cpu", torch.uint8),
         )
 
@@ -194,10 +228,12 @@ def init_state(
     init_images: torch.Tensor | None = None,
     device: torch.device | str = "cpu",
     world: World | None = None,
+    dtype: torch.dtype = torch.float32,
 ) -> SynthesisState:
     """Start batch b: images from N(0, 1) in normalised space (SRe2L's init), or copies of
     `init_images` (B, C, H, W) (real-image initialisation). With `world`, the whole batch is
-    drawn and this rank keeps its rows."""
+    drawn and this rank keeps its rows. The draw is float32 whatever `dtype` (the images are
+    then cast), so float32 and float64 runs start from the same images."""
     g = torch.Generator().manual_seed(seed)
     shape = (len(labels), *image_shape)
     if init_images is None:
@@ -208,7 +244,7 @@ def init_state(
         images = init_images.detach().float().clone()
     if world is not None:
         images = images[world.rows(len(labels))].clone()
-    images = images.to(device)
+    images = images.to(device, dtype)
     return SynthesisState(
         batch_index=batch_index,
         iteration=0,
@@ -335,13 +371,17 @@ def run_iterations(
         raise ValueError(
             f"state holds {state.images.shape[0]} images for {len(labels)} labels of this rank"
         )
+    if state.images.dtype != cfg.torch_dtype:
+        raise ValueError(f"state images are {state.images.dtype}, the config's dtype {cfg.dtype}")
     for t in teachers:
-        t.configure(cfg.channels_last, cfg.compile)
+        t.configure(cfg.channels_last, cfg.compile, cfg.torch_dtype)
     g = torch.Generator().manual_seed(0)
     g.set_state(state.rng_state)
     fixed = teacher_for_batch(state.batch_index, len(teachers), cfg.teacher_choice)
     w = isu_weight(cfg.isu, state.batch_index, running.images_done, len(state.labels))
-    lo, hi = (b.to(state.images.device) for b in pixel_bounds(cfg.mean, cfg.std))
+    lo, hi = (
+        b.to(state.images.device, state.images.dtype) for b in pixel_bounds(cfg.mean, cfg.std)
+    )
     history: list[StepMetrics] = []
     for it in range(state.iteration, until):
         m = fixed if fixed is not None else int(torch.randint(len(teachers), (1,), generator=g))
@@ -397,7 +437,9 @@ def finish_batch(
             f"{cfg.iterations}; finish it first"
         )
     stats = [
-        t.configure(cfg.channels_last, cfg.compile).batch_stats(state.images, world, cfg.autocast)
+        t.configure(cfg.channels_last, cfg.compile, cfg.torch_dtype).batch_stats(
+            state.images, world, cfg.autocast
+        )
         for t in teachers
     ]
     return running.updated(stats, len(state.labels), cfg.isu)

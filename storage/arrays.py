@@ -89,7 +89,7 @@ def create_images(
 
 def write_image_batch(fs: RunFS, rel: str, start: int, images: torch.Tensor) -> None:
     g = _open_group(fs, rel, "a")
-    g["images"][start : start + len(images)] = images.detach().cpu().numpy()  # type: ignore[index]
+    g["images"][start : start + len(images)] = images.detach().cpu().float().numpy()  # type: ignore[index]
 
 
 def image_chunks(

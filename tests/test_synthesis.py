@@ -44,9 +44,9 @@ def teachers():
 CFG = SynthesisConfig(iterations=12, lr=0.1, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
 
 
-def fresh_state(b=1, n=6):
+def fresh_state(b=1, n=6, dtype=torch.float32):
     labels = torch.arange(n) % 4
-    return init_state(b, labels, (3, SIZE, SIZE), seed=7)
+    return init_state(b, labels, (3, SIZE, SIZE), seed=7, dtype=dtype)
 
 
 def running_for(teachers):
@@ -156,3 +156,17 @@ def test_identity_box_and_flip_are_exact():
     assert torch.allclose(
         half[..., 1::2][..., :3], 0.75 * x[..., :3] + 0.25 * x[..., 1:4], atol=1e-5
     )
+
+
+def test_float64_dtype_is_checked():
+    with pytest.raises(ValueError, match="excludes autocast"):
+        SynthesisConfig(dtype="float64", autocast="bf16")
+    with pytest.raises(ValueError, match="dtype"):
+        SynthesisConfig(dtype="float16")  # type: ignore[arg-type]
+    teacher = measured(0)
+    with pytest.raises(ValueError, match="config's dtype"):  # a float32 state, a float64 run
+        run_iterations(fresh_state(), [teacher], running_for([teacher]), replace64(CFG))
+
+
+def replace64(cfg):
+    return dataclasses.replace(cfg, dtype="float64")

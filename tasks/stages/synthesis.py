@@ -131,7 +131,7 @@ def synthesize(run: Run, progress: Progress = no_progress, world: World | None =
         if has_state(run.fs, SYN_CHECKPOINT):
             saved, saved_meta = load_state(run.fs, SYN_CHECKPOINT)
             if int(saved["batch_index"]) == b:
-                state = SynthesisState.from_tensors(saved, cfg.device)
+                state = SynthesisState.from_tensors(saved, cfg.device, scfg.torch_dtype)
                 if world is not None:
                     state = shard_state(state, world)
                 curve = list(saved_meta.get("losses", []))[: state.iteration]
@@ -145,6 +145,7 @@ def synthesize(run: Run, progress: Progress = no_progress, world: World | None =
                 _init_images(run, train, labels, b),
                 cfg.device,
                 world,
+                scfg.torch_dtype,
             )
         history = []
         while state.iteration < k:
