@@ -181,7 +181,7 @@ def synthesis_sides(
 
         def step() -> torch.Tensor:
             x = images.detach().requires_grad_(True)
-            loss, _, _ = synthesis_loss(
+            loss, _, _, _ = synthesis_loss(
                 teacher, x, labels, running.means[0], running.covs[0], 1.0, cfg
             )
             return torch.autograd.grad(loss, x)[0]

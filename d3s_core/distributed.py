@@ -21,6 +21,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from .precision import autocast_off
 from .stats import as_samples, at_least_float32, moments_grad
 
 
@@ -110,7 +111,9 @@ class _MomentsAcross(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, group: Any, *xs: torch.Tensor) -> tuple[torch.Tensor, ...]:  # type: ignore[override]
+    def forward(
+        ctx, group: Any, total_rows: int | None, *xs: torch.Tensor
+    ) -> tuple[torch.Tensor, ...]:  # type: ignore[override]
         parts = []
         for x in xs:
             mean, centred = _centred_samples(x)
@@ -137,7 +140,10 @@ class _MomentsAcross(torch.autograd.Function):
             cov = second - torch.outer(mean, mean)
             means.append(mean.to(x.dtype))
             out += [means[-1], (0.5 * (cov + cov.T)).to(x.dtype)]
-        counts = [int(v) for v in buf[starts].tolist()]  # one device sync for all layers
+        if total_rows is not None:  # samples per row times rows: no device sync
+            counts = [total_rows * (x[0].numel() // x.shape[1]) for x in xs]
+        else:
+            counts = [int(v) for v in buf[starts].tolist()]  # one device sync for all layers
         ctx.save_for_backward(*xs, *means)
         ctx.counts = counts
         return tuple(out)
@@ -149,15 +155,15 @@ class _MomentsAcross(torch.autograd.Function):
         dxs: list[torch.Tensor | None] = []
         for i in range(k):
             dmean, dcov = grads[2 * i], grads[2 * i + 1]
-            if not ctx.needs_input_grad[1 + i] or (dmean is None and dcov is None):
+            if not ctx.needs_input_grad[2 + i] or (dmean is None and dcov is None):
                 dxs.append(None)
                 continue
             dxs.append(moments_grad(saved[i], saved[k + i], ctx.counts[i], dmean, dcov))
-        return (None, *dxs)
+        return (None, None, *dxs)
 
 
 def moments_across(
-    xs: Sequence[torch.Tensor], world: World
+    xs: Sequence[torch.Tensor], world: World, total_rows: int | None = None
 ) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """Differentiable (mean (C,), population covariance (C, C)) of each activation over the
     whole batch, this rank holding rows `world.rows(B)` of it.
@@ -165,13 +171,15 @@ def moments_across(
     xs: one (B_r, C, H, W) or (N_r, C) activation per layer. float64 stays float64; anything
     else is computed in float32 with autocast off, like `batch_moments`. One all-reduce for all
     layers. The gradient to each rank's rows equals the single-process gradient for them.
+    total_rows: the whole batch's rows (B over all ranks), if known: the sample counts then
+    need no host-device sync.
     """
     if not xs:
         return []
     device = xs[0].device
-    with torch.autocast(device.type, enabled=False):
+    with autocast_off(device.type):
         xs = [at_least_float32(x) for x in xs]
-        out = _MomentsAcross.apply(world.group, *xs)
+        out = _MomentsAcross.apply(world.group, total_rows, *xs)
     return [(out[2 * i], out[2 * i + 1]) for i in range(len(xs))]
 
 

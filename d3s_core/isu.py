@@ -85,6 +85,23 @@ class RunningStats:
             [[torch.zeros(c, c, dtype=f64, device=device) for c in ch] for ch in channels],
         )
 
+    def to(self, device: torch.device | str) -> RunningStats:
+        """The same statistics on `device` (they meet the batch statistics there)."""
+        return RunningStats(
+            [[t.to(device) for t in ts] for ts in self.means],
+            [[t.to(device) for t in ts] for ts in self.covs],
+            self.batches_done,
+            self.images_done,
+        )
+
+    @property
+    def device(self) -> torch.device | None:
+        """Where the statistics live (None without any)."""
+        for ts in self.means:
+            for t in ts:
+                return t.device
+        return None
+
     def updated(
         self,
         batch_stats: list[list[tuple[torch.Tensor, torch.Tensor]]],

@@ -96,40 +96,106 @@ def gaussian_kl(
     return kl_layers([mean_s], [cov_s], [target], ridge)[0]
 
 
+@dataclass(frozen=True)
+class TargetGroup:
+    """Targets of equal width stacked once for the batched Cholesky/solve of `kl_layers`.
+
+    index: positions of the layers in the layer list; chol (G, C, C), mean (G, C), logdet (G,).
+    """
+
+    index: tuple[int, ...]
+    chol: torch.Tensor
+    mean: torch.Tensor
+    logdet: torch.Tensor
+    ridge: float
+
+    @property
+    def dim(self) -> int:
+        return self.mean.shape[-1]
+
+
+def stack_targets(targets: Sequence[GaussianTarget]) -> list[TargetGroup]:
+    """Group layers by width and stack their cached factors (done once per teacher, not per
+    step). Layers whose targets needed different ridges are grouped apart."""
+    groups: dict[tuple[int, float], list[int]] = {}
+    for i, t in enumerate(targets):
+        groups.setdefault((t.dim, t.ridge), []).append(i)
+    return [
+        TargetGroup(
+            tuple(idx),
+            torch.stack([targets[i].chol for i in idx]),
+            torch.stack([targets[i].mean for i in idx]),
+            torch.stack([targets[i].logdet for i in idx]),
+            ridge,
+        )
+        for (_, ridge), idx in groups.items()
+    ]
+
+
 def kl_layers(
     means: Sequence[torch.Tensor],
     covs: Sequence[torch.Tensor],
-    targets: Sequence[GaussianTarget],
+    targets: Sequence[GaussianTarget] | Sequence[TargetGroup],
     ridge: float | None = None,
 ) -> torch.Tensor:
     """Eq. 1 per layer, (L,) float64. Layers of equal width share one batched Cholesky/solve.
 
     tr(Sigma_T^-1 Sigma_S) = ||L_T^-1 L_S||_F^2 and the Mahalanobis term ||L_T^-1 d||^2 come from
-    one triangular solve against the cached factor L_T.
+    one triangular solve against the cached factor L_T. `targets`: one GaussianTarget per layer,
+    or their `stack_targets` groups (prepared once). A batch covariance that is not positive
+    definite gets a tenfold larger ridge (up to 4 times): a host-device sync per width.
     """
-    if not (len(means) == len(covs) == len(targets)):
+    return _kl_groups(means, covs, targets, ridge, check=True)[0]
+
+
+def kl_layers_unchecked(
+    means: Sequence[torch.Tensor],
+    covs: Sequence[torch.Tensor],
+    targets: Sequence[GaussianTarget] | Sequence[TargetGroup],
+    ridge: float | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`kl_layers` without a host-device sync: (kl (L,), failed), failed a () bool tensor on
+    the device, True if a batch Cholesky failed at `ridge`. Where it did, the KL is not to be
+    used: the caller redoes the step with `kl_layers`, which escalates the ridge."""
+    return _kl_groups(means, covs, targets, ridge, check=False)
+
+
+def _kl_groups(
+    means: Sequence[torch.Tensor],
+    covs: Sequence[torch.Tensor],
+    targets: Sequence[GaussianTarget] | Sequence[TargetGroup],
+    ridge: float | None,
+    check: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    if targets and isinstance(targets[0], TargetGroup):
+        groups = [g for g in targets if isinstance(g, TargetGroup)]
+    else:
+        groups = stack_targets([t for t in targets if isinstance(t, GaussianTarget)])
+    if not (len(means) == len(covs) == sum(len(g.index) for g in groups)) or not means:
         raise ValueError("means, covs and targets must have one entry per layer")
     out: list[torch.Tensor | None] = [None] * len(means)
-    groups: dict[int, list[int]] = {}
-    for i, t in enumerate(targets):
-        groups.setdefault(t.dim, []).append(i)
-    for dim, idx in groups.items():
-        r = targets[idx[0]].ridge if ridge is None else ridge
+    failed = torch.zeros((), dtype=torch.bool, device=means[0].device)
+    for g in groups:
+        idx, dim = g.index, g.dim
+        r = g.ridge if ridge is None else ridge
         mu_s = torch.stack([means[i] for i in idx]).double()  # (G, C)
         sig_s = torch.stack([covs[i] for i in idx]).double()  # (G, C, C)
-        chol_t = torch.stack([targets[i].chol for i in idx])
-        mu_t = torch.stack([targets[i].mean for i in idx])
-        logdet_t = torch.stack([targets[i].logdet for i in idx])
-        chol_s, _ = _cholesky_with_ridge(0.5 * (sig_s + sig_s.transpose(-1, -2)), r)
+        sym = 0.5 * (sig_s + sig_s.transpose(-1, -2))
+        if check:
+            chol_s, _ = _cholesky_with_ridge(sym, r)
+        else:
+            eye = torch.eye(dim, dtype=sym.dtype, device=sym.device)
+            chol_s, info = torch.linalg.cholesky_ex(sym + r * eye)
+            failed = failed | (info != 0).any()
         logdet_s = 2.0 * torch.log(torch.diagonal(chol_s, dim1=-2, dim2=-1)).sum(-1)
-        rhs = torch.cat([chol_s, (mu_t - mu_s).unsqueeze(-1)], dim=-1)  # (G, C, C+1)
-        sol = torch.linalg.solve_triangular(chol_t, rhs, upper=False)
+        rhs = torch.cat([chol_s, (g.mean - mu_s).unsqueeze(-1)], dim=-1)  # (G, C, C+1)
+        sol = torch.linalg.solve_triangular(g.chol, rhs, upper=False)
         trace = sol[..., :dim].square().sum((-1, -2))
         maha = sol[..., dim].square().sum(-1)
-        kl = 0.5 * (logdet_t - logdet_s + trace + maha - dim)
+        kl = 0.5 * (g.logdet - logdet_s + trace + maha - dim)
         for j, i in enumerate(idx):
             out[i] = kl[j]
-    return torch.stack(out)  # type: ignore[arg-type]
+    return torch.stack(out), failed  # type: ignore[arg-type]
 
 
 def diagonal_kl_layers(

@@ -28,6 +28,14 @@ def network_autocast(device_type: str, mode: AutocastMode) -> contextlib.Abstrac
     raise ValueError(f"unknown autocast mode {mode!r}; expected 'off' or 'bf16'")
 
 
+def autocast_off(device_type: str) -> contextlib.AbstractContextManager:
+    """Autocast disabled on `device_type` (statistics are never taken in bf16/fp16). Devices
+    without autocast (the "meta" device the device-placement tests use) need no context."""
+    if device_type == "meta":
+        return contextlib.nullcontext()
+    return torch.autocast(device_type, enabled=False)
+
+
 def to_channels_last(model: nn.Module) -> nn.Module:
     """The model's 4-D weights in channels_last (NHWC), in place: with channels_last inputs,
     cuDNN's NHWC kernels run without layout conversions (and the tensor cores' bf16 path)."""

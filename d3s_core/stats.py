@@ -13,6 +13,8 @@ from typing import Literal
 
 import torch
 
+from .precision import autocast_off
+
 Precision = Literal["float64", "mixed"]
 
 
@@ -54,7 +56,7 @@ class SuffStats:
         centred float32 batch (~1e-7 relative), not one that grows with the dataset.
         """
         dtype = torch.float64 if precision == "float64" else torch.float32
-        with torch.no_grad(), torch.autocast(x.device.type, enabled=False):
+        with torch.no_grad(), autocast_off(x.device.type):
             if x.dim() == 4:
                 # One pass for the mean, one that centres (and casts) straight into an (N, C)
                 # buffer, one GEMM.
@@ -174,5 +176,5 @@ def batch_moments(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     The second moment is formed uncentred, X^T X / n - mu mu^T, in one GEMM: no centred copy
     of the activation is kept for backward.
     """
-    with torch.autocast(x.device.type, enabled=False):
+    with autocast_off(x.device.type):
         return _Moments.apply(at_least_float32(x))

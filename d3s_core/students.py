@@ -53,10 +53,11 @@ def train_student_epoch(
     scheduler: torch.optim.lr_scheduler.LRScheduler | None = None,
 ) -> float:
     """One epoch of Alg. 4: batches in their recorded order, each image augmented from its
-    recorded box and flip, loss against the recorded ensemble logits. Returns the mean loss."""
+    recorded box and flip, loss against the recorded ensemble logits. Returns the mean loss
+    (summed on the device: one host-device sync per epoch, not per batch)."""
     student.train()
     device = images.device
-    total, count = 0.0, 0
+    total, count = torch.zeros((), dtype=torch.float64, device=device), 0
     for rows in labels.batches():
         x = apply_crops(
             images[labels.image_index[rows].to(device)], labels.boxes[rows], labels.flips[rows]
@@ -67,9 +68,9 @@ def train_student_epoch(
         optimizer.step()
         if scheduler is not None:
             scheduler.step()
-        total += float(loss.detach()) * len(rows)
+        total += loss.detach().double() * len(rows)
         count += len(rows)
-    return total / max(1, count)
+    return float(total) / max(1, count)
 
 
 @torch.no_grad()
@@ -79,9 +80,9 @@ def evaluate_top1(
     """Top-1 accuracy in [0, 1] of `model` on images (N, C, H, W) with classes (N,)."""
     was_training = model.training
     model.eval()
-    correct = 0
+    correct = torch.zeros((), dtype=torch.int64, device=images.device)
     for i in range(0, len(images), batch_size):
         pred = model(images[i : i + batch_size]).argmax(1)
-        correct += int((pred == labels[i : i + batch_size].to(pred.device)).sum())
+        correct += (pred == labels[i : i + batch_size].to(pred.device)).sum()
     model.train(was_training)
-    return correct / max(1, len(images))
+    return int(correct) / max(1, len(images))  # one host-device sync

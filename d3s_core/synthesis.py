@@ -27,10 +27,13 @@ from .isu import IsuMode, RunningStats, TeacherChoice, isu_mix, isu_weight, teac
 from .layers import FeatureHooks
 from .loss import (
     GaussianTarget,
+    TargetGroup,
     diagonal_kl_layers,
     kl_layers,
+    kl_layers_unchecked,
     label_loss,
     moment_matching_layers,
+    stack_targets,
 )
 from .models import freeze
 from .precision import AutocastMode, CompiledForward, network_autocast, to_channels_last
@@ -106,13 +109,29 @@ class MeasuredTeacher:
             raise ValueError(f"{len(layers)} measured layers but {len(targets)} targets")
         self.model = freeze(model)
         self.layers = list(layers)
-        self.targets = list(targets)
+        self.targets = targets
         self.hooks = FeatureHooks(self.model, self.layers)
         self.channels_last = False
         self._nhwc_weights = False
         self._compiled: CompiledForward | None = None
         self._use_compiled = False
         self.dtype = torch.float32
+
+    @property
+    def targets(self) -> list[GaussianTarget]:
+        return self._targets
+
+    @targets.setter
+    def targets(self, targets: Sequence[GaussianTarget]) -> None:
+        self._targets = list(targets)
+        self._groups: list[TargetGroup] | None = None
+
+    @property
+    def target_groups(self) -> list[TargetGroup]:
+        """The targets stacked by width for Eq. 1, built once (not in every step)."""
+        if self._groups is None:
+            self._groups = stack_targets(self._targets)
+        return self._groups
 
     @property
     def channels(self) -> list[int]:
@@ -161,13 +180,17 @@ class MeasuredTeacher:
 
     @torch.no_grad()
     def batch_stats(
-        self, x: torch.Tensor, world: World | None = None, autocast: AutocastMode = "off"
+        self,
+        x: torch.Tensor,
+        world: World | None = None,
+        autocast: AutocastMode = "off",
+        batch_rows: int | None = None,
     ) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """(mean, cov) per measured layer of the images x; with `world`, x is this rank's rows
-        and the statistics are those of the whole batch."""
+        of a batch of `batch_rows` and the statistics are those of the whole batch."""
         _, acts = self(x, autocast)
         if world is not None:
-            return moments_across(acts, world)
+            return moments_across(acts, world, batch_rows)
         return [batch_moments(a) for a in acts]
 
 
@@ -304,17 +327,23 @@ def synthesis_loss(
     isu_w: float,
     cfg: SynthesisConfig,
     world: World | None = None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Eq. 1 on ISU-mixed statistics (Eq. 2) plus alpha * CE. Returns (total, ce, per-layer).
+    check: bool = True,
+    batch_rows: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Eq. 1 on ISU-mixed statistics (Eq. 2) plus alpha * CE. Returns (total, ce, per-layer,
+    failed): failed is a () bool tensor, True if a batch Cholesky failed at the configured ridge
+    with check=False (no host-device sync; the step must then be redone with check=True, which
+    escalates the ridge as `kl_layers` does). With check=True it is False.
 
-    With `world`, images/labels are this rank's rows and all three values are the whole
-    batch's (the same on every rank); the gradient to the rows is the single-process one.
+    With `world`, images/labels are this rank's rows and all values are the whole batch's (the
+    same on every rank); the gradient to the rows is the single-process one. batch_rows: the
+    whole batch's row count (lets the all-reduce skip a sync).
     """
     logits, acts = teacher(images, cfg.autocast)
     if world is None:
         moments = [batch_moments(a) for a in acts]
     else:
-        moments = moments_across(acts, world)
+        moments = moments_across(acts, world, batch_rows)
     mixed = [
         isu_mix(bm, bc, rm, rc, isu_w, cfg.isu)
         for (bm, bc), rm, rc in zip(moments, running_means, running_covs, strict=True)
@@ -322,8 +351,12 @@ def synthesis_loss(
     means = [m for m, _ in mixed]
     covs = [c for _, c in mixed]
     targets = teacher.targets
+    failed = torch.zeros((), dtype=torch.bool, device=images.device)
     if cfg.loss == "kl":
-        per_layer = kl_layers(means, covs, targets, cfg.ridge)
+        if check:
+            per_layer = kl_layers(means, covs, teacher.target_groups, cfg.ridge)
+        else:
+            per_layer, failed = kl_layers_unchecked(means, covs, teacher.target_groups, cfg.ridge)
     elif cfg.loss == "kl_diag":
         per_layer = diagonal_kl_layers(means, covs, targets, cfg.ridge)
     elif cfg.loss in ("bn", "bn_full"):
@@ -337,7 +370,47 @@ def synthesis_loss(
     else:
         raise ValueError(f"unknown synthesis loss {cfg.loss!r}")
     ce = label_loss(logits, labels) if world is None else label_loss_across(logits, labels, world)
-    return per_layer.sum() + cfg.alpha * ce, ce, per_layer
+    return per_layer.sum() + cfg.alpha * ce, ce, per_layer, failed
+
+
+@dataclass
+class _Draws:
+    """Everything an interval of iterations draws from the batch's generator, drawn up front in
+    the order the iterations would draw it: teacher per iteration, crop boxes (T, B, 4) and
+    flips (T, B) on the images' device (one pinned, non-blocking copy on CUDA)."""
+
+    teachers: list[int]
+    boxes: torch.Tensor
+    flips: torch.Tensor
+    rng_state: torch.Tensor
+
+
+def _draw_interval(
+    state: SynthesisState, cfg: SynthesisConfig, num_teachers: int, until: int
+) -> _Draws:
+    g = torch.Generator().manual_seed(0)
+    g.set_state(state.rng_state)
+    fixed = teacher_for_batch(state.batch_index, num_teachers, cfg.teacher_choice)
+    n, k = len(state.labels), cfg.iterations
+    chosen, boxes, flips = [], [], []
+    for it in range(state.iteration, until):
+        m = fixed if fixed is not None else int(torch.randint(num_teachers, (1,), generator=g))
+        scale = curriculum_scale(it, k, cfg.min_crop_scale, cfg.curriculum_end)
+        b, f = draw_crops(n, g, scale, cfg.flip)
+        chosen.append(m)
+        boxes.append(b)
+        flips.append(f)
+    device = state.images.device
+    box_t = torch.stack(boxes) if boxes else torch.zeros(0, n, 4)
+    flip_t = torch.stack(flips) if flips else torch.zeros(0, n, dtype=torch.bool)
+    if device.type == "cuda":
+        box_t, flip_t = box_t.pin_memory(), flip_t.pin_memory()
+    return _Draws(
+        chosen,
+        box_t.to(device, non_blocking=True),
+        flip_t.to(device, non_blocking=True),
+        g.get_state(),
+    )
 
 
 def run_iterations(
@@ -354,6 +427,12 @@ def run_iterations(
     scale), forward, loss on ISU-mixed statistics, gradient to the images only, Adam step with
     the cosine learning rate, clamp to the valid pixel range. With `world`, every rank calls
     this together on its shard of the state (collectives in every iteration).
+
+    One host-device sync per call, not per iteration: the draws of the whole interval are made
+    up front, and whether a batch Cholesky failed is checked once at the end. If one did, the
+    interval is redone from a copy of the state taken at its start, step by step with the ridge
+    escalation of `kl_layers`, so the result is what per-step checking gives. The copy costs
+    three batches of images on the device (images and the two Adam moments).
     """
     k = cfg.iterations
     until = k if until is None else until
@@ -366,42 +445,72 @@ def run_iterations(
         )
     n = len(state.labels)
     rows = slice(None) if world is None else world.rows(n)
-    labels = state.labels[rows]
-    if state.images.shape[0] != len(labels):
+    if state.images.shape[0] != len(state.labels[rows]):
         raise ValueError(
-            f"state holds {state.images.shape[0]} images for {len(labels)} labels of this rank"
+            f"state holds {state.images.shape[0]} images for {len(state.labels[rows])} labels "
+            "of this rank"
         )
     if state.images.dtype != cfg.torch_dtype:
         raise ValueError(f"state images are {state.images.dtype}, the config's dtype {cfg.dtype}")
+    where = running.device
+    if where is not None and where != state.images.device:
+        raise ValueError(
+            f"ISU statistics are on {where}, the images on {state.images.device}; "
+            "move them with RunningStats.to"
+        )
     for t in teachers:
         t.configure(cfg.channels_last, cfg.compile, cfg.torch_dtype)
-    g = torch.Generator().manual_seed(0)
-    g.set_state(state.rng_state)
-    fixed = teacher_for_batch(state.batch_index, len(teachers), cfg.teacher_choice)
-    w = isu_weight(cfg.isu, state.batch_index, running.images_done, len(state.labels))
+    draws = _draw_interval(state, cfg, len(teachers), until)
+    start = (state.iteration, state.images.clone(), state.exp_avg.clone(), state.exp_avg_sq.clone())
+    history, failed = _iterate(state, teachers, running, cfg, draws, world, check=False)
+    if bool(failed):  # the one sync of the interval
+        state.iteration = start[0]
+        state.images.copy_(start[1])
+        state.exp_avg.copy_(start[2])
+        state.exp_avg_sq.copy_(start[3])
+        history, _ = _iterate(state, teachers, running, cfg, draws, world, check=True)
+    state.rng_state = draws.rng_state
+    return state, history
+
+
+def _iterate(
+    state: SynthesisState,
+    teachers: Sequence[MeasuredTeacher],
+    running: RunningStats,
+    cfg: SynthesisConfig,
+    draws: _Draws,
+    world: World | None,
+    check: bool,
+) -> tuple[list[StepMetrics], torch.Tensor]:
+    """The iterations of `draws` on `state`, in place; no host-device sync with check=False.
+    Returns the metrics and whether any step's Cholesky failed."""
+    k = cfg.iterations
+    n = len(state.labels)
+    rows = slice(None) if world is None else world.rows(n)
+    labels = state.labels[rows]
+    w = isu_weight(cfg.isu, state.batch_index, running.images_done, n)
     lo, hi = (
         b.to(state.images.device, state.images.dtype) for b in pixel_bounds(cfg.mean, cfg.std)
     )
+    failed = torch.zeros((), dtype=torch.bool, device=state.images.device)
     history: list[StepMetrics] = []
-    for it in range(state.iteration, until):
-        m = fixed if fixed is not None else int(torch.randint(len(teachers), (1,), generator=g))
-        boxes, flips = draw_crops(
-            n,
-            g,
-            curriculum_scale(it, k, cfg.min_crop_scale, cfg.curriculum_end),
-            cfg.flip,
-        )
+    first = state.iteration
+    for j, m in enumerate(draws.teachers):
+        it = first + j
         x = state.images.detach().requires_grad_(True)
-        loss, ce, per_layer = synthesis_loss(
+        loss, ce, per_layer, bad = synthesis_loss(
             teachers[m],
-            apply_crops(x, boxes[rows], flips[rows]),
+            apply_crops(x, draws.boxes[j][rows], draws.flips[j][rows]),
             labels,
             running.means[m],
             running.covs[m],
             w,
             cfg,
             world,
+            check,
+            n,
         )
+        failed = failed | bad
         (grad,) = torch.autograd.grad(loss, x)
         with torch.no_grad():
             adam_update(
@@ -417,8 +526,7 @@ def run_iterations(
             torch.maximum(torch.minimum(state.images, hi, out=state.images), lo, out=state.images)
         state.iteration = it + 1
         history.append(StepMetrics(it + 1, m, loss.detach(), ce.detach(), per_layer.detach()))
-    state.rng_state = g.get_state()
-    return state, history
+    return history, failed
 
 
 @torch.no_grad()
@@ -438,7 +546,7 @@ def finish_batch(
         )
     stats = [
         t.configure(cfg.channels_last, cfg.compile, cfg.torch_dtype).batch_stats(
-            state.images, world, cfg.autocast
+            state.images, world, cfg.autocast, len(state.labels)
         )
         for t in teachers
     ]

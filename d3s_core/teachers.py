@@ -93,7 +93,8 @@ class TeacherTrainer:
         crop + flip drawn from the trainer's generator, cross-entropy, SGD/AdamW step.
         Returns the mean training loss."""
         self.model.train()
-        total, count = 0.0, 0
+        total: torch.Tensor | float = 0.0  # summed on the device: one sync per epoch
+        count = 0
         for x, y in batches:
             boxes, flips = draw_crops(
                 len(x), self.generator, (self.cfg.min_crop_scale, 1.0), self.cfg.flip
@@ -104,10 +105,10 @@ class TeacherTrainer:
             loss.backward()
             self.optimizer.step()
             self.scheduler.step()
-            total += float(loss.detach()) * len(y)
+            total = total + loss.detach().double() * len(y)
             count += len(y)
         self.epoch += 1
-        return total / max(1, count)
+        return float(total) / max(1, count)
 
     def shuffled_batches(
         self, images: torch.Tensor, labels: torch.Tensor

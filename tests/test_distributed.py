@@ -223,7 +223,7 @@ def _first_step(state, teachers, running, cfg, world):
     x = state.images.clone().requires_grad_(True)
     teachers[m].configure(dtype=cfg.torch_dtype)
     w = isu_weight(cfg.isu, state.batch_index, running.images_done, len(state.labels))
-    loss, _, _ = synthesis_loss(
+    loss, _, _, _ = synthesis_loss(
         teachers[m],
         apply_crops(x, boxes[rows], flips[rows]),
         state.labels[rows],

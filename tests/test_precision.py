@@ -54,7 +54,7 @@ BF16_GRAD_COSINE = 0.95
 def loss_and_grad(teacher, cfg, images, labels):
     running = running_for([teacher])
     x = images.clone().requires_grad_(True)
-    loss, _, per_layer = synthesis_loss(
+    loss, _, per_layer, _ = synthesis_loss(
         teacher, x, labels, running.means[0], running.covs[0], 1.0, cfg
     )
     (grad,) = torch.autograd.grad(loss, x)

@@ -53,10 +53,14 @@ def distilled_classes(num_classes: int, ipc: int) -> torch.Tensor:
 
 
 def _running_after(run: Run, b: int, channels: list[list[int]]) -> RunningStats:
+    """The ISU statistics after batch b, on the run's device (where the loss mixes them with
+    the batch's statistics)."""
+    device = run.config.device
     if b == 0:
-        return RunningStats.zeros(channels)
+        return RunningStats.zeros(channels, device)
     state, _ = load_state(run.fs, syn_isu(b))
-    return RunningStats(state["means"], state["covs"], state["batches_done"], state["images_done"])
+    stats = RunningStats(state["means"], state["covs"], state["batches_done"], state["images_done"])
+    return stats.to(device)
 
 
 def _verify_batch(run: Run, b: int, start: int, images: torch.Tensor) -> dict:
@@ -152,14 +156,14 @@ def synthesize(run: Run, progress: Progress = no_progress, world: World | None =
             until = min(k, state.iteration + cfg.synthesis.checkpoint_every)
             state, hist = run_iterations(state, teachers, running, scfg, until, world)
             history += hist
-            curve += [float(h.loss) for h in hist]
+            curve += torch.stack([h.loss for h in hist]).tolist()  # one sync per interval
             whole = state if world is None else gather_state(state, world)
             if whole is not None:
                 save_state(run.fs, SYN_CHECKPOINT, whole.tensors(), {"batch": b, "losses": curve})
             progress(
                 "synthesis",
                 (b - 1 + state.iteration / k) / len(batches),
-                {"batch": b, "iteration": state.iteration, "loss": float(hist[-1].loss)},
+                {"batch": b, "iteration": state.iteration, "loss": curve[-1]},
             )
         running = finish_batch(state, teachers, running, scfg, world)
         whole = state if world is None else gather_state(state, world)
