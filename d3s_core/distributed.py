@@ -22,7 +22,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from .precision import autocast_off
-from .stats import as_samples, at_least_float32, moments_grad
+from .stats import CovMatmul, as_samples, at_least_float32, centred_gram, moments_grad
 
 
 @dataclass(frozen=True)
@@ -112,7 +112,7 @@ class _MomentsAcross(torch.autograd.Function):
 
     @staticmethod
     def forward(
-        ctx, group: Any, total_rows: int | None, *xs: torch.Tensor
+        ctx, group: Any, total_rows: int | None, mode: CovMatmul, *xs: torch.Tensor
     ) -> tuple[torch.Tensor, ...]:  # type: ignore[override]
         parts = []
         for x in xs:
@@ -122,7 +122,7 @@ class _MomentsAcross(torch.autograd.Function):
             parts += [
                 torch.full((1,), float(n), dtype=torch.float64, device=x.device),
                 mu * n,
-                ((centred.T @ centred).double() + torch.outer(mu, mu) * n).flatten(),
+                (centred_gram(centred, mode).double() + torch.outer(mu, mu) * n).flatten(),
             ]
         buf = torch.cat(parts)
         dist.all_reduce(buf, group=group)
@@ -155,15 +155,18 @@ class _MomentsAcross(torch.autograd.Function):
         dxs: list[torch.Tensor | None] = []
         for i in range(k):
             dmean, dcov = grads[2 * i], grads[2 * i + 1]
-            if not ctx.needs_input_grad[2 + i] or (dmean is None and dcov is None):
+            if not ctx.needs_input_grad[3 + i] or (dmean is None and dcov is None):
                 dxs.append(None)
                 continue
             dxs.append(moments_grad(saved[i], saved[k + i], ctx.counts[i], dmean, dcov))
-        return (None, None, *dxs)
+        return (None, None, None, *dxs)
 
 
 def moments_across(
-    xs: Sequence[torch.Tensor], world: World, total_rows: int | None = None
+    xs: Sequence[torch.Tensor],
+    world: World,
+    total_rows: int | None = None,
+    cov_matmul: CovMatmul = "full",
 ) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """Differentiable (mean (C,), population covariance (C, C)) of each activation over the
     whole batch, this rank holding rows `world.rows(B)` of it.
@@ -179,7 +182,7 @@ def moments_across(
     device = xs[0].device
     with autocast_off(device.type):
         xs = [at_least_float32(x) for x in xs]
-        out = _MomentsAcross.apply(world.group, total_rows, *xs)
+        out = _MomentsAcross.apply(world.group, total_rows, cov_matmul, *xs)
     return [(out[2 * i], out[2 * i + 1]) for i in range(len(xs))]
 
 

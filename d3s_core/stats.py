@@ -112,8 +112,58 @@ def merge_all(parts: list[SuffStats]) -> SuffStats:
     return parts[0]
 
 
+CovMatmul = Literal["full", "tf32", "bf16"]
+
+
+def _round_to_tf32(x: torch.Tensor) -> torch.Tensor:
+    """float32 -> the nearest value with TF32's 10 mantissa bits (round half to even), still
+    stored as float32: what a tensor core reads of an fp32 input in TF32 mode."""
+    bits = x.contiguous().view(torch.int32)
+    lsb = (bits >> 13) & 1
+    rounded = (bits + 0xFFF + lsb) & ~0x1FFF
+    return rounded.view(torch.float32).view_as(x)
+
+
+def centred_gram(c: torch.Tensor, mode: CovMatmul = "full") -> torch.Tensor:
+    """C^T C of centred samples c: (N, C) float32, accumulated in float32.
+
+    mode "full": in c's own precision. "tf32" / "bf16": the inputs rounded to TF32 (10 mantissa
+    bits) or bfloat16 (7), as the tensor cores read them, products accumulated in float32. On
+    CUDA that is the tensor-core GEMM itself; elsewhere the rounding is applied and the GEMM
+    run in float32, which computes the same products (those of 11- or 8-bit mantissas are
+    exact in float32). Only centred samples may be rounded: the uncentred X^T X / n - mu mu^T
+    cancels, and its rounding error would be relative to |mu|^2, not to the covariance.
+    """
+    if mode == "full":
+        return c.T @ c
+    if c.dtype != torch.float32:
+        raise ValueError(f"reduced-precision covariance GEMM needs float32 samples, got {c.dtype}")
+    if mode == "bf16":
+        c16 = c.to(torch.bfloat16)
+        if c.is_cuda:
+            return torch.mm(c16.T, c16, out_dtype=torch.float32)
+        r = c16.float()
+        return r.T @ r
+    if mode == "tf32":
+        if c.is_cuda:
+            before = torch.backends.cuda.matmul.allow_tf32
+            torch.backends.cuda.matmul.allow_tf32 = True
+            try:
+                return c.T @ c
+            finally:
+                torch.backends.cuda.matmul.allow_tf32 = before
+        r = _round_to_tf32(c)
+        return r.T @ r
+    raise ValueError(f"unknown covariance GEMM mode {mode!r}; expected 'full', 'tf32' or 'bf16'")
+
+
 class _Moments(torch.autograd.Function):
     """(mean, population covariance) of an activation with one GEMM forward and one backward.
+
+    The activation is saved for backward in its own dtype (a bfloat16 activation stays bf16:
+    no float32 copy is kept); forward and backward cast it to float32 transiently, one layer at
+    a time. mode "full": the uncentred X^T X / n - mu mu^T in one GEMM (no centred copy);
+    "tf32"/"bf16": the centred Gram on tensor cores (`centred_gram`).
 
     Backward: with D = (dSigma + dSigma^T) / n, dX = X D + 1 (dmu - n D mu)^T / n, computed in
     the activation's own memory layout, so that the gradient adds to BatchNorm's without a
@@ -121,18 +171,25 @@ class _Moments(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:  # type: ignore[override]
-        s = as_samples(x)
+    def forward(
+        ctx, x: torch.Tensor, mode: CovMatmul = "full"
+    ) -> tuple[torch.Tensor, torch.Tensor]:  # type: ignore[override]
+        s = as_samples(at_least_float32(x))
         n = s.shape[0]
         mean = s.mean(0)
-        cov = torch.addmm(torch.outer(mean, mean), s.T, s, beta=-1.0, alpha=1.0 / n)
+        if mode == "full":
+            cov = torch.addmm(torch.outer(mean, mean), s.T, s, beta=-1.0, alpha=1.0 / n)
+        else:
+            cov = centred_gram(s - mean, mode) / n
         ctx.save_for_backward(x, mean)
         return mean, 0.5 * (cov + cov.T)
 
     @staticmethod
-    def backward(ctx, dmean: torch.Tensor | None, dcov: torch.Tensor | None) -> torch.Tensor:  # type: ignore[override]
+    def backward(ctx, dmean: torch.Tensor | None, dcov: torch.Tensor | None):  # type: ignore[override]
         x, mean = ctx.saved_tensors
-        return moments_grad(x, mean, x.numel() // mean.shape[0], dmean, dcov)
+        xf = at_least_float32(x)
+        grad = moments_grad(xf, mean, x.numel() // mean.shape[0], dmean, dcov)
+        return grad.to(x.dtype), None
 
 
 def moments_grad(
@@ -168,13 +225,14 @@ def at_least_float32(x: torch.Tensor) -> torch.Tensor:
     return x if x.dtype == torch.float64 else x.float()
 
 
-def batch_moments(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def batch_moments(x: torch.Tensor, mode: CovMatmul = "full") -> tuple[torch.Tensor, torch.Tensor]:
     """Differentiable mean (C,) and population covariance (C, C) of an activation batch
     x: (B, C, H, W) or (N, C), in float32 (float64 stays float64) with autocast off
     (statistics never in bf16/fp16).
 
-    The second moment is formed uncentred, X^T X / n - mu mu^T, in one GEMM: no centred copy
-    of the activation is kept for backward.
+    mode "full": the second moment is formed uncentred, X^T X / n - mu mu^T, in one GEMM;
+    "tf32"/"bf16": centred, on tensor cores (`centred_gram`). Either way no centred copy and no
+    float32 copy of a bf16 activation is kept for backward.
     """
     with autocast_off(x.device.type):
-        return _Moments.apply(at_least_float32(x))
+        return _Moments.apply(x, mode)

@@ -37,7 +37,7 @@ from .loss import (
 )
 from .models import freeze
 from .precision import AutocastMode, CompiledForward, network_autocast, to_channels_last
-from .stats import at_least_float32, batch_moments
+from .stats import CovMatmul, at_least_float32, batch_moments
 
 LossKind = Literal["kl", "kl_diag", "bn", "bn_full"]
 SynthesisDtype = Literal["float32", "float64"]
@@ -60,6 +60,10 @@ class SynthesisConfig:
     float32/float64, images and Adam state stay float32. channels_last: teachers' weights and
     inputs in NHWC (the images in the state stay NCHW). compile: torch.compile of the teachers'
     forward (slow first iteration; an error, not a fallback, where it cannot compile).
+
+    cov_matmul: the batch covariances' GEMM (d3s_core/stats.py `centred_gram`): "full" in the
+    activations' precision (float32: uncentred, strict fp32), "tf32" or "bf16": centred, on
+    tensor cores with float32 accumulation (about 1e-3 / 4e-3 relative to the covariance).
 
     dtype: "float32" (the paper's) or "float64": images, Adam state, the teachers' forward, the
     moments and the cross-entropy in float64. float64 runs are exact to rounding whatever the
@@ -85,12 +89,17 @@ class SynthesisConfig:
     channels_last: bool = False
     compile: bool = False
     dtype: SynthesisDtype = "float32"
+    cov_matmul: CovMatmul = "full"
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype: {self.dtype!r} is not one of {list(DTYPES)}")
         if self.dtype == "float64" and self.autocast != "off":
             raise ValueError(f"dtype 'float64' excludes autocast {self.autocast!r}")
+        if self.cov_matmul not in ("full", "tf32", "bf16"):
+            raise ValueError(f"cov_matmul: {self.cov_matmul!r} is not one of full, tf32, bf16")
+        if self.dtype == "float64" and self.cov_matmul != "full":
+            raise ValueError(f"dtype 'float64' excludes cov_matmul {self.cov_matmul!r}")
 
     @property
     def torch_dtype(self) -> torch.dtype:
@@ -185,13 +194,14 @@ class MeasuredTeacher:
         world: World | None = None,
         autocast: AutocastMode = "off",
         batch_rows: int | None = None,
+        cov_matmul: CovMatmul = "full",
     ) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """(mean, cov) per measured layer of the images x; with `world`, x is this rank's rows
         of a batch of `batch_rows` and the statistics are those of the whole batch."""
         _, acts = self(x, autocast)
         if world is not None:
-            return moments_across(acts, world, batch_rows)
-        return [batch_moments(a) for a in acts]
+            return moments_across(acts, world, batch_rows, cov_matmul)
+        return [batch_moments(a, cov_matmul) for a in acts]
 
 
 @dataclass
@@ -341,9 +351,9 @@ def synthesis_loss(
     """
     logits, acts = teacher(images, cfg.autocast)
     if world is None:
-        moments = [batch_moments(a) for a in acts]
+        moments = [batch_moments(a, cfg.cov_matmul) for a in acts]
     else:
-        moments = moments_across(acts, world, batch_rows)
+        moments = moments_across(acts, world, batch_rows, cfg.cov_matmul)
     mixed = [
         isu_mix(bm, bc, rm, rc, isu_w, cfg.isu)
         for (bm, bc), rm, rc in zip(moments, running_means, running_covs, strict=True)
@@ -546,7 +556,7 @@ def finish_batch(
         )
     stats = [
         t.configure(cfg.channels_last, cfg.compile, cfg.torch_dtype).batch_stats(
-            state.images, world, cfg.autocast, len(state.labels)
+            state.images, world, cfg.autocast, len(state.labels), cfg.cov_matmul
         )
         for t in teachers
     ]
