@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import json
 import posixpath
+import threading
 from typing import Any
 
 import torch
@@ -112,3 +113,83 @@ def load_state(fs: RunFS, rel: str) -> tuple[Any, dict[str, Any]]:
 def remove_state(fs: RunFS, rel: str) -> None:
     fs.remove(f"{rel}.json")  # marker first: a half-removed state reads as absent
     _remove_tensor_files(fs, rel)
+
+
+class BackgroundSaver:
+    """`save_state` on a background thread, so a long loop does not wait for hashing and
+    writing a checkpoint (about 345 MiB per synthesis batch at 224 px).
+
+    `save` takes a snapshot of the state's tensors and returns: on CUDA a non-blocking copy into
+    pinned host buffers (reused from one save to the next), ordered on the current stream
+    before any later in-place update of the originals; on the CPU a copy. The thread waits for
+    the copy, then writes exactly as `save_state` does (tensors file, then the JSON commit
+    marker), so a kill at any moment leaves the previous state or the new one. One save is in
+    flight at a time: the next `save` (and `wait`) first waits for it, so host memory holds at
+    most one snapshot. `wait` re-raises a failed write's error in the caller; call it before
+    anything that must follow the checkpoint on disk (a batch's commit, removing the state).
+    """
+
+    def __init__(self, fs: RunFS) -> None:
+        self.fs = fs
+        self._thread: threading.Thread | None = None
+        self._error: BaseException | None = None
+        self._pinned: dict[str, torch.Tensor] = {}
+
+    def _snapshot(self, obj: Any, prefix: str = "") -> Any:
+        if isinstance(obj, torch.Tensor):
+            t = obj.detach()
+            if t.device.type != "cuda":
+                return t.to("cpu", copy=True)
+            buf = self._pinned.get(prefix)
+            if buf is None or buf.shape != t.shape or buf.dtype != t.dtype:
+                buf = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+                self._pinned[prefix] = buf
+            return buf.copy_(t, non_blocking=True)
+        if isinstance(obj, dict):
+            return {k: self._snapshot(v, f"{prefix}.{k}") for k, v in obj.items()}
+        if isinstance(obj, list | tuple):
+            items = [self._snapshot(v, f"{prefix}.{i}") for i, v in enumerate(obj)]
+            return tuple(items) if isinstance(obj, tuple) else items
+        return obj
+
+    def save(self, rel: str, state: Any, meta: dict[str, Any] | None = None) -> None:
+        self.wait()
+        snapshot = self._snapshot(state)
+        event = None
+        if torch.cuda.is_available() and self._pinned:
+            event = torch.cuda.Event()
+            event.record()
+
+        def write() -> None:
+            try:
+                if event is not None:
+                    event.synchronize()
+                save_state(self.fs, rel, snapshot, meta)
+            except BaseException as e:  # re-raised by wait() in the caller's thread
+                self._error = e
+
+        self._thread = threading.Thread(target=write, name=f"save {rel}", daemon=False)
+        self._thread.start()
+
+    def wait(self) -> None:
+        """Block until the save in flight is on disk; raise its error if it failed."""
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        if self._error is not None:
+            error, self._error = self._error, None
+            raise error
+
+    def __enter__(self) -> BackgroundSaver:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        """Let the save in flight finish (it is a valid checkpoint); an error of its own is
+        raised only if nothing else is being raised."""
+        if exc[0] is None:
+            self.wait()
+        else:
+            try:
+                self.wait()
+            except BaseException:
+                pass

@@ -36,7 +36,7 @@ from d3s_core.synthesis import (
 from storage.arrays import create_images, read_images, write_image_batch
 from storage.manifest import CorruptArtifact
 from storage.run import SYN_CHECKPOINT, SYN_IMAGES, Run, syn_commit, syn_isu
-from storage.states import has_state, load_state, remove_state, save_state
+from storage.states import BackgroundSaver, has_state, load_state, remove_state, save_state
 
 from .common import Progress, class_of_each, data_splits, load_teachers, no_progress
 from .stats import load_targets
@@ -124,6 +124,11 @@ def synthesize(run: Run, progress: Progress = no_progress, world: World | None =
     stored, _ = read_images(run.fs, SYN_IMAGES)
     batches = list(classes.split(bsz))
     k = scfg.iterations
+    # Checkpoints are written on a thread while the next iterations run; it is waited for
+    # before a batch is committed. A crash leaves the last checkpoint complete or the one
+    # before it (save_state's marker is written last), and the thread is not a daemon: an
+    # exception here still lets the write in flight finish.
+    saver = BackgroundSaver(run.fs)
     for b, labels in enumerate(batches, start=1):
         start = (b - 1) * bsz
         if run.fs.exists(syn_commit(b)):
@@ -159,7 +164,7 @@ def synthesize(run: Run, progress: Progress = no_progress, world: World | None =
             curve += torch.stack([h.loss for h in hist]).tolist()  # one sync per interval
             whole = state if world is None else gather_state(state, world)
             if whole is not None:
-                save_state(run.fs, SYN_CHECKPOINT, whole.tensors(), {"batch": b, "losses": curve})
+                saver.save(SYN_CHECKPOINT, whole.tensors(), {"batch": b, "losses": list(curve)})
             progress(
                 "synthesis",
                 (b - 1 + state.iteration / k) / len(batches),
@@ -171,6 +176,7 @@ def synthesize(run: Run, progress: Progress = no_progress, world: World | None =
             _barrier(world)
             continue
         images = whole.images
+        saver.wait()
         write_image_batch(run.fs, SYN_IMAGES, start, images)
         save_state(
             run.fs,
@@ -201,6 +207,7 @@ def synthesize(run: Run, progress: Progress = no_progress, world: World | None =
     if not writer:
         _barrier(world)  # returns once rank 0 has recorded the images
         return run.fs.url(SYN_IMAGES)
+    saver.wait()
     remove_state(run.fs, SYN_CHECKPOINT)
     export_png(run, stored, classes)
     run.manifest.record(SYN_IMAGES, "synthesis")
