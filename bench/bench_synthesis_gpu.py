@@ -11,7 +11,13 @@ torch.compile) run first on a separate state; the timed run is a fresh batch, it
 Memory: torch.cuda.max_memory_allocated over the timed run (and max_memory_reserved, closer to
 what nvidia-smi shows); on CPU, the growth of the peak resident set over the run.
 
+On any CUDA GPU it prints a verdict against the paper (seconds scaled to 1000 iterations,
+peak allocated memory against 9851 MiB), and on an H100 a second line against the 35 s goal.
+`--device cuda` where torch sees no CUDA is an error (exit 2), not a fallback to the CPU.
+`--json PATH` writes the measured figures (bench/gpu_smoke.sh collects them).
+
     .venv/bin/python bench/bench_synthesis_gpu.py --device cpu --iterations 5 --batch 8 --size 64
+    .venv/bin/python bench/bench_synthesis_gpu.py --device cuda --iterations 200 --json fp32.json
     .venv/bin/python bench/bench_synthesis_gpu.py --device cuda                    # paper setting
     .venv/bin/python bench/bench_synthesis_gpu.py --device cuda --autocast bf16 --channels-last
     .venv/bin/python bench/bench_synthesis_gpu.py --device cuda --autocast bf16 --channels-last \
@@ -21,9 +27,12 @@ what nvidia-smi shows); on CPU, the growth of the peak resident set over the run
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import resource
+import sys
 import time
+from typing import Any
 
 import torch
 
@@ -35,7 +44,7 @@ from d3s_core.stats import SuffStats
 from d3s_core.synthesis import MeasuredTeacher, SynthesisConfig, init_state, run_iterations
 
 NUM_CLASSES = 1000
-PAPER = {"seconds": 170.0, "mib": 9851.0, "gpu": "RTX 6000 Ada", "iterations": 1000}
+PAPER: dict[str, Any] = {"seconds": 170.0, "mib": 9851.0, "gpu": "RTX 6000 Ada", "iterations": 1000}
 PAPER_SETTING = {"batch": 200, "size": 224}
 GOAL_H100_SECONDS = 35.0
 
@@ -85,7 +94,7 @@ def run_batch(
     return float(history[-1].loss) if history else float("nan")
 
 
-def parse_args() -> argparse.Namespace:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--iterations", type=int, default=1000, help="K, timed iterations")
     p.add_argument("--batch", type=int, default=200)
@@ -97,11 +106,38 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=5, help="untimed iterations first")
     default_device = "cuda" if torch.cuda.is_available() else "cpu"
     p.add_argument("--device", default=default_device, choices=("cpu", "cuda"))
-    return p.parse_args()
+    p.add_argument("--json", metavar="PATH", help="write the measured figures here as JSON")
+    args = p.parse_args(argv)
+    if args.iterations < 1:
+        p.error("--iterations must be at least 1")
+    return args
 
 
-def main() -> None:
-    args = parse_args()
+def require_cuda(device: str) -> None:
+    """`--device cuda` without a usable CUDA: one line on stderr, exit 2 (no CPU fallback)."""
+    if device == "cuda" and not torch.cuda.is_available():
+        print(
+            f"bench_synthesis_gpu.py: error: --device cuda, but torch.cuda.is_available() is False "
+            f"(torch {torch.__version__}, built for CUDA {torch.version.cuda}, "
+            f"CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', 'unset')})",
+            file=sys.stderr,
+        )
+        sys.exit(2)
+
+
+def verdict(name: str, per_1000: float, peak_mib: float, reserved_mib: float) -> str:
+    """One line against the paper's App. D.6 figures (RTX 6000 Ada)."""
+    ratio = per_1000 / PAPER["seconds"]
+    return (
+        f"on {name}: {per_1000:.1f} s per 1000 iterations = {ratio:.2f}x the paper's "
+        f"{PAPER['seconds']:.0f} s ({PAPER['gpu']}); peak {peak_mib:.0f} MiB allocated "
+        f"({reserved_mib:.0f} MiB reserved) vs {PAPER['mib']:.0f} MiB"
+    )
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    require_cuda(args.device)
     device = torch.device(args.device)
     torch.manual_seed(0)
     torch.backends.cudnn.benchmark = args.cudnn_benchmark
@@ -123,10 +159,11 @@ def main() -> None:
     print(f"measured layers: {len(teacher.layers)}")
 
     start = time.perf_counter()
-    if args.warmup:
-        run_batch(teacher, cfg, args, device, seed=1, until=min(args.warmup, args.iterations))
+    warmup = min(args.warmup, args.iterations)
+    if warmup:
+        run_batch(teacher, cfg, args, device, seed=1, until=warmup)
     sync(device)
-    print(f"warm-up: {args.warmup} iterations in {time.perf_counter() - start:.1f} s")
+    print(f"warm-up: {warmup} iterations in {time.perf_counter() - start:.1f} s")
 
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -138,6 +175,7 @@ def main() -> None:
     sync(device)
     seconds = time.perf_counter() - start
 
+    reserved: float | None = None
     if device.type == "cuda":
         peak = torch.cuda.max_memory_allocated(device) / 2**20
         reserved = torch.cuda.max_memory_reserved(device) / 2**20
@@ -164,14 +202,52 @@ def main() -> None:
     print(f"{'goal (H100)':<30}{goal_s:>10}{goal_it:>8}{goal_s:>11}{goal_mib:>10}")
     print(memory)
     setting = {"batch": args.batch, "size": args.size}
-    if setting != PAPER_SETTING or device.type != "cuda":
+    paper_setting = setting == PAPER_SETTING and device.type == "cuda"
+    if not paper_setting:
         print(
             "note: not the paper's setting (batch 200, 224 px, on a GPU): the reference and "
             "the goal do not apply to these numbers"
         )
-    elif "H100" in name:
-        verdict = "met" if per_1000 <= GOAL_H100_SECONDS and peak <= PAPER["mib"] else "NOT met"
-        print(f"H100 goal (<= 35 s per 1000 iterations, <= {PAPER['mib']:.0f} MiB): {verdict}")
+    if device.type == "cuda":
+        assert reserved is not None
+        print(verdict(name, per_1000, peak, reserved))
+        if "H100" in name:
+            met = per_1000 <= GOAL_H100_SECONDS and peak <= PAPER["mib"]
+            print(
+                f"H100 goal (<= {GOAL_H100_SECONDS:.0f} s per 1000 iterations, "
+                f"<= {PAPER['mib']:.0f} MiB): {'met' if met else 'NOT met'}"
+            )
+    if args.json:
+        figures = {
+            "device": str(device),
+            "device_name": name,
+            "torch": torch.__version__,
+            "cuda": torch.version.cuda,
+            "batch": args.batch,
+            "size": args.size,
+            "iterations": args.iterations,
+            "warmup": args.warmup,
+            "seconds": seconds,
+            "iterations_per_second": args.iterations / seconds,
+            "seconds_per_1000_iterations": per_1000,
+            "peak_allocated_mib": peak if device.type == "cuda" else None,
+            "peak_reserved_mib": reserved,
+            "peak_rss_growth_mib": peak if device.type != "cuda" else None,
+            "final_loss": loss,
+            "switches": {
+                "autocast": args.autocast,
+                "channels_last": args.channels_last,
+                "compile": args.compile,
+                "cudnn_benchmark": args.cudnn_benchmark,
+            },
+            "paper_setting": paper_setting,
+            "ratio_to_paper": per_1000 / PAPER["seconds"] if device.type == "cuda" else None,
+            "paper": PAPER,
+        }
+        with open(args.json, "w") as f:
+            json.dump(figures, f, indent=2)
+            f.write("\n")
+        print(f"wrote {args.json}")
 
 
 if __name__ == "__main__":

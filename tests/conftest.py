@@ -1,5 +1,60 @@
+import itertools
+import os
+import re
+
 import pytest
 import torch
+
+# `gpu` tests need CUDA. Without it they are skipped, unless CUDA was asked for: a `-m`
+# expression that selects them (`-m gpu`, `-m "gpu or slow"`, not `-m "not gpu"`), or
+# D3S_REQUIRE_GPU=1. Then each one fails, so a GPU run that silently ran on a machine without a
+# usable CUDA cannot pass. The default run (`-m 'not slow and not gpu'`) deselects them.
+REQUIRE_ENV = "D3S_REQUIRE_GPU"
+_TOKEN = re.compile(r"\s*(\(|\)|[^\s()]+)")
+_OPERATORS = {"and", "or", "not", "(", ")"}
+
+
+def markexpr_selects(markexpr: str, marker: str = "gpu") -> bool:
+    """Whether the `-m` expression asks for `marker` explicitly: some test carrying `marker` is
+    selected that would not be without it (so `-m gpu` and `-m "gpu or slow"` do, `-m ""`,
+    `-m "not gpu"` and `-m "not slow"` do not). An expression this cannot read counts as asking
+    when it names `marker` not right after `not`."""
+    tokens = _TOKEN.findall(markexpr)
+    if marker not in tokens:
+        return False
+    names = sorted({t for t in tokens if t not in _OPERATORS and t.isidentifier()} - {marker})
+    if len(names) > 10 or any(t not in _OPERATORS and not t.isidentifier() for t in tokens):
+        return _names_not_negated(tokens, marker)
+    code = " ".join(t if t in _OPERATORS else f"v[{t!r}]" for t in tokens)
+    try:
+        expr = compile(code, "<markexpr>", "eval")
+        for values in itertools.product((False, True), repeat=len(names)):
+            v = dict(zip(names, values, strict=True))
+            with_marker = eval(expr, {"__builtins__": {}}, {"v": {**v, marker: True}})
+            without = eval(expr, {"__builtins__": {}}, {"v": {**v, marker: False}})
+            if with_marker and not without:
+                return True
+        return False
+    except (SyntaxError, TypeError, KeyError):
+        return _names_not_negated(tokens, marker)
+
+
+def _names_not_negated(tokens: list[str], marker: str) -> bool:
+    for i, t in enumerate(tokens):
+        if t != marker:
+            continue
+        j = i - 1
+        while j >= 0 and tokens[j] == "(":
+            j -= 1
+        if j < 0 or tokens[j] != "not":
+            return True
+    return False
+
+
+def gpu_requested(config: pytest.Config) -> bool:
+    if os.environ.get(REQUIRE_ENV, "") not in ("", "0"):
+        return True
+    return markexpr_selects(config.getoption("markexpr", "") or "")
 
 
 @pytest.fixture(autouse=True)
@@ -8,10 +63,19 @@ def _deterministic():
     yield
 
 
-def pytest_collection_modifyitems(config, items):
-    if torch.cuda.is_available():
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_setup(item):
+    """Before any fixture: a `gpu` test without CUDA is skipped, or fails when CUDA was asked
+    for (the message says how it was asked for)."""
+    if "gpu" not in item.keywords or torch.cuda.is_available():
         return
-    skip = pytest.mark.skip(reason="needs CUDA")
-    for item in items:
-        if "gpu" in item.keywords:
-            item.add_marker(skip)
+    if not gpu_requested(item.config):
+        pytest.skip("needs CUDA")
+    how = f"{REQUIRE_ENV}=1" if os.environ.get(REQUIRE_ENV, "") not in ("", "0") else None
+    how = how or f"-m {item.config.getoption('markexpr')!r}"
+    pytest.fail(
+        f"CUDA was requested ({how}) but torch.cuda.is_available() is False "
+        f"(torch {torch.__version__}, built for CUDA {torch.version.cuda}); "
+        "gpu tests fail rather than skip when asked for",
+        pytrace=False,
+    )
