@@ -205,3 +205,13 @@ def test_labels_students_and_stats_hot_paths_on_the_device():
     with SyncCounter() as syncs:
         s = SuffStats.from_batch(act)
     assert s.mean.device == META and syncs.total == 0
+
+
+def test_cudnn_autotune_only_on_cuda(monkeypatch):
+    from d3s_core.precision import enable_cudnn_autotune
+
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark", False)
+    enable_cudnn_autotune("cpu")
+    assert torch.backends.cudnn.benchmark is False
+    enable_cudnn_autotune("cuda:0")  # the flag needs no GPU to be set
+    assert torch.backends.cudnn.benchmark is True

@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 
 from d3s_core.labelling import label_epoch
+from d3s_core.precision import enable_cudnn_autotune
 from storage.arrays import read_images
 from storage.labels import read_epoch, write_epoch, write_schema
 from storage.run import Run, images_of, labels_epoch
@@ -60,6 +61,7 @@ def label_run(run: Run, progress: Progress = no_progress, prefix: str = "") -> s
             if images is None:
                 images, _ = read_images(run.fs, images_of(prefix))
                 images = images.to(cfg.device)
+                enable_cudnn_autotune(cfg.device)
                 teachers = load_teachers(run)
             assert teachers is not None
             write_one_epoch(run, images, teachers, e, prefix)

@@ -24,6 +24,7 @@ import torchvision
 from d3s_core.distributed import World
 from d3s_core.isu import RunningStats
 from d3s_core.labelling import derive_seed
+from d3s_core.precision import enable_cudnn_autotune
 from d3s_core.synthesis import (
     MeasuredTeacher,
     SynthesisState,
@@ -100,6 +101,7 @@ def synthesize(run: Run, progress: Progress = no_progress, world: World | None =
     if run.manifest.is_recorded(SYN_IMAGES):
         run.manifest.verify(SYN_IMAGES)
         return run.fs.url(SYN_IMAGES)
+    enable_cudnn_autotune(cfg.device)
     models = load_teachers(run)
     train, _, fingerprint = data_splits(run)  # once: an ImageFolder scan lists every file
     teachers = []

@@ -8,6 +8,7 @@ from dataclasses import asdict
 import torch
 
 from d3s_core.labelling import derive_seed
+from d3s_core.precision import enable_cudnn_autotune
 from d3s_core.teachers import TeacherState, TeacherTrainer
 from storage.checkpoints import load_into, read_state_dict
 from storage.run import Run, teacher_checkpoint, teacher_weights
@@ -29,6 +30,7 @@ def train_teachers(run: Run, progress: Progress = no_progress) -> list[str]:
     train, held, fingerprint = data_splits(run)
     steps = -(-len(train) // tcfg.batch_size)  # type: ignore[arg-type]
     count = cfg.teachers.count
+    enable_cudnn_autotune(cfg.device)
     for m in range(count):
         if run.manifest.is_recorded(teacher_weights(m)):
             run.manifest.verify(teacher_weights(m))

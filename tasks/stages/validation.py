@@ -12,6 +12,7 @@ import torch
 
 from d3s_core.labelling import derive_seed
 from d3s_core.optim import make_optimizer, make_scheduler
+from d3s_core.precision import enable_cudnn_autotune
 from d3s_core.students import epoch_schedule, train_student_epoch
 from storage.arrays import read_images
 from storage.labels import read_epoch
@@ -118,6 +119,7 @@ def validate(run: Run, progress: Progress = no_progress, prefix: str = "") -> st
     run.manifest.verify(images_of(prefix))
     images, _ = read_images(run.fs, images_of(prefix))
     images = images.to(cfg.device)
+    enable_cudnn_autotune(cfg.device)
     _, held, _ = data_splits(run)
 
     accs = []
