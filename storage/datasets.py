@@ -58,6 +58,43 @@ def stratified_split(
     return torch.cat(train).sort().values, torch.cat(test).sort().values
 
 
+def normalise(pixels: torch.Tensor, mean, std) -> torch.Tensor:
+    """uint8 pixels (..., C, H, W) to float32 normalised space, `(pixel / 255 - mean) / std`, on
+    the pixels' device. The same three float32 operations in the same order as torchvision's
+    to_tensor + normalize (the float path of the datasets), each an IEEE-rounded elementwise
+    operation, so the result equals theirs bit for bit. The divisor 255 is a tensor on the
+    pixels' device, not a Python number: CUDA turns division by a CPU scalar into
+    multiplication by its reciprocal (one rounding more), a tensor keeps it a division."""
+    if pixels.dtype != torch.uint8:
+        raise TypeError(f"expected uint8 pixels, got {pixels.dtype}")
+    dev = pixels.device
+    m = torch.as_tensor(mean, dtype=torch.float32).to(dev).view(-1, 1, 1)
+    s = torch.as_tensor(std, dtype=torch.float32).to(dev).view(-1, 1, 1)
+    scale = torch.full((), 255.0, dtype=torch.float32, device=dev)
+    return pixels.float().div_(scale).sub_(m).div_(s)  # in place: one float32 buffer
+
+
+class PixelItems(torch.utils.data.Dataset):
+    """A file-backed dataset read as uint8 pixels: `base.pixel_items(indices)` gives
+    [((C, H, W) uint8, class)], decoded, resized and cropped exactly as the base's float
+    samples, before normalisation. DataLoader workers ship these (a quarter of float32's
+    bytes); `normalise(x, self.mean, self.std)` on the run's device after the copy gives the
+    base's float samples."""
+
+    def __init__(self, base):
+        self.base = base
+        self.mean, self.std = base.mean, base.std
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def __getitems__(self, indices) -> list[tuple[torch.Tensor, int]]:
+        return self.base.pixel_items(indices)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        return self.base.pixel_items([i])[0]
+
+
 class NormalisedImages(torch.utils.data.Dataset):
     """uint8 images (N, C, H, W) + classes, served as normalised float32 (the space every model
     and every distilled image lives in)."""

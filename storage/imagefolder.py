@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+from collections.abc import Sequence
 from pathlib import Path
 from typing import IO
 
@@ -85,12 +86,21 @@ def decode_image(
     raise ValueError(f"{in_chans} input channels are not supported for image files")
 
 
+def _fit(img: Image.Image, size: int) -> Image.Image:
+    """The short side resized to size * 8/7, then centre-cropped to `size`."""
+    return TF.center_crop(TF.resize(img, round(size * 8 / 7)), [size, size])
+
+
 def model_input(img: Image.Image, size: int, mean: list[float], std: list[float]) -> torch.Tensor:
     """(C, size, size) float32 in normalised space: the short side resized to size * 8/7, then
     centre-cropped to `size`."""
-    img = TF.resize(img, round(size * 8 / 7))
-    img = TF.center_crop(img, [size, size])
-    return TF.normalize(TF.to_tensor(img), mean, std)
+    return TF.normalize(TF.to_tensor(_fit(img, size)), mean, std)
+
+
+def pixels(img: Image.Image, size: int) -> torch.Tensor:
+    """(C, size, size) uint8: `model_input` before normalisation (storage.datasets.normalise
+    turns it into model_input's tensor, bit for bit)."""
+    return TF.pil_to_tensor(_fit(img, size))
 
 
 class ImageFolderDataset(torch.utils.data.Dataset):
@@ -133,3 +143,7 @@ class ImageFolderDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
         return model_input(self.load(i), self.size, self.mean, self.std), self.samples[i][1]
+
+    def pixel_items(self, indices: Sequence[int]) -> list[tuple[torch.Tensor, int]]:
+        """[((C, size, size) uint8, class)] of samples `indices` (storage.datasets.PixelItems)."""
+        return [(pixels(self.load(i), self.size), self.samples[i][1]) for i in indices]

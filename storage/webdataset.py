@@ -32,7 +32,7 @@ import fsspec
 import numpy as np
 import torch
 
-from .imagefolder import decode_image, model_input
+from .imagefolder import decode_image, model_input, pixels
 
 IMAGE_FIELDS = {"jpg", "jpeg", "png", "webp"}
 SIZES_FILE = "sizes.json"
@@ -333,15 +333,26 @@ class TarShardDataset(torch.utils.data.Dataset):
             out.append((data, idx.name(j), int(idx.classes[j])))
         return out
 
-    def __getitems__(self, indices: Sequence[int]) -> list[tuple[torch.Tensor, int]]:
+    def _items(self, indices: Sequence[int], raw: bool) -> list[tuple[torch.Tensor, int]]:
         shard, pos = self._locate(indices)
         out: list[Any] = [None] * len(indices)
         for k in dict.fromkeys(shard.tolist()):
             where = np.nonzero(shard == k)[0]
             for slot, (data, name, c) in zip(where, self._read(k, pos[where]), strict=True):
                 img = decode_image(io.BytesIO(data), f"{self.where(k)}: {name}", self.in_chans)
-                out[slot] = (model_input(img, self.size, self.mean, self.std), c)
+                if raw:
+                    out[slot] = (pixels(img, self.size), c)
+                else:
+                    out[slot] = (model_input(img, self.size, self.mean, self.std), c)
         return out
+
+    def __getitems__(self, indices: Sequence[int]) -> list[tuple[torch.Tensor, int]]:
+        return self._items(indices, raw=False)
+
+    def pixel_items(self, indices: Sequence[int]) -> list[tuple[torch.Tensor, int]]:
+        """[((C, size, size) uint8, class)]: the samples before normalisation, one read per
+        shard like __getitems__ (storage.datasets.PixelItems)."""
+        return self._items(indices, raw=True)
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
         return self.__getitems__([i])[0]

@@ -1,5 +1,6 @@
 """The embarrassingly parallel passes on Dask, through prefect-dask's DaskTaskRunner: the
-statistics shards (teacher x shard of the dataset) and the label epochs.
+statistics shards (one task per shard of the dataset, for every teacher missing it: each image
+decoded once) and the label epochs.
 
 Workers write only their own files, atomically (a shard's state, an epoch's Parquet file), and
 take no lock. The flow process holds the run's lock; after the workers, the usual stage task
@@ -31,7 +32,7 @@ from .credentials import storage_options
 from .retry import retry_on_transient_io
 from .stages.common import data_splits, load_teacher
 from .stages.labels import missing_epochs, write_one_epoch
-from .stages.stats import compute_shard, missing_shards, shard_key
+from .stages.stats import by_shard, compute_shards, missing_shards, shard_key
 
 
 def dask_task_runner(spec: DaskSpec) -> DaskTaskRunner:
@@ -76,16 +77,26 @@ _io_retries: dict[str, Any] = {
 }
 
 
-@task(name="stats-shard", task_run_name="stats-shard-teacher{m}-shard{s}", **_io_retries)
-def stats_shard_task(root: str, config: dict[str, Any], m: int, s: int) -> dict[str, Any]:
+@task(name="stats-shard", task_run_name="stats-shard-{s}", **_io_retries)
+def stats_shard_task(
+    root: str, config: dict[str, Any], s: int, teachers: list[int]
+) -> dict[str, Any]:
+    """Shard s of the statistics pass for `teachers` (those missing it): each batch decoded
+    once and run through all of them; one file per (teacher, shard) as in the flow process."""
     cfg = parse_config(config)
     run = _worker_run(root, cfg)
     key = (root, cfg.config_hash())
     train = _cached(("train", *key), lambda: data_splits(run)[0])
-    model = _cached(("teacher", *key, m), lambda: load_teacher(run, m))
-    names = select_layers(model, cfg.stats.layers)
-    compute_shard(run, model, names, train, m, s)
-    return {"shard": run.fs.url(shard_key(m, s)), "pid": os.getpid()}
+    models = {}
+    for m in teachers:
+        model = _cached(("teacher", *key, m), lambda m=m: load_teacher(run, m))
+        models[m] = (model, select_layers(model, cfg.stats.layers))
+    compute_shards(run, models, train, {s: list(teachers)})
+    return {
+        "shard": s,
+        "files": [run.fs.url(shard_key(m, s)) for m in teachers],
+        "pid": os.getpid(),
+    }
 
 
 @task(name="labels-epoch", task_run_name="labels-epoch{e}", **_io_retries)
@@ -141,10 +152,10 @@ def labels_plan_task(root: str, config: dict[str, Any], prefix: str = "") -> lis
 def stats_shards_flow(
     root: str, config: dict[str, Any], todo: list[tuple[int, int]]
 ) -> list[dict[str, Any]]:
-    """Compute the given statistics shards on the Dask cluster; returns {shard, pid} each."""
-    futures = stats_shard_task.map(
-        root, unmapped(config), [m for m, _ in todo], [s for _, s in todo]
-    )
+    """Compute the given (teacher, shard) statistics on the Dask cluster, one task per shard
+    for all its teachers; returns {shard, files, pid} per shard."""
+    shards = by_shard([(m, s) for m, s in todo])
+    futures = stats_shard_task.map(root, unmapped(config), list(shards), list(shards.values()))
     return _gather(list(futures), "statistics shards")
 
 

@@ -98,13 +98,20 @@ def test_study_runs_with_shared_teachers_stats_images(prefect_server, tmp_path, 
         return wrapped
 
     monkeypatch.setattr(teacher_stage, "_train", counting("teacher", teacher_stage._train))
-    monkeypatch.setattr(stats_stage, "compute_shard", counting("shard", stats_stage.compute_shard))
+    real_shards = stats_stage.compute_shards
+
+    def counting_shards(run, teachers, train, todo, *a, **k):  # (teacher, shard) pairs done
+        calls["shard"] += sum(len(ms) for ms in todo.values())
+        return real_shards(run, teachers, train, todo, *a, **k)
+
+    monkeypatch.setattr(stats_stage, "compute_shards", counting_shards)
     monkeypatch.setattr(syn_stage, "init_state", counting("batch", syn_stage.init_state))
     spec = StudySpec.model_validate(STUDY)
     root = tmp_path / "study"
     state = study(root=str(root), config=spec, return_state=True)
     assert state.result().endswith("report/study.md")
     shards_per_teacher = calls["shard"] // 2
+    assert shards_per_teacher >= 1
     # Teachers and statistics once (in shared/); images once for d3s, labels-single and the
     # Fig. 4 points, once for diag: one synthesis batch (IPC 1, 10 classes) each.
     assert calls == {"teacher": 2, "shard": 2 * shards_per_teacher, "batch": 2}

@@ -22,6 +22,7 @@ from storage.webdataset import TarShardDataset, expand_braces
 from tasks.dask_stages import stats_plan_task, stats_shard_task
 from tasks.stages import STAGES
 from tasks.stages.common import batches, class_of_each, new_model
+from tasks.stages.stats import by_shard
 
 MEAN, STD = (0.5, 0.4, 0.3), (0.2, 0.25, 0.3)
 COUNTS = [7, 2, 11]  # uneven shards, 20 samples, 4 classes
@@ -266,8 +267,8 @@ def test_statistics_stage_equals_the_imagefolder_tree(tmp_path):
             c = cfg.model_dump(mode="json")
             todo = stats_plan_task.fn(str(tmp_path / name), c)
             assert len(todo) == 3  # 40 samples, batch 8, 2 batches a shard; tar shards 13/10/17
-            for m, s in todo:
-                stats_shard_task.fn(str(tmp_path / name), c, m, s)
+            for s, ms in by_shard(todo).items():
+                stats_shard_task.fn(str(tmp_path / name), c, s, ms)
         with open_run(tmp_path / name, cfg) as r:
             STAGES["stats"](r)
             stats[name] = read_teacher_stats(r.fs, STATS, 0)

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+import math
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import fsspec
@@ -13,7 +14,7 @@ from safetensors.torch import load as st_load
 from d3s_core.models import build_model, freeze
 from d3s_core.presets import Preset
 from d3s_core.students import evaluate_top1
-from storage.datasets import NormalisedImages, open_splits
+from storage.datasets import NormalisedImages, PixelItems, normalise, open_splits
 from storage.imagefolder import ImageFolderDataset
 from storage.run import Run, teacher_meta, teacher_weights
 from storage.states import weights_blob
@@ -125,6 +126,69 @@ def load_teacher(run: Run, m: int) -> torch.nn.Module:
     return freeze(model.to(run.config.device))
 
 
+class _SequentialBatches:
+    """Batch sampler: the sample indices of batches `ids` of the sequential order, made as they
+    are needed (a list of every index of a large dataset would take gigabytes)."""
+
+    def __init__(self, n: int, batch_size: int, ids: list[int]):
+        self.n, self.batch_size, self.ids = n, batch_size, ids
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __iter__(self) -> Iterator[list[int]]:
+        bs = self.batch_size
+        for b in self.ids:
+            yield list(range(b * bs, min(self.n, (b + 1) * bs)))
+
+
+def _load(run: Run, ds: Dataset, **kw: Any) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """One DataLoader (one set of `stats.workers` worker processes, started once) over `ds`.
+    Image-file datasets travel as uint8 pixels (pinned on CUDA, copied without blocking) and
+    are normalised on the run's device; other datasets as their float samples."""
+    device = run.config.device
+    raw = PixelItems(ds) if isinstance(ds, ImageFolderDataset | TarShardDataset) else None
+    loader = torch.utils.data.DataLoader(
+        raw if raw is not None else ds,
+        num_workers=run.config.stats.workers,
+        pin_memory=device.startswith("cuda"),
+        **kw,
+    )
+    for x, y in loader:
+        x = x.to(device, non_blocking=True)
+        if raw is not None:
+            x = normalise(x, raw.mean, raw.std)
+        yield x, y.to(device, non_blocking=True)
+
+
+def _in_memory(ds: NormalisedImages, idx, device: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows `idx` of an in-memory set: uint8 to the device, normalised there."""
+    x, y = ds.images[idx].to(device), ds.classes[idx].to(device, copy=True)
+    return normalise(x, ds.mean, ds.std), y
+
+
+def sequential_batches(
+    run: Run, ds: Dataset, batch_size: int, ids: Iterable[int]
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Batches number `ids` (ascending, each < ceil(len(ds) / batch_size)) of the dataset's
+    sequential order, as (x, y) on the run's device: all of them through one DataLoader, so
+    its workers start once however the batches are grouped; batches not listed are not read."""
+    ids = list(ids)
+    if not ids:
+        return
+    n = len(ds)  # type: ignore[arg-type]
+    if isinstance(ds, NormalisedImages):
+        for b in ids:
+            yield _in_memory(
+                ds, slice(b * batch_size, min(n, (b + 1) * batch_size)), run.config.device
+            )
+        return
+    if isinstance(ds, TarShardDataset):
+        # Indexed here, once, before the workers fork (the first shards of the range).
+        ds.index_range(ids[0] * batch_size, min(n, (ids[-1] + 1) * batch_size))
+    yield from _load(run, ds, batch_sampler=_SequentialBatches(n, batch_size, ids))
+
+
 def batches(
     run: Run,
     ds: Dataset,
@@ -132,48 +196,26 @@ def batches(
     generator: torch.Generator | None = None,
     start_batch: int = 0,
     stop_batch: int | None = None,
-):
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """(x, y) batches on the run's device: straight slices of in-memory sets, a multi-worker
-    DataLoader otherwise. `generator` shuffles (seeded, so an epoch can be replayed); without
-    it the order is the dataset's, and batches [start_batch, stop_batch) are read, the others
-    skipped without reading them."""
-    device = run.config.device
-    if isinstance(ds, NormalisedImages):
-        x, y = ds.tensors()
-        order = (
-            torch.randperm(len(x), generator=generator)
-            if generator is not None
-            else torch.arange(len(x))
-        )
-        for idx in order.split(batch_size)[start_batch:stop_batch]:
-            yield x[idx].to(device), y[idx].to(device)
+    DataLoader otherwise; images travel as uint8 and are normalised on the device.
+    `generator` shuffles (seeded, so an epoch can be replayed); without it the order is the
+    dataset's, and batches [start_batch, stop_batch) are read, the others skipped without
+    reading them."""
+    if generator is None:
+        n_batches = math.ceil(len(ds) / batch_size)  # type: ignore[arg-type]
+        stop = n_batches if stop_batch is None else min(stop_batch, n_batches)
+        yield from sequential_batches(run, ds, batch_size, range(start_batch, stop))
         return
-    order = None
-    if start_batch or stop_batch is not None:
-        assert generator is None, "skipping batches needs the sequential order"
-        stop = len(ds) if stop_batch is None else min(len(ds), stop_batch * batch_size)  # type: ignore[arg-type]
-        order = range(start_batch * batch_size, stop)
-    if isinstance(ds, TarShardDataset):
-        # Shuffled epochs stay within a few shards at a time (TarShardDataset.shuffled_order);
-        # sequential ranges are indexed here, once, before the workers fork.
-        if generator is not None:
-            order, generator = ds.shuffled_order(generator), None
-        else:
-            order = range(len(ds)) if order is None else order
-            ds.index_range(order.start, order.stop)
-    elif order is not None:
-        ds, order = torch.utils.data.Subset(ds, order), None
-    loader = torch.utils.data.DataLoader(
-        ds,
-        batch_size=batch_size,
-        shuffle=generator is not None,
-        generator=generator,
-        sampler=order,
-        num_workers=run.config.stats.workers,
-        pin_memory=device.startswith("cuda"),
-    )
-    for x, y in loader:
-        yield x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+    assert not start_batch and stop_batch is None, "skipping batches needs the sequential order"
+    if isinstance(ds, NormalisedImages):
+        for idx in torch.randperm(len(ds), generator=generator).split(batch_size):
+            yield _in_memory(ds, idx, run.config.device)
+    elif isinstance(ds, TarShardDataset):
+        # Shuffled epochs stay within a few shards at a time (TarShardDataset.shuffled_order).
+        yield from _load(run, ds, batch_size=batch_size, sampler=ds.shuffled_order(generator))
+    else:
+        yield from _load(run, ds, batch_size=batch_size, shuffle=True, generator=generator)
 
 
 def class_of_each(ds: Dataset) -> torch.Tensor:

@@ -1,28 +1,31 @@
-"""Stage 2: one streaming pass over the training set per teacher, to per-layer mu and Sigma
+"""Stage 2: one streaming pass over the training set, to per-layer mu and Sigma of every teacher
 (Sec. 4.1, App. A.1).
 
-The pass is cut into shards of `stats.checkpoint_batches` batches of the sequential order; each
-shard's float64 sufficient statistics are a file of their own (the checkpoint), computed here
-one after another or by Dask workers in parallel (tasks/dask_stages.py), and merged in a
+Each image is decoded once and run through all M teachers. The pass is cut into shards of
+`stats.checkpoint_batches` batches of the sequential order; each (teacher, shard)'s float64
+sufficient statistics are a file of their own (the checkpoint), computed here in one pass
+(one DataLoader, whose workers live for the whole pass) or by Dask workers in parallel, one
+task per shard for all teachers missing it (tasks/dask_stages.py), and merged per teacher in a
 pairwise tree (Chan's formula) when all are there."""
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from contextlib import ExitStack
 from functools import partial
 
 import torch
 
 from d3s_core.layers import FeatureHooks, select_layers
 from d3s_core.loss import GaussianTarget, prepare_target
-from d3s_core.precision import network_autocast
+from d3s_core.precision import enable_cudnn_autotune, network_autocast
 from d3s_core.stats import SuffStats, merge_all
 from storage.arrays import read_teacher_stats, write_teacher_stats
 from storage.run import STATS, Run, teacher_weights
 from storage.states import has_state, load_state, save_state
 
-from .common import Progress, batches, data_splits, load_teacher, no_progress
+from .common import Progress, data_splits, load_teacher, no_progress, sequential_batches
 
 
 def _stats_key(m: int) -> str:
@@ -54,6 +57,62 @@ def missing_shards(run: Run, n_samples: int) -> list[tuple[int, int]]:
     return out
 
 
+def by_shard(pairs: list[tuple[int, int]]) -> dict[int, list[int]]:
+    """(teacher, shard) pairs as {shard: the teachers missing it}, shards ascending."""
+    out: dict[int, list[int]] = {}
+    for m, s in sorted(pairs, key=lambda p: (p[1], p[0])):
+        out.setdefault(s, []).append(m)
+    return out
+
+
+Teachers = dict[int, tuple[torch.nn.Module, list[str]]]
+
+
+def compute_shards(
+    run: Run,
+    teachers: Teachers,
+    train,
+    todo: dict[int, list[int]],
+    on_batch: Callable[[int, int], None] | None = None,
+) -> None:
+    """Shards `todo` ({shard: teachers}) in one read of their batches: each batch is decoded
+    once, by one DataLoader for the whole pass, and run through every teacher missing its
+    shard (`teachers`: {m: (model, measured layer names)}). Shard s of teacher m covers
+    batches [s * per, (s + 1) * per) of the sequential order and is written, as one file
+    (atomic; safe without the run lock: no other file is touched), as soon as its last batch
+    is done. `on_batch(b, s)` after batch b (of the whole order) of shard s."""
+    cfg = run.config
+    bs, per = cfg.stats.batch_size, cfg.stats.checkpoint_batches
+    n_batches = math.ceil(len(train) / bs)
+    todo = {s: ms for s, ms in sorted(todo.items()) if ms}
+    ids = [b for s in todo for b in range(s * per, min((s + 1) * per, n_batches))]
+    reduce = partial(SuffStats.from_batch, precision=cfg.stats.precision)
+    acc: dict[int, list[SuffStats]] = {}
+    with ExitStack() as stack, torch.no_grad():
+        hooks = {
+            m: stack.enter_context(FeatureHooks(model, names, reduce))
+            for m, (model, names) in teachers.items()
+            if any(m in ms for ms in todo.values())
+        }
+        for b, (x, _) in zip(ids, sequential_batches(run, train, bs, ids), strict=True):
+            s = b // per
+            for m in todo[s]:
+                with network_autocast(x.device.type, cfg.stats.autocast):
+                    teachers[m][0](x)
+                parts = hooks[m].outputs
+                acc[m] = (
+                    [a.merge(p) for a, p in zip(acc[m], parts, strict=True)] if m in acc else parts
+                )
+            if on_batch is not None:
+                on_batch(b, s)
+            if b + 1 == min((s + 1) * per, n_batches):  # the shard's last batch
+                for m in todo[s]:
+                    stats = [(a.n, a.mean, a.m2) for a in acc.pop(m)]
+                    save_state(
+                        run.fs, shard_key(m, s), {"stats": stats}, {"layers": teachers[m][1]}
+                    )
+
+
 def compute_shard(
     run: Run,
     model: torch.nn.Module,
@@ -63,24 +122,11 @@ def compute_shard(
     s: int,
     on_batch: Callable[[int], None] | None = None,
 ) -> None:
-    """Teacher m's statistics over batches [s * per, (s + 1) * per) of the sequential order,
-    written as one file (atomic; safe without the run lock: no other file is touched)."""
-    cfg = run.config
-    per = cfg.stats.checkpoint_batches
-    reduce = partial(SuffStats.from_batch, precision=cfg.stats.precision)
-    acc: list[SuffStats] = []
-    with FeatureHooks(model, names, reduce) as hooks, torch.no_grad():
-        shard = batches(run, train, cfg.stats.batch_size, None, s * per, (s + 1) * per)
-        for i, (x, _) in enumerate(shard):
-            with network_autocast(x.device.type, cfg.stats.autocast):
-                model(x)
-            parts = hooks.outputs
-            acc = parts if not acc else [a.merge(b) for a, b in zip(acc, parts, strict=True)]
-            if on_batch is not None:
-                on_batch(i + 1)
-    save_state(
-        run.fs, shard_key(m, s), {"stats": [(a.n, a.mean, a.m2) for a in acc]}, {"layers": names}
-    )
+    """Teacher m's statistics over shard s alone (compute_shards for one teacher and shard);
+    `on_batch(i)` after the shard's i-th batch."""
+    per = run.config.stats.checkpoint_batches
+    done = None if on_batch is None else (lambda b, _s: on_batch(b - s * per + 1))
+    compute_shards(run, {m: (model, names)}, train, {s: [m]}, done)
 
 
 def load_shard(run: Run, m: int, s: int) -> list[SuffStats]:
@@ -88,34 +134,39 @@ def load_shard(run: Run, m: int, s: int) -> list[SuffStats]:
     return [SuffStats(n, mu, m2) for n, mu, m2 in state["stats"]]
 
 
-def _report(progress: Progress, m: int, teachers: int, n_batches: int, before: int, i: int):
-    done = before + i
-    progress("stats", (m + done / n_batches) / teachers, {"teacher": m, "batch": done})
-
-
 def compute_stats(run: Run, progress: Progress = no_progress) -> str:
-    """Per teacher: every shard not yet on disk (computed here, or earlier by Dask workers),
-    then a pairwise tree merge of the shards into stats.zarr. A killed pass loses at most the
-    shard in progress."""
+    """Every shard not yet on disk (computed here, or earlier by Dask workers), for all
+    unfinished teachers in one pass over the data (compute_shards: each image decoded once
+    for the M teachers); then per teacher a pairwise tree merge of its shards into stats.zarr.
+    A killed pass loses at most the shards in progress."""
     cfg = run.config
+    enable_cudnn_autotune(cfg.device)
     for m in range(cfg.teachers.count):  # a damaged or missing teacher is an error here too
         run.manifest.verify(teacher_weights(m))
     train, _, fingerprint = data_splits(run)
     n_shards = shard_count(run, len(train))
-    todo = missing_shards(run, len(train))
+    unfinished = []
     for m in range(cfg.teachers.count):
         if run.manifest.is_recorded(_stats_key(m)):
             run.manifest.verify(_stats_key(m))
-            continue
+        else:
+            unfinished.append(m)
+    if not unfinished:
+        return run.fs.url(STATS)
+    todo = by_shard(missing_shards(run, len(train)))
+    teachers: Teachers = {}
+    for m in unfinished:
         model = load_teacher(run, m)
-        names = select_layers(model, cfg.stats.layers)
-        n_batches = math.ceil(len(train) / cfg.stats.batch_size)
-        per = cfg.stats.checkpoint_batches
-        report = partial(_report, progress, m, cfg.teachers.count, n_batches)
-        for s in range(n_shards):
-            if (m, s) in todo:
-                compute_shard(run, model, names, train, m, s, partial(report, s * per))
-            report(min(n_batches, (s + 1) * per), 0)
+        teachers[m] = (model, select_layers(model, cfg.stats.layers))
+    n_batches = math.ceil(len(train) / cfg.stats.batch_size)
+
+    def report(b: int, s: int) -> None:
+        progress("stats", (b + 1) / n_batches, {"batch": b + 1, "shard": s, "teachers": todo[s]})
+
+    compute_shards(run, teachers, train, todo, report)
+    progress("stats", 1.0, {"batch": n_batches, "teachers": unfinished})
+    for m in unfinished:
+        names = teachers[m][1]
         shards = [load_shard(run, m, s) for s in range(n_shards)]
         merged = [merge_all(list(layer)) for layer in zip(*shards, strict=True)]
         write_teacher_stats(
