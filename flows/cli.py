@@ -1,7 +1,11 @@
 """The `d3s` command.
 
-d3s run [CONFIG | --preset NAME] [--root URI]   the whole flow (Prefect), resumable
+d3s run [CONFIG | --preset NAME] [--root URI] [--repair]
+                                                the whole flow (Prefect), resumable
 d3s status ROOT                                 what is done, what is in progress, how far
+d3s verify ROOT [--quick]                       every artifact against the manifest
+d3s repair ROOT [--dry-run]                     forget damaged artifacts and what depends on
+                                                them, so the next run recomputes exactly that
 d3s study CONFIG [--root URI]                   a study (Prefect): variants, Fig. 4, report
 d3s teachers|stats|synthesis|labels|validation CONFIG --root URI
                                                 one stage, without Prefect
@@ -14,6 +18,7 @@ import json
 import sys
 from typing import Any
 
+from flows.errors import report_os_error
 from storage.config import RunConfig, load_config, parse_config
 from storage.fs import RunFS
 from storage.manifest import Manifest
@@ -59,6 +64,55 @@ def _study(path: str, root: str | None) -> int:
     from flows.study import study
 
     print(study(root=root or f"runs/{spec.name}", config=spec))
+    return 0
+
+
+def verify(root: str, quick: bool) -> int:
+    """A table of every artifact of the manifest and its state; 1 if any is damaged."""
+    from storage.integrity import check_one
+
+    fs = RunFS(root)
+    if not fs.exists("config.json"):
+        raise SystemExit(f"d3s: {fs.url()} is not a run (no config.json)")
+    entries = Manifest(fs).entries()
+    bad = 0
+    print(f"{'artifact':<52} {'stage':<11} state")
+    for rel in sorted(entries):
+        problem = check_one(fs, rel, entries[rel], quick)
+        state = "ok" if problem is None else f"{problem.status.upper()}: {problem.detail}"
+        bad += problem is not None
+        print(f"{rel:<52} {entries[rel].get('stage', ''):<11} {state}")
+    depth = "quick (fingerprints; hashed where they differ)" if quick else "full (every byte)"
+    print(f"{len(entries)} artifacts, {bad} damaged or missing; check: {depth}")
+    if bad:
+        print(f"remedy: d3s repair {root}", file=sys.stderr)
+    return 1 if bad else 0
+
+
+def repair_cmd(root: str, dry_run: bool) -> int:
+    """Forget damaged or missing artifacts and everything computed from them (full check)."""
+    from storage.integrity import check, plan_repair, repair
+
+    fs = RunFS(root)
+    if not fs.exists("config.json"):
+        raise SystemExit(f"d3s: {fs.url()} is not a run (no config.json)")
+    cfg = load_config(fs)
+    with open_run(root, cfg, **storage_options(cfg)) as run:
+        problems, _ = check(run.fs, quick=False)
+        plan = plan_repair(run.fs, problems)
+        for p in problems:
+            print(f"{p.status:<8} {p.rel}: {p.detail}")
+        if not plan.forget:
+            print("nothing to repair: every artifact matches the manifest")
+            return 0
+        verb = "would forget" if dry_run else "forgetting"
+        for rel in plan.forget:
+            print(f"{verb} {rel}")
+        if plan.first_batch is not None:
+            print(f"synthesis redoes batches from {plan.first_batch} (earlier batches kept)")
+        if not dry_run:
+            repair(run.fs, plan)
+            print(f"done: run the same `d3s run` again to recompute {len(plan.forget)} artifact(s)")
     return 0
 
 
@@ -123,6 +177,17 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("config", nargs="?")
     run.add_argument("--preset")
     run.add_argument("--root")
+    run.add_argument(
+        "--repair",
+        action="store_true",
+        help="forget damaged artifacts (and what depends on them) and recompute them",
+    )
+    ve = sub.add_parser("verify", help="check every artifact of a run against its manifest")
+    ve.add_argument("root")
+    ve.add_argument("--quick", action="store_true", help="stat, hash only what changed")
+    rp = sub.add_parser("repair", help="forget damaged artifacts so the next run redoes them")
+    rp.add_argument("root")
+    rp.add_argument("--dry-run", action="store_true", help="list what would be forgotten")
     sd = sub.add_parser("study", help="run or resume a study of variants (storage/study.py)")
     sd.add_argument("config")
     sd.add_argument("--root")
@@ -141,6 +206,10 @@ def main(argv: list[str] | None = None) -> int:
             for k, v in status(args.root).items():
                 print(f"{k:<11} {v}")
             return 0
+        if args.cmd == "verify":
+            return verify(args.root, args.quick)
+        if args.cmd == "repair":
+            return repair_cmd(args.root, args.dry_run)
         if args.cmd == "study":
             return _study(args.config, args.root)
         cfg = _config(args.config, args.preset)
@@ -148,7 +217,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.cmd == "run":
             from flows.distill import distill
 
-            print(distill(root=root, config=cfg))
+            print(distill(root=root, config=cfg, repair=args.repair))
             return 0
         bars = TerminalProgress() if bars_enabled() else None
         try:
@@ -162,6 +231,8 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError, RuntimeError) as e:
         print(f"d3s: {e}", file=sys.stderr)
         return 2
+    except OSError as e:  # read-only root, no space, permission: one line naming the path
+        return report_os_error(e)
 
 
 if __name__ == "__main__":

@@ -21,6 +21,7 @@ from tasks.dask_stages import (
 )
 from tasks.prefect_tasks import (
     baseline_task,
+    check_task,
     labels_task,
     report_task,
     stats_task,
@@ -39,13 +40,22 @@ def _run_name() -> str:
 
 
 @flow(name="d3s-distill", flow_run_name=_run_name, log_prints=True)
-def distill(root: str = "runs/demo-mnist", config: RunConfig = RunConfig()) -> str:  # noqa: B008
-    """Run (or resume) every D3S stage of one run. Returns the validation summary's URI."""
+def distill(
+    root: str = "runs/demo-mnist",
+    config: RunConfig = RunConfig(),  # noqa: B008
+    repair: bool = False,
+) -> str:
+    """Run (or resume) every D3S stage of one run. Returns the validation summary's URI.
+
+    First every finished artifact is checked against the manifest: damage fails the run
+    naming the files, or with `repair` is forgotten with what was computed from it, and
+    recomputed."""
     c = config.model_dump(mode="json")
     # The flow holds the run's writer lock for its whole life (the tasks share it), and the
     # run exists before the first cache key is computed.
     with open_run(root, config, **storage_options(config)):
-        t = teachers_task(root, c)
+        checked = check_task(root, c, repair)
+        t = teachers_task(root, c, wait_for=[checked])
         if config.dask is not None:  # statistics shards on the Dask cluster, merged below
             todo = stats_plan_task(root, c, wait_for=[t])
             if todo:

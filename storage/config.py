@@ -1,7 +1,13 @@
 """The resolved run configuration: typed, validated, saved beside the artifacts with its hash.
 
-Unknown keys are errors (a typo must not silently fall back to a default). Older saved configs
-load with defaults for keys they lack.
+Unknown keys are errors (a typo must not silently fall back to a default), and so is every value
+out of its range or of the wrong type (no string for a number, no 1.0 for an integer); the error
+names the key, e.g. `config: teachers.train.lr: -0.1 must be > 0`. Older saved configs load
+with defaults for keys they lack.
+
+A root's configuration is fixed by the first artifact written under it: until then (a start
+that failed at once) config.json is replaced by the next configuration given; afterwards a
+different configuration is refused, naming the keys that differ.
 """
 
 from __future__ import annotations
@@ -16,17 +22,23 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from d3s_core.presets import Preset, get_preset
 from d3s_core.synthesis import SynthesisConfig
-from d3s_core.teachers import TeacherTrainConfig
+from d3s_core.teachers import TeacherTrainConfig, check_range
 
 from .fs import RunFS
+from .lock import LOCK_FILE
+from .manifest import MANIFEST
 from .urls import check_no_credentials
 
 CONFIG_FILE = "config.json"
 SCHEMA_VERSION = 1
+# Sections that do not change the results: not hashed, never reported as a difference.
+UNHASHED = frozenset({"storage", "dask", "distributed"})
 
 
 class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # strict: no coercion ("0.1" is not a number, 2.0 not an integer, true not 1);
+    # allow_inf_nan=False: no NaN or infinity where a number is expected.
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True, allow_inf_nan=False)
 
 
 class DatasetSpec(Strict):
@@ -38,8 +50,8 @@ class DatasetSpec(Strict):
     kind: Literal["mnist5k", "imagefolder", "webdataset", "synthetic"] = "mnist5k"
     path: str | None = None
     val_path: str | None = None
-    synthetic_size: int = 256
-    test_fraction: float = 0.2
+    synthetic_size: int = Field(256, ge=1)
+    test_fraction: float = Field(0.2, gt=0, lt=1)
 
 
 class TeachersSpec(Strict):
@@ -93,7 +105,7 @@ class ValidationSpec(Strict):
     students: int = Field(2, ge=1)
     random_real_baseline: bool = False
     arch: str | None = None
-    epochs: int | None = None
+    epochs: int | None = Field(None, ge=1)
     checkpoint_every_epochs: int = Field(10, ge=1)
 
 
@@ -131,10 +143,10 @@ class RunConfig(Strict):
     """Everything that determines a run's results. `preset` supplies defaults (Tables 8-10);
     the per-stage sections override them."""
 
-    schema_version: int = SCHEMA_VERSION
+    schema_version: int = Field(SCHEMA_VERSION, ge=1)
     name: str = "d3s"
     preset: str = "demo-mnist"
-    seed: int = 0
+    seed: int = Field(0, ge=0)
     device: str = "cpu"
     dataset: DatasetSpec = Field(default_factory=DatasetSpec)
     teachers: TeachersSpec = Field(default_factory=TeachersSpec)
@@ -161,8 +173,11 @@ class RunConfig(Strict):
         return self.validation.arch or self.preset_obj().student.arch
 
     def config_hash(self) -> str:
-        results = self.model_dump(mode="json", exclude={"storage", "dask", "distributed"})
-        return hashlib.sha256(canonical_json(results)).hexdigest()
+        return hashlib.sha256(canonical_json(self.hashed())).hexdigest()
+
+    def hashed(self) -> dict[str, Any]:
+        """The sections that determine the results, as JSON values (what the hash covers)."""
+        return self.model_dump(mode="json", exclude=set(UNHASHED))
 
 
 def _override(base: Any, overrides: dict[str, Any], where: str) -> Any:
@@ -175,10 +190,14 @@ def _override(base: Any, overrides: dict[str, Any], where: str) -> Any:
     hints = get_type_hints(type(base))
     for k, v in overrides.items():
         allowed = get_args(hints[k]) if get_origin(hints[k]) is Literal else None
-        if allowed and v not in allowed:
+        if allowed and (isinstance(v, (list, dict)) or v not in allowed):
             raise ValueError(f"{where}.{k}: {v!r} is not one of {list(allowed)}")
-        values[k] = tuple(v) if isinstance(values[k], tuple) else v
-    return type(base)(**values)
+        values[k] = tuple(v) if isinstance(values[k], tuple) and isinstance(v, list) else v
+    try:
+        # __post_init__ checks every value and names the field ("lr: -0.1 must be > 0")
+        return type(base)(**values)
+    except (ValueError, TypeError) as e:
+        raise ValueError(f"{where}.{e}") from None
 
 
 def canonical_json(obj: Any) -> bytes:
@@ -200,6 +219,41 @@ def _check(cfg: RunConfig) -> None:
             check_no_credentials(url, where)
     if cfg.dataset.kind in ("imagefolder", "webdataset") and not cfg.dataset.path:
         raise ValueError(f"dataset.path is required for a {cfg.dataset.kind!r} dataset")
+    p = cfg.preset_obj()
+    _check_preset(p)
+    syn = cfg.synthesis_cfg()
+    for name in ("mean", "std"):
+        n = len(getattr(syn, name))
+        if n != p.in_chans:
+            raise ValueError(
+                f"synthesis.params.{name}: {n} values for the {p.in_chans}-channel images of "
+                f"preset {p.name!r}; one per channel"
+            )
+    if cfg.labels.format == "topk" and cfg.labels.topk > p.num_classes:
+        raise ValueError(
+            f"labels.topk: {cfg.labels.topk} must be <= the {p.num_classes} classes of "
+            f"preset {p.name!r}"
+        )
+
+
+def _check_preset(p: Preset) -> None:
+    """The preset's own label and student recipes (code, not user input: a guard against a
+    bad edit). Its teacher and synthesis recipes check themselves when built."""
+    where = f"preset {p.name!r}"
+    for name in ("num_classes", "image_size", "in_chans", "width", "teachers", "ipc"):
+        check_range(f"{where}: {name}", getattr(p, name), ge=1, integer=True)
+    check_range(f"{where}: synthesis_batch", p.synthesis_batch, ge=1, integer=True)
+    lab, st = p.labels, p.student
+    check_range(f"{where}: labels.epochs", lab.epochs, ge=1, integer=True)
+    check_range(f"{where}: labels.batch_size", lab.batch_size, ge=1, integer=True)
+    check_range(f"{where}: labels.min_crop_scale", lab.min_crop_scale, gt=0, le=1)
+    check_range(f"{where}: student.lr", st.lr, gt=0)
+    check_range(f"{where}: student.momentum", st.momentum, ge=0, lt=1)
+    check_range(f"{where}: student.weight_decay", st.weight_decay, ge=0)
+    check_range(f"{where}: student.batch_size", st.batch_size, ge=1, integer=True)
+    check_range(f"{where}: student.epochs", st.epochs, ge=1, integer=True)
+    check_range(f"{where}: student.temperature", st.temperature, gt=0)
+    check_range(f"{where}: student.students", st.students, ge=1, integer=True)
 
 
 def parse_config(data: dict[str, Any], source: str = "config") -> RunConfig:
@@ -211,32 +265,143 @@ def parse_config(data: dict[str, Any], source: str = "config") -> RunConfig:
         cfg.teacher_train()
         cfg.synthesis_cfg()
     except ValidationError as e:
-        problems = "; ".join(
-            f"{'.'.join(str(p) for p in err['loc'])}: {err['msg']}" for err in e.errors()
-        )
-        raise ValueError(f"{source}: invalid configuration: {problems}") from None
+        problems = "; ".join(_problem(dict(err)) for err in e.errors())
+        raise ValueError(f"{source}: {problems}") from None
     except ValueError as e:
         raise ValueError(f"{source}: {e}") from None
     return cfg
 
 
+_RULES = {
+    "greater_than": ("gt", ">"),
+    "greater_than_equal": ("ge", ">="),
+    "less_than": ("lt", "<"),
+    "less_than_equal": ("le", "<="),
+}
+_KINDS = {
+    "int_type": "an integer",
+    "int_parsing": "an integer",
+    "int_from_float": "an integer",
+    "float_type": "a number",
+    "float_parsing": "a number",
+    "finite_number": "a finite number",
+    "bool_type": "true or false",
+    "string_type": "a string",
+    "list_type": "a list",
+}
+
+
+def _problem(err: dict[str, Any]) -> str:
+    """One pydantic error as `key: value must be ...`."""
+    loc = ".".join(str(p) for p in err["loc"])
+    kind, ctx, value = err["type"], err.get("ctx") or {}, err.get("input")
+    if kind in _RULES and _RULES[kind][0] in ctx:
+        bound, op = _RULES[kind]
+        limit = ctx[bound]
+        return (
+            f"{loc}: {value!r} must be {op} {limit:g}"
+            if isinstance(limit, float)
+            else (f"{loc}: {value!r} must be {op} {limit}")
+        )
+    if kind in _KINDS:
+        return f"{loc}: {value!r} must be {_KINDS[kind]}"
+    if kind == "extra_forbidden":
+        return f"{loc}: unknown key"
+    return f"{loc}: {value!r}: {err['msg']}" if "input" in err else f"{loc}: {err['msg']}"
+
+
+def _flatten(d: Any, prefix: str = "") -> dict[str, Any]:
+    """{"a": {"b": 1}, "c": {}} -> {"a.b": 1}; lists and scalars are leaves."""
+    if not isinstance(d, dict):
+        return {prefix: d}
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        out.update(_flatten(v, f"{prefix}.{k}" if prefix else str(k)))
+    return out
+
+
+_UNSET = object()
+
+
+def config_differences(saved: RunConfig, given: RunConfig) -> list[tuple[str, Any, Any]]:
+    """(key, saved value, given value) for every result-determining key that differs, in
+    dotted form (`synthesis.params.iterations`); a key set on one side only (an override of
+    synthesis.params or teachers.train) has `_UNSET` on the other. The unhashed sections
+    (storage, dask, distributed) are never reported."""
+    a, b = _flatten(saved.hashed()), _flatten(given.hashed())
+    keys = [k for k in a if k not in b or a[k] != b[k]] + [k for k in b if k not in a]
+    return [(k, a.get(k, _UNSET), b.get(k, _UNSET)) for k in keys]
+
+
+def describe_differences(diffs: list[tuple[str, Any, Any]]) -> str:
+    """`synthesis.params.iterations: 200 (saved) vs 400 (given); labels.epochs: 30 vs 50`."""
+
+    def show(v: Any) -> str:
+        return "(default)" if v is _UNSET else json.dumps(v)
+
+    parts = [
+        f"{k}: {show(a)} (saved) vs {show(b)} (given)" if i == 0 else f"{k}: {show(a)} vs {show(b)}"
+        for i, (k, a, b) in enumerate(diffs)
+    ]
+    return "; ".join(parts)
+
+
+def written_artifacts(fs: RunFS) -> list[str]:
+    """Files under the root that a stage wrote: everything but config.json, the writer lock's
+    files at the root (.lock, .lock.json, ...), an atomic writer's temporaries (.tmp-*) and a
+    manifest that records nothing. Empty when a run failed before writing anything."""
+    out = []
+    for rel in fs.walk_files(""):
+        name = rel.rsplit("/", 1)[-1]
+        if rel == CONFIG_FILE or (rel == name and name.startswith(LOCK_FILE)):
+            continue
+        if name.startswith(".tmp-"):
+            continue
+        if rel == MANIFEST:
+            try:
+                if not json.loads(fs.read_bytes(MANIFEST)).get("artifacts"):
+                    continue
+            except (ValueError, AttributeError):
+                pass  # an unreadable manifest counts as written
+        out.append(rel)
+    return out
+
+
 def save_config(fs: RunFS, cfg: RunConfig) -> None:
-    """Write config.json (with its hash) once; a different config for an existing run is an
-    error, so a resumed run can never mix two configurations."""
+    """Write config.json (with its hash). The first artifact written under the root fixes it:
+    before that (a start that failed at once) a different configuration replaces it, with a new
+    run id; afterwards it is refused, naming the differing keys, so a resumed run can never mix
+    two configurations."""
     payload = {
         "config": cfg.model_dump(mode="json"),
         "config_hash": cfg.config_hash(),
         "run_id": uuid.uuid4().hex,  # tells this run from a deleted and recreated one
     }
     if fs.exists(CONFIG_FILE):
-        existing = load_config(fs)
-        if existing.config_hash() != cfg.config_hash():
-            raise ValueError(
-                f"{fs.url(CONFIG_FILE)}: this run was started with a different configuration "
-                f"(hash {existing.config_hash()[:12]} vs {cfg.config_hash()[:12]}); "
-                "use a new root or the same configuration"
+        try:
+            existing: RunConfig | None = load_config(fs)
+            unreadable = ""
+        except (ValueError, KeyError, TypeError) as e:
+            existing, unreadable = None, str(e)
+        if existing is not None and existing.config_hash() == cfg.config_hash():
+            return
+        written = written_artifacts(fs)
+        if written:
+            shown = ", ".join(written[:3]) + (
+                f" and {len(written) - 3} more" if len(written) > 3 else ""
             )
-        return
+            if existing is None:
+                raise ValueError(
+                    f"{fs.url(CONFIG_FILE)}: the saved configuration cannot be read "
+                    f"({unreadable}) and the run has artifacts ({shown}); use a new root"
+                )
+            hashes = f"hash {existing.config_hash()[:12]} vs {cfg.config_hash()[:12]}"
+            raise ValueError(
+                f"{fs.url(CONFIG_FILE)}: this run was started with a different configuration: "
+                f"{describe_differences(config_differences(existing, cfg)) or hashes}; "
+                "use a new root or the saved configuration"
+            )
+        # Nothing computed under the saved configuration: the given one replaces it.
     fs.write_bytes(CONFIG_FILE, json.dumps(payload, indent=2, sort_keys=True).encode())
 
 

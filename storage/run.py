@@ -11,7 +11,13 @@ import threading
 from dataclasses import dataclass
 from typing import Any
 
-from .config import RunConfig, load_config, save_config
+from .config import (
+    RunConfig,
+    config_differences,
+    describe_differences,
+    load_config,
+    save_config,
+)
 from .fs import RunFS
 from .lock import RunLock
 from .manifest import Manifest
@@ -128,7 +134,7 @@ def open_run(root: str | os.PathLike[str], config: RunConfig, **storage_options:
     except BaseException:
         _drop_lock(fs)
         raise
-    return Run(fs, config, Manifest(fs), lock)
+    return Run(fs, config, Manifest(fs, lock.check), lock)
 
 
 def attach_run(root: str | os.PathLike[str], config: RunConfig, **storage_options: Any) -> Run:
@@ -139,7 +145,7 @@ def attach_run(root: str | os.PathLike[str], config: RunConfig, **storage_option
     saved = load_config(fs)
     if saved.config_hash() != config.config_hash():
         raise ValueError(
-            f"{fs.url()}: this run was started with a different configuration "
-            f"(hash {saved.config_hash()[:12]} vs {config.config_hash()[:12]})"
+            f"{fs.url()}: this run was started with a different configuration: "
+            + describe_differences(config_differences(saved, config))
         )
     return Run(fs, config, Manifest(fs))

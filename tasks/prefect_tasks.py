@@ -2,9 +2,18 @@
 
 Tasks take the run root and the config (a plain dict, validated again here) and return URIs,
 never tensors. The cache key is the stage, its version constant, the config hash, the run's
-id and the checksums of the stage's inputs in the manifest (Prefect's default key would look
-only at this file's source, not at the code it calls). Results are persisted. Progress goes to
-a Prefect progress artifact that moves while the stage runs, and to the run logger.
+root and id, and the checksums of the stage's inputs in the manifest (Prefect's default key
+would look only at this file's source, not at the code it calls). Results are persisted.
+
+A cached result stands for files on disk, so it is used only when they are there as recorded:
+the flow's first task (`check_task`) checks every artifact of the manifest (storage/
+integrity.py: a stat per file against the fingerprint recorded with the checksum, a full hash
+where they differ) and fails naming each damaged file and the remedy, or with `repair`
+forgets them and what was computed from them so the stages recompute exactly that. The cache
+key itself is None (no cache) when one of the stage's inputs or outputs fails that check.
+
+Progress goes to a Prefect progress artifact that moves while the stage runs, and to the run
+logger.
 """
 
 from __future__ import annotations
@@ -26,8 +35,18 @@ from prefect.logging import get_run_logger
 
 from storage.config import RunConfig, parse_config, run_id
 from storage.fs import RunFS
-from storage.manifest import Manifest
-from storage.run import attach_run, open_run, read_results
+from storage.integrity import check, plan_repair, refresh_fingerprints, repair
+from storage.manifest import REMEDY, CorruptArtifact, Manifest
+from storage.run import (
+    BASELINE,
+    SYN_IMAGES,
+    attach_run,
+    labels_epoch,
+    open_run,
+    read_results,
+    summary_of,
+    teacher_weights,
+)
 from tasks.report import REPORT, batch_records, inline_images, write_report
 
 from .credentials import storage_options
@@ -55,6 +74,27 @@ STAGE_INPUTS = {
     "validation": ["synthesis/images.zarr", "labels/"],
     "baseline": ["teachers/"],
 }
+# Artifacts (manifest prefixes) each stage writes.
+STAGE_OUTPUTS = {
+    "teachers": ["teachers/"],
+    "stats": ["stats.zarr"],
+    "synthesis": ["synthesis/"],
+    "labels": ["labels/"],
+    "validation": ["validation/"],
+    "baseline": ["baselines/"],
+}
+
+
+def finished_markers(stage: str, cfg: RunConfig) -> list[str]:
+    """The manifest entries a finished stage has recorded (a cached result stands for them)."""
+    return {
+        "teachers": [teacher_weights(m) for m in range(cfg.teachers.count)],
+        "stats": [f"stats.zarr/teacher_{m}" for m in range(cfg.teachers.count)],
+        "synthesis": [SYN_IMAGES],
+        "labels": [labels_epoch(e) for e in range(cfg.labels.epochs)],
+        "validation": [summary_of()],
+        "baseline": [summary_of(BASELINE)],
+    }[stage]
 
 
 def stage_cache_key(stage: str):
@@ -65,14 +105,19 @@ def stage_cache_key(stage: str):
             rid = run_id(fs)
         except FileNotFoundError:
             return None
+        problems, _ = check(fs, quick=True, prefixes=(*STAGE_INPUTS[stage], *STAGE_OUTPUTS[stage]))
+        if problems:  # never stand for damaged files: run the stage, which names them
+            return None
         entries = Manifest(fs).entries()
+        if not all(rel in entries for rel in finished_markers(stage, cfg)):
+            return None  # not finished, or forgotten by a repair: the stage must run
         inputs = sorted(
             (k, v["sha256"])
             for k, v in entries.items()
             if any(k.startswith(p) for p in STAGE_INPUTS[stage])
         )
-        blob = repr((stage, STAGE_VERSION[stage], cfg.config_hash(), rid, inputs)).encode()
-        return f"d3s-{stage}-" + hashlib.sha256(blob).hexdigest()
+        key = (stage, STAGE_VERSION[stage], cfg.config_hash(), fs.url(), rid, inputs)
+        return f"d3s-{stage}-" + hashlib.sha256(repr(key).encode()).hexdigest()
 
     return key
 
@@ -217,6 +262,35 @@ def publish_report(root: str, config: RunConfig) -> str:
         description="teacher, synthesis and student loss curves",
     )
     return report_url
+
+
+def check_run(root: str, config: RunConfig, fix: bool, log=print) -> list[str]:
+    """Every artifact of the manifest against the disk (quick: fingerprints, hashes where they
+    differ). Damage raises CorruptArtifact naming every file and the remedy; with `fix`, the
+    damaged artifacts and what was computed from them are forgotten instead (returned), for
+    the stages to recompute. The caller holds the writer lock."""
+    fs = RunFS(root, **storage_options(config))
+    problems, fresh = check(fs, quick=True)
+    refresh_fingerprints(fs, fresh)
+    if not problems:
+        return []
+    listing = "; ".join(f"{fs.url(p.rel)}: {p.status}, {p.detail}" for p in problems)
+    if not fix:
+        raise CorruptArtifact(
+            f"{len(problems)} damaged or missing artifact(s): {listing}. "
+            + REMEDY.format(root=fs.url())
+            + " (or `d3s run --repair`)"
+        )
+    plan = plan_repair(fs, problems)
+    repair(fs, plan)
+    batches = f" (synthesis from batch {plan.first_batch})" if plan.first_batch else ""
+    log(f"repair: {listing}; forgot {len(plan.forget)} artifact(s){batches}: {plan.forget}")
+    return plan.forget
+
+
+@task(name="check", task_run_name="check-artifacts", cache_policy=NO_CACHE)
+def check_task(root: str, config: dict[str, Any], fix: bool = False) -> list[str]:
+    return check_run(root, parse_config(config), fix, get_run_logger().warning)
 
 
 # Not cached: the report is cheap and reflects the run as it is now.

@@ -125,9 +125,10 @@ def test_second_writer_is_refused_and_lock_dies_with_its_process(tmp_path):
 
 
 def test_a_run_cannot_change_configuration(tmp_path):
-    with open_run(tmp_path, RunConfig()):
-        pass
-    with pytest.raises(ValueError, match="different configuration"):
+    with open_run(tmp_path, RunConfig()) as run:
+        run.fs.write_bytes("teachers/teacher_0.json", b"{}")
+        run.manifest.record("teachers/teacher_0.json", "teachers")
+    with pytest.raises(ValueError, match=r"different configuration: seed: 0 \(saved\) vs 1"):
         open_run(tmp_path, RunConfig(seed=1))
 
 

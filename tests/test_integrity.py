@@ -1,0 +1,208 @@
+"""Damaged artifacts are never hidden: `d3s verify` finds them, `d3s repair` forgets them and
+what was computed from them, the flow refuses to reuse them (Prefect's cache included) and,
+with --repair, recomputes exactly that; a copied root is checked as itself."""
+
+import hashlib
+import json
+import os
+import shutil
+
+import pytest
+
+from flows.cli import main
+from storage.config import parse_config
+from storage.fs import RunFS
+from storage.integrity import check, dependents, plan_repair
+from storage.manifest import Manifest
+from storage.run import SYN_IMAGES, labels_epoch, open_run, syn_commit, teacher_weights
+from tasks.stages import STAGES
+
+from .test_flow import prefect_server  # noqa: F401
+from .test_storage_safety import SMALL
+
+# Two synthesis batches, so a damaged second batch can be redone alone.
+CONFIG = {
+    **SMALL,
+    "name": "integrity",
+    "synthesis": {"ipc": 2, "batch_size": 10, "checkpoint_every": 4, "params": {"iterations": 4}},
+}
+
+
+def sha(path):
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def files(root):
+    """{relative path: sha256} of every file of a run except the manifest and the lock."""
+    out = {}
+    for dirpath, _, names in os.walk(root):
+        for n in names:
+            p = os.path.join(dirpath, n)
+            rel = os.path.relpath(p, root)
+            if rel not in ("manifest.json",) and not rel.startswith(".lock"):
+                out[rel] = sha(__import__("pathlib").Path(p))
+    return out
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory):
+    root = tmp_path_factory.mktemp("integrity") / "run"
+    with open_run(root, parse_config(CONFIG)) as run:
+        for fn in STAGES.values():
+            fn(run)
+    return root
+
+
+@pytest.fixture
+def run_copy(finished, tmp_path):
+    dst = tmp_path / "copy"
+    shutil.copytree(finished, dst)
+    return dst
+
+
+def flip_byte_keeping_stat(path, offset=-1):
+    """Damage that keeps size and modification time (bit rot)."""
+    st = path.stat()
+    data = bytearray(path.read_bytes())
+    data[offset] ^= 0xFF
+    path.write_bytes(bytes(data))
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+
+
+def run_stages(root):
+    with open_run(root, parse_config(CONFIG)) as run:
+        for fn in STAGES.values():
+            fn(run)
+
+
+def test_verify_finds_truncation_quickly_and_bit_rot_in_full(run_copy, capsys):
+    assert main(["verify", str(run_copy)]) == 0
+    assert main(["verify", str(run_copy), "--quick"]) == 0
+    flip_byte_keeping_stat(run_copy / teacher_weights(0), offset=200)
+    assert main(["verify", str(run_copy), "--quick"]) == 0  # size and mtime as recorded
+    assert main(["verify", str(run_copy)]) == 1
+    out = capsys.readouterr()
+    assert "teachers/teacher_0.safetensors" in out.out and "DAMAGED" in out.out
+    assert f"d3s repair {run_copy}" in out.err
+    shard = run_copy / labels_epoch(1)
+    shard.write_bytes(shard.read_bytes()[:-100])
+    assert main(["verify", str(run_copy), "--quick"]) == 1
+    assert "labels/epoch=1/part-0.parquet" in capsys.readouterr().out
+
+
+def test_repair_forgets_a_damaged_label_epoch_and_the_students_then_recomputes_them(
+    run_copy, finished, capsys
+):
+    before = files(finished)
+    shard = run_copy / labels_epoch(1)
+    shard.write_bytes(shard.read_bytes()[:-100])
+    assert main(["repair", str(run_copy), "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "would forget labels/epoch=1/part-0.parquet" in out
+    assert "would forget validation/summary.json" in out
+    assert "labels/epoch=0" not in out and "synthesis" not in out
+    assert shard.exists()  # a dry run changes nothing
+    assert main(["repair", str(run_copy)]) == 0
+    m = Manifest(RunFS(run_copy))
+    assert not m.is_recorded(labels_epoch(1)) and not m.is_recorded("validation/summary.json")
+    assert m.is_recorded(labels_epoch(0)) and m.is_recorded(SYN_IMAGES)
+    assert not shard.exists()
+    run_stages(run_copy)  # the next run recomputes exactly that, to the same bytes
+    assert files(run_copy) == before
+    assert check(RunFS(run_copy), quick=False)[0] == []
+
+
+def test_a_damaged_second_synthesis_batch_is_redone_alone(run_copy, finished, capsys):
+    before = files(finished)
+    commit1 = sha(run_copy / syn_commit(1))
+    chunk = run_copy / "synthesis" / "images.zarr" / "images" / "c" / "1" / "0" / "0" / "0"
+    assert chunk.exists(), sorted(p.name for p in chunk.parent.parent.iterdir())
+    flip_byte_keeping_stat(chunk, offset=len(chunk.read_bytes()) // 2)
+    plan = plan_repair(RunFS(run_copy), check(RunFS(run_copy), quick=False)[0])
+    assert plan.first_batch == 2
+    assert SYN_IMAGES in plan.forget and labels_epoch(0) in plan.forget
+    assert teacher_weights(0) not in plan.forget
+    assert main(["repair", str(run_copy)]) == 0
+    assert "synthesis redoes batches from 2" in capsys.readouterr().out
+    assert (run_copy / syn_commit(1)).exists() and not (run_copy / syn_commit(2)).exists()
+    run_stages(run_copy)
+    record = json.loads((run_copy / syn_commit(2)).read_text())
+    assert record["resumed_from_iteration"] is None  # batch 2 redone from its start
+    assert sha(run_copy / syn_commit(1)) == commit1  # batch 1 kept, not recomputed
+    assert files(run_copy) == before  # same process, same code: the same bytes
+
+
+def test_a_missing_artifact_is_repaired_too(run_copy, capsys):
+    (run_copy / "validation" / "summary.json").unlink()
+    assert main(["verify", str(run_copy), "--quick"]) == 1
+    assert "MISSING" in capsys.readouterr().out
+    assert main(["repair", str(run_copy)]) == 0
+    run_stages(run_copy)
+    assert (run_copy / "validation" / "summary.json").exists()
+
+
+def test_dependents_follow_the_stages():
+    assert "synthesis/" in dependents("teachers/teacher_1.safetensors")
+    assert "stats.zarr/teacher_1" in dependents("teachers/teacher_1.json")
+    assert "stats.zarr/teacher_0" not in dependents("teachers/teacher_1.json")
+    assert dependents("stats.zarr/teacher_0") == [
+        "stats.zarr/teacher_0",
+        "synthesis/",
+        "labels/",
+        "validation/",
+    ]
+    assert dependents("labels/epoch=3/part-0.parquet")[1] == "validation/"
+    assert dependents("baselines/random-real/labels/epoch=0/part-0.parquet")[1] == (
+        "baselines/random-real/validation/"
+    )
+    assert dependents("validation/resnet18-seed1/weights.safetensors") == [
+        "validation/resnet18-seed1/",
+        "validation/summary.json",
+    ]
+
+
+# ---------------------------------------------------------------- through Prefect
+
+
+def test_flow_never_reuses_damaged_artifacts_and_repairs_them(
+    prefect_server,  # noqa: F811
+    finished,
+    tmp_path,
+):
+    """A finished run whose artifacts are then damaged: `d3s run` fails naming the file and the
+    remedy (the stage results Prefect cached stand for files that are no longer as written);
+    `d3s run --repair` recomputes them. A copy of the root is checked as itself: the copy's
+    damage is named with the copy's path, and a clean copy completes on its own files."""
+    root = tmp_path / "flow"
+    shutil.copytree(finished, root)
+    config = tmp_path / "config.json"
+    config.write_text(json.dumps(CONFIG))
+    assert main(["run", str(config), "--root", str(root)]) == 0  # fills Prefect's cache
+    before = files(root)
+    shard = root / labels_epoch(1)
+    shard.write_bytes(shard.read_bytes()[:-100])
+    copy = tmp_path / "flow-copy"
+    shutil.copytree(root, copy)
+    assert main(["run", str(config), "--root", str(root)]) == 2
+    assert main(["run", str(config), "--root", str(copy)]) == 2
+    assert main(["run", str(config), "--root", str(root), "--repair"]) == 0
+    assert sha(shard) == before[str(labels_epoch(1))]  # relabelled, to the same bytes
+    assert check(RunFS(root), quick=False)[0] == []
+
+    partial = tmp_path / "partial"
+    shutil.copytree(finished, partial)
+    shutil.rmtree(partial / "stats.zarr")
+    assert main(["run", str(config), "--root", str(partial)]) == 2
+
+
+def test_flow_error_names_the_file_and_remedy(prefect_server, finished, tmp_path, capsys):  # noqa: F811
+    copy = tmp_path / "copy"
+    shutil.copytree(finished, copy)
+    shard = copy / labels_epoch(0)
+    shard.write_bytes(b"not parquet")
+    config = tmp_path / "config.json"
+    config.write_text(json.dumps(CONFIG))
+    assert main(["run", str(config), "--root", str(copy)]) == 2
+    err = capsys.readouterr().err
+    assert f"{copy}/labels/epoch=0/part-0.parquet: damaged" in err
+    assert f"d3s repair {copy}" in err and "d3s run --repair" in err
