@@ -85,13 +85,20 @@ class Manifest:
     def forget(self, prefix: str) -> None:
         data = self._load()
         data["artifacts"] = {k: v for k, v in data["artifacts"].items() if not k.startswith(prefix)}
+        data["generation"] = data.get("generation", 0) + 1
         self._save(data)
 
     def forget_all(self, rels: list[str]) -> None:
         """Forget these artifacts (exact names), in one write."""
         data = self._load()
         data["artifacts"] = {k: v for k, v in data["artifacts"].items() if k not in set(rels)}
+        data["generation"] = data.get("generation", 0) + 1
         self._save(data)
+
+    def generation(self) -> int:
+        """How many times artifacts were forgotten (by a repair): part of Prefect's cache key,
+        so a stage result cached before a repair is not reused after it."""
+        return int(self._load().get("generation", 0))
 
     def set_fingerprints(self, fresh: dict[str, dict[str, Any]]) -> None:
         """Record the current fingerprints of artifacts just verified in full."""

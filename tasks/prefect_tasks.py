@@ -2,7 +2,8 @@
 
 Tasks take the run root and the config (a plain dict, validated again here) and return URIs,
 never tensors. The cache key is the stage, its version constant, the config hash, the run's
-root and id, and the checksums of the stage's inputs in the manifest (Prefect's default key
+root and id, the manifest's repair generation and the checksums of the stage's inputs in the
+manifest (Prefect's default key
 would look only at this file's source, not at the code it calls). Results are persisted.
 
 A cached result stands for files on disk, so it is used only when they are there as recorded:
@@ -37,16 +38,7 @@ from storage.config import RunConfig, parse_config, run_id
 from storage.fs import RunFS
 from storage.integrity import check, plan_repair, refresh_fingerprints, repair
 from storage.manifest import REMEDY, CorruptArtifact, Manifest
-from storage.run import (
-    BASELINE,
-    SYN_IMAGES,
-    attach_run,
-    labels_epoch,
-    open_run,
-    read_results,
-    summary_of,
-    teacher_weights,
-)
+from storage.run import attach_run, open_run, read_results
 from tasks.report import REPORT, batch_records, inline_images, write_report
 
 from .credentials import storage_options
@@ -85,18 +77,6 @@ STAGE_OUTPUTS = {
 }
 
 
-def finished_markers(stage: str, cfg: RunConfig) -> list[str]:
-    """The manifest entries a finished stage has recorded (a cached result stands for them)."""
-    return {
-        "teachers": [teacher_weights(m) for m in range(cfg.teachers.count)],
-        "stats": [f"stats.zarr/teacher_{m}" for m in range(cfg.teachers.count)],
-        "synthesis": [SYN_IMAGES],
-        "labels": [labels_epoch(e) for e in range(cfg.labels.epochs)],
-        "validation": [summary_of()],
-        "baseline": [summary_of(BASELINE)],
-    }[stage]
-
-
 def stage_cache_key(stage: str):
     def key(context: TaskRunContext, params: dict[str, Any]) -> str | None:
         root, cfg = params["root"], parse_config(params["config"])
@@ -108,15 +88,17 @@ def stage_cache_key(stage: str):
         problems, _ = check(fs, quick=True, prefixes=(*STAGE_INPUTS[stage], *STAGE_OUTPUTS[stage]))
         if problems:  # never stand for damaged files: run the stage, which names them
             return None
-        entries = Manifest(fs).entries()
-        if not all(rel in entries for rel in finished_markers(stage, cfg)):
-            return None  # not finished, or forgotten by a repair: the stage must run
+        manifest = Manifest(fs)
+        entries = manifest.entries()
         inputs = sorted(
             (k, v["sha256"])
             for k, v in entries.items()
             if any(k.startswith(p) for p in STAGE_INPUTS[stage])
         )
-        key = (stage, STAGE_VERSION[stage], cfg.config_hash(), fs.url(), rid, inputs)
+        # The generation changes with every repair: results cached before it stand for files
+        # it forgot.
+        generation = manifest.generation()
+        key = (stage, STAGE_VERSION[stage], cfg.config_hash(), fs.url(), rid, generation, inputs)
         return f"d3s-{stage}-" + hashlib.sha256(repr(key).encode()).hexdigest()
 
     return key

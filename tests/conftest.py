@@ -5,6 +5,10 @@ import re
 import pytest
 import torch
 
+# A new PREFECT_HOME's ephemeral server takes 25-30 s to start on 2 busy cores (database
+# migrations), over Prefect's 20 s default; the flow subprocesses inherit this too.
+os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
+
 # `gpu` tests need CUDA. Without it they are skipped, unless CUDA was asked for: a `-m`
 # expression that selects them (`-m gpu`, `-m "gpu or slow"`, not `-m "not gpu"`), or
 # D3S_REQUIRE_GPU=1. Then each one fails, so a GPU run that silently ran on a machine without a
