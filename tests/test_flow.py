@@ -57,8 +57,10 @@ def test_flow_runs_then_reuses_finished_stages(prefect_server, tmp_path, monkeyp
     import asyncio
 
     states = dict(asyncio.run(task_states()))
-    # Every stage is reused; the report (cheap, not cached) is rewritten.
+    # Every stage is reused; the artifacts are checked first and the report (cheap, not
+    # cached) is rewritten.
     assert states == {
+        "check-artifacts": "Completed",
         **{s: "Cached" for s in ("teachers", "stats", "synthesis", "labels", "validation")},
         "report": "Completed",
     }
