@@ -30,7 +30,7 @@ from storage.run import (
     summary_of,
     teacher_weights,
 )
-from storage.states import has_state, load_state
+from storage.states import has_state, load_state, state_meta
 from tasks.credentials import storage_options
 from tasks.terminal import TerminalProgress, bars_enabled
 
@@ -128,9 +128,15 @@ def status(root: str) -> dict[str, Any]:
     n_batches = -(-n_images // cfg.synthesis.batch_size)
     committed = len([f for f in fs.listdir("synthesis/batches") if f.endswith(".json")])
     in_batch = None
-    if has_state(fs, SYN_CHECKPOINT):
-        state, meta = load_state(fs, SYN_CHECKPOINT)
-        in_batch = {"batch": meta.get("batch"), "iteration": int(state["iteration"])}
+    if has_state(fs, SYN_CHECKPOINT):  # the marker's metadata only, not the 345 MiB state
+        meta = state_meta(fs, SYN_CHECKPOINT)
+        if "iteration" in meta:
+            iteration = int(meta["iteration"])
+        elif "losses" in meta:  # older checkpoints: one loss per iteration done
+            iteration = len(meta["losses"])
+        else:
+            iteration = int(load_state(fs, SYN_CHECKPOINT)[0]["iteration"])
+        in_batch = {"batch": meta.get("batch"), "iteration": iteration}
     students = [
         s
         for s in range(cfg.validation.students)

@@ -166,7 +166,8 @@ def synthesize(run: Run, progress: Progress = no_progress, world: World | None =
             curve += torch.stack([h.loss for h in hist]).tolist()  # one sync per interval
             whole = state if world is None else gather_state(state, world)
             if whole is not None:
-                saver.save(SYN_CHECKPOINT, whole.tensors(), {"batch": b, "losses": list(curve)})
+                meta = {"batch": b, "iteration": whole.iteration, "losses": list(curve)}
+                saver.save(SYN_CHECKPOINT, whole.tensors(), meta)
             progress(
                 "synthesis",
                 (b - 1 + state.iteration / k) / len(batches),
