@@ -9,6 +9,7 @@ after the chunk (see storage/run.py: syn_commit).
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Iterator
 from typing import Any
 
@@ -105,6 +106,17 @@ def image_chunks(
             torch.from_numpy(np.asarray(images[start:stop])),  # type: ignore[index]
             torch.from_numpy(np.asarray(classes[start:stop])),  # type: ignore[index]
         )
+
+
+def read_image_rows(fs: RunFS, rel: str, start: int, stop: int) -> torch.Tensor:
+    """Rows [start, stop) of an image store (one synthesis batch: its own chunk)."""
+    g = _open_group(fs, rel, "r")
+    return torch.from_numpy(np.asarray(g["images"][start:stop]))  # type: ignore[index]
+
+
+def images_sha256(images: torch.Tensor) -> str:
+    """SHA-256 of images as float32 bytes (a synthesis batch's commit record holds it)."""
+    return hashlib.sha256(images.detach().cpu().float().contiguous().numpy().tobytes()).hexdigest()
 
 
 def read_images(fs: RunFS, rel: str) -> tuple[torch.Tensor, torch.Tensor]:

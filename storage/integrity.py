@@ -21,7 +21,6 @@ makes each batch depend on the ones before) are redone.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import posixpath
 import re
@@ -43,22 +42,25 @@ class Problem:
 
 def check_one(fs: RunFS, rel: str, entry: dict[str, Any], quick: bool) -> Problem | None:
     """None if `rel` is intact, else what is wrong with it."""
+    return _inspect(fs, rel, entry, quick)[0]
+
+
+def _inspect(
+    fs: RunFS, rel: str, entry: dict[str, Any], quick: bool
+) -> tuple[Problem | None, dict[str, Any] | None]:
+    """(what is wrong with `rel` or None, its fingerprint now), from one stat pass."""
     now = fingerprint(fs, rel)
     if now is None:
-        return Problem(rel, "missing", "the manifest records it, but it is not on disk")
+        return Problem(rel, "missing", "the manifest records it, but it is not on disk"), None
     if quick and entry.get("fingerprint") == now:
-        return None
+        return None, now
     actual = fs.sha256(rel)
     if actual != entry["sha256"]:
         was = entry.get("fingerprint")
         size = f"; {was['bytes']} bytes recorded, {now['bytes']} on disk" if was else ""
-        return Problem(
-            rel,
-            "damaged",
-            f"checksum mismatch (manifest {entry['sha256'][:12]}..., on disk {actual[:12]}...)"
-            + size,
-        )
-    return None
+        detail = f"checksum mismatch (manifest {entry['sha256'][:12]}..., on disk {actual[:12]}...)"
+        return Problem(rel, "damaged", detail + size), now
+    return None, now
 
 
 def check(
@@ -72,11 +74,10 @@ def check(
     for rel in sorted(entries):
         if not rel.startswith(prefixes):
             continue
-        problem = check_one(fs, rel, entries[rel], quick)
+        problem, now = _inspect(fs, rel, entries[rel], quick)
         if problem is not None:
             problems.append(problem)
             continue
-        now = fingerprint(fs, rel)
         if now is not None and entries[rel].get("fingerprint") != now:
             fresh[rel] = now
     return problems, fresh
@@ -154,18 +155,18 @@ def plan_repair(fs: RunFS, problems: list[Problem]) -> RepairPlan:
 def _first_damaged_batch(fs: RunFS) -> int:
     """The first synthesis batch whose images no longer match its commit record (1 if the
     store cannot be read at all)."""
-    from .arrays import read_images  # torch and zarr only when repairing images
+    from .arrays import images_sha256, read_image_rows  # torch and zarr only when repairing
 
     commits = sorted(f for f in fs.listdir("synthesis/batches") if f.endswith(".json"))
-    try:
-        images, _ = read_images(fs, "synthesis/images.zarr")
-    except Exception:
-        return 1
-    for name in commits:
+    for name in commits:  # one batch's rows in memory at a time
         rec = json.loads(fs.read_bytes(f"synthesis/batches/{name}"))
-        rows = images[rec["start"] : rec["start"] + rec["count"]]
-        digest = hashlib.sha256(rows.detach().cpu().float().contiguous().numpy().tobytes())
-        if digest.hexdigest() != rec["images_sha256"]:
+        try:
+            rows = read_image_rows(
+                fs, "synthesis/images.zarr", rec["start"], rec["start"] + rec["count"]
+            )
+        except Exception:  # the store cannot be read: redo it all, as before
+            return 1
+        if images_sha256(rows) != rec["images_sha256"]:
             return int(rec["batch"])
     return len(commits) + 1
 

@@ -6,6 +6,7 @@ import hashlib
 import json
 import os
 import shutil
+from pathlib import Path
 
 import pytest
 
@@ -40,7 +41,7 @@ def files(root):
             p = os.path.join(dirpath, n)
             rel = os.path.relpath(p, root)
             if rel not in ("manifest.json",) and not rel.startswith(".lock"):
-                out[rel] = sha(__import__("pathlib").Path(p))
+                out[rel] = sha(Path(p))
     return out
 
 

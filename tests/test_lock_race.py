@@ -3,7 +3,6 @@ lease, a lease taken over under a stalled holder, release of a lease no longer o
 
 import json
 import logging
-import socket
 import threading
 import time
 import uuid
@@ -15,18 +14,14 @@ from storage import lock as lock_mod
 from storage.fs import RunFS
 from storage.lock import LEASE_FILE, LockLost, RunLock, RunLocked
 
+from .live_server import free_port
+
 N = 8  # writers per race
 REPS = 5  # races per test
 
 # The moto server, as the store. `ignore_conditions` turns it into a store that ignores
 # If-Match / If-None-Match (as older S3-compatible servers do).
 STORE = {"ignore_conditions": False}
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")

@@ -1,7 +1,5 @@
 """The run root as an s3:// URL, against a real S3 server (moto) on 127.0.0.1."""
 
-import socket
-
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
@@ -14,13 +12,8 @@ from storage.lock import RunLock, RunLocked
 from storage.run import SYN_IMAGES, labels_epoch, open_run
 from tasks.stages import STAGES
 
+from .live_server import free_port
 from .test_storage_safety import SMALL
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")

@@ -15,7 +15,6 @@ as a single process writes, so either can resume the other's checkpoint.
 
 from __future__ import annotations
 
-import hashlib
 import json
 
 import torch
@@ -34,17 +33,13 @@ from d3s_core.synthesis import (
     run_iterations,
     shard_state,
 )
-from storage.arrays import create_images, read_images, write_image_batch
+from storage.arrays import create_images, images_sha256, read_images, write_image_batch
 from storage.manifest import CorruptArtifact
 from storage.run import SYN_CHECKPOINT, SYN_IMAGES, Run, syn_commit, syn_isu
 from storage.states import BackgroundSaver, has_state, load_state, remove_state, save_state
 
 from .common import Progress, class_of_each, data_splits, load_teachers, no_progress
 from .stats import load_targets
-
-
-def images_sha256(images: torch.Tensor) -> str:
-    return hashlib.sha256(images.detach().cpu().float().contiguous().numpy().tobytes()).hexdigest()
 
 
 def distilled_classes(num_classes: int, ipc: int) -> torch.Tensor:
