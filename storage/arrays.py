@@ -71,8 +71,13 @@ def create_images(
     classes: torch.Tensor,
     attrs: dict[str, Any],
 ) -> None:
-    """images (N, C, H, W) float32 in normalised space, one chunk per synthesis batch;
-    classes (N,) int64. Created once at full size (no resizes later)."""
+    """images (N, C, H, W) float32 in normalised space; classes (N,) int64. Created once at
+    full size (no resizes later).
+
+    Layout: one shard (one file) per `batch` rows, holding one inner chunk per image. A
+    synthesis batch is written as one whole shard; labelling and students read any rows in any
+    order, each row a byte-range read of its own chunk (with chunk = batch, a random label batch
+    of 100 rows would decode 100 chunks of 200 images each: 12 GB per batch at 224 px)."""
     g = _open_group(fs, rel, "a")
     if "images" in g:
         return
@@ -80,7 +85,8 @@ def create_images(
     g.create_array(
         "images",
         shape=(n, *shape),
-        chunks=(batch, *shape),
+        shards=(batch, *shape),
+        chunks=(1, *shape),
         dtype="float32",
         fill_value=np.nan,
         overwrite=True,
@@ -120,7 +126,78 @@ def images_sha256(images: torch.Tensor) -> str:
 
 
 def read_images(fs: RunFS, rel: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """The whole set in memory: small sets and tests only (stages stream: `ImageRows`)."""
     g = _open_group(fs, rel, "r")
     images = torch.from_numpy(np.asarray(g["images"][:]))  # type: ignore[index]
     classes = torch.from_numpy(np.asarray(g["classes"][:]))  # type: ignore[index]
     return images, classes
+
+
+def read_classes(fs: RunFS, rel: str) -> torch.Tensor:
+    """(N,) int64 class of each image (8 bytes per image: 0.8 MB at ImageNet-21K)."""
+    return torch.from_numpy(np.asarray(_open_group(fs, rel, "r")["classes"][:]))  # type: ignore[index]
+
+
+def image_count(fs: RunFS, rel: str) -> int:
+    return int(_open_group(fs, rel, "r")["images"].shape[0])  # type: ignore[union-attr]
+
+
+class ImageRows(torch.utils.data.Dataset):
+    """Rows of an image store, read on demand: `ds[indices]` (a list, any order, repeats
+    allowed) gives those rows as one (len, C, H, W) float32 tensor. Made for a DataLoader with a
+    batch sampler (`__getitems__`): each worker opens the store once, reads only the rows of its
+    batch (one inner chunk each), and the main process never holds more than the batches in
+    flight. Memory: one batch of rows (100 images at 224 px: 60 MB) per prefetched batch."""
+
+    def __init__(self, fs: RunFS, rel: str):
+        self.fs, self.rel = fs, rel
+        self._array: Any = None
+        self.n = image_count(fs, rel)
+
+    def __getstate__(self) -> dict[str, Any]:  # workers open their own handle
+        return {**self.__dict__, "_array": None}
+
+    def _images(self) -> Any:
+        if self._array is None:
+            self._array = _open_group(self.fs, self.rel, "r")["images"]
+        return self._array
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitems__(self, indices) -> torch.Tensor:
+        idx = np.asarray(indices, dtype=np.int64)
+        if len(idx) and (idx.min() < 0 or idx.max() >= self.n):
+            raise IndexError(f"{self.fs.url(self.rel)}: rows {idx.min()}..{idx.max()} of {self.n}")
+        uniq, inverse = np.unique(idx, return_inverse=True)
+        rows = np.asarray(self._images().get_orthogonal_selection((uniq,)))
+        return torch.from_numpy(rows[inverse])
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        return self.__getitems__([i])[0]
+
+
+def _rows_collate(batch: torch.Tensor) -> torch.Tensor:
+    return batch
+
+
+def row_batches(
+    fs: RunFS,
+    rel: str,
+    batches: Any,
+    device: str = "cpu",
+    workers: int = 0,
+) -> Iterator[torch.Tensor]:
+    """The rows of each index list in `batches` (an iterable of index sequences, consumed
+    lazily), on `device`, through one DataLoader: `workers` processes read ahead (2 batches
+    each), pinned memory and asynchronous copies on CUDA."""
+    loader = torch.utils.data.DataLoader(
+        ImageRows(fs, rel),
+        batch_sampler=batches,
+        collate_fn=_rows_collate,
+        num_workers=workers,
+        pin_memory=device.startswith("cuda"),
+        persistent_workers=False,
+    )
+    for x in loader:
+        yield x.to(device, non_blocking=True)
