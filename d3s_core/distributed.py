@@ -64,6 +64,13 @@ class World:
     def barrier(self) -> None:
         dist.barrier(group=self.group)
 
+    def agree(self, flag: bool) -> bool:
+        """Rank 0's `flag` on every rank (for decisions taken from a clock, which ranks would
+        otherwise take differently before a collective that all of them must join)."""
+        box = [bool(flag)]
+        dist.broadcast_object_list(box, src=0, group=self.group)
+        return bool(box[0])
+
 
 class _SumAcross(torch.autograd.Function):
     """all_reduce(SUM) forward; identity backward (the loss is the same function of the sum on

@@ -212,6 +212,46 @@ PRESETS: dict[str, Preset] = {
             students=2,
         ),
     ),
+    # ImageNet-21K's shape (10,450 classes, IPC 10: 104,500 images in 523 batches of 200,
+    # 300 label epochs) at 16 px with a width-4 network: the pipeline's own costs (memory,
+    # I/O, per-unit overhead) at the real class count and set size, in seconds of compute
+    # (tests/test_scale.py, bench/bench_scale.py). Not a recipe for real data.
+    "scale-21k": Preset(
+        name="scale-21k",
+        num_classes=10450,
+        image_size=16,
+        in_chans=3,
+        arch="small_resnet",
+        low_res=True,
+        width=4,
+        teachers=1,
+        ipc=10,
+        synthesis_batch=200,
+        mean=IMAGENET_MEAN,
+        std=IMAGENET_STD,
+        teacher=TeacherTrainConfig(
+            optimizer="sgd",
+            lr=0.1,
+            momentum=0.9,
+            weight_decay=1e-4,
+            batch_size=1024,
+            epochs=1,
+            schedule="cosine",
+            warmup_epochs=0,
+        ),
+        synthesis=_synthesis(0.05, 2, IMAGENET_MEAN, IMAGENET_STD),
+        labels=LabelConfig(epochs=300, batch_size=128),
+        student=StudentConfig(
+            arch="small_resnet",
+            optimizer="adamw",
+            lr=1e-3,
+            weight_decay=1e-4,
+            batch_size=128,
+            epochs=300,
+            schedule="cosine",
+            students=1,
+        ),
+    ),
 }
 
 

@@ -194,7 +194,7 @@ def row_batches(
     loader = torch.utils.data.DataLoader(
         ImageRows(fs, rel),
         batch_sampler=batches,
-        collate_fn=_rows_collate,
+        collate_fn=_rows_collate,  # type: ignore[arg-type]
         num_workers=workers,
         pin_memory=device.startswith("cuda"),
         persistent_workers=False,

@@ -3,7 +3,8 @@ with the same class folders), streamed from disk.
 
 Every image is read, converted and resized here, with errors that name the file: a missing
 root, an empty class folder, an unreadable file, an image mode that cannot become the model's
-channels, a degenerate size.
+channels, a degenerate size. A run lists a tree once, into its dataset index
+(storage/dataset_index.py); the datasets here read that listing.
 """
 
 from __future__ import annotations
@@ -12,39 +13,51 @@ import hashlib
 import os
 from collections.abc import Sequence
 from pathlib import Path
-from typing import IO
+from typing import IO, TYPE_CHECKING
 
 import torch
 from PIL import Image, UnidentifiedImageError
 from torchvision.transforms import functional as TF
+
+if TYPE_CHECKING:
+    from .dataset_index import FolderListing
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".ppm", ".pgm"}
 RGB_CONVERTIBLE = {"RGB", "L", "P", "CMYK", "RGBA", "LA", "YCbCr"}
 MIN_SIDE = 8
 
 
-def scan_tree(root: str | os.PathLike[str]) -> tuple[list[str], list[tuple[str, int]]]:
-    """(class names sorted, samples [(relative path, class index)] sorted)."""
+def class_folders(root: str | os.PathLike[str]) -> list[str]:
+    """Names of the class folders under `root`, sorted (hidden folders left out)."""
     base = Path(root)
     if not base.is_dir():
         raise FileNotFoundError(f"{base}: dataset folder does not exist")
     classes = sorted(d.name for d in base.iterdir() if d.is_dir() and not d.name.startswith("."))
     if not classes:
         raise ValueError(f"{base}: no class folders (expected {base}/<class>/<image files>)")
-    samples = []
-    for idx, name in enumerate(classes):
-        files = sorted(
-            f
-            for f in (base / name).rglob("*")
-            if f.is_file() and f.suffix.lower() in IMAGE_EXTENSIONS
+    return classes
+
+
+def class_files(root: str | os.PathLike[str], name: str) -> list[str]:
+    """Image files of class folder `name` (any depth), as paths relative to `root`, in the
+    order of sorted `Path`s (component by component, not as strings)."""
+    base = Path(root)
+    files = sorted(
+        f for f in (base / name).rglob("*") if f.is_file() and f.suffix.lower() in IMAGE_EXTENSIONS
+    )
+    if not files:
+        raise ValueError(
+            f"{base / name}: class folder holds no image files "
+            f"({', '.join(sorted(IMAGE_EXTENSIONS))})"
         )
-        if not files:
-            raise ValueError(
-                f"{base / name}: class folder holds no image files "
-                f"({', '.join(sorted(IMAGE_EXTENSIONS))})"
-            )
-        samples += [(str(f.relative_to(base)), idx) for f in files]
-    return classes, samples
+    return [str(f.relative_to(base)) for f in files]
+
+
+def scan_tree(root: str | os.PathLike[str]) -> tuple[list[str], list[tuple[str, int]]]:
+    """(class names sorted, samples [(relative path, class index)] sorted). A Python list of
+    every file: storage.dataset_index lists a tree class by class into Arrow columns instead."""
+    classes = class_folders(root)
+    return classes, [(rel, c) for c, name in enumerate(classes) for rel in class_files(root, name)]
 
 
 def tree_fingerprint(root: str | os.PathLike[str], samples: list[tuple[str, int]]) -> str:
@@ -108,6 +121,9 @@ class ImageFolderDataset(torch.utils.data.Dataset):
 
     in_chans 3: greyscale, palette, CMYK and alpha images are converted to RGB (ImageNet has
     all of them); in_chans 1: only single-channel images are accepted.
+
+    `listing`: the tree's files (storage.dataset_index.FolderListing), memory-mapped from the
+    run's dataset index; without it the tree is listed now, into memory.
     """
 
     def __init__(
@@ -118,9 +134,15 @@ class ImageFolderDataset(torch.utils.data.Dataset):
         mean: tuple[float, ...],
         std: tuple[float, ...],
         expect_classes: list[str] | None = None,
+        listing: FolderListing | None = None,
     ):
         self.root = Path(root)
-        self.classes, self.samples = scan_tree(self.root)
+        if listing is None:
+            from .dataset_index import FolderListing  # it lists trees with this module
+
+            listing = FolderListing.scan(self.root)
+        self.listing = listing
+        self.classes = listing.classes
         if expect_classes is not None and self.classes != expect_classes:
             missing = sorted(set(expect_classes) - set(self.classes))[:5]
             extra = sorted(set(self.classes) - set(expect_classes))[:5]
@@ -132,18 +154,21 @@ class ImageFolderDataset(torch.utils.data.Dataset):
         self.mean, self.std = list(mean), list(std)
 
     def __len__(self) -> int:
-        return len(self.samples)
+        return len(self.listing)
 
     def fingerprint(self) -> str:
-        return tree_fingerprint(self.root, self.samples)
+        """`tree_fingerprint` of the tree as it was listed (the index's, when it came from
+        one: the files are not stat'ed again)."""
+        return self.listing.fingerprint
 
     def load(self, i: int) -> Image.Image:
-        path = self.root / self.samples[i][0]
+        path = self.root / self.listing.path(i)
         return decode_image(path, str(path), self.in_chans)
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
-        return model_input(self.load(i), self.size, self.mean, self.std), self.samples[i][1]
+        img = self.load(i)
+        return model_input(img, self.size, self.mean, self.std), self.listing.class_of(i)
 
     def pixel_items(self, indices: Sequence[int]) -> list[tuple[torch.Tensor, int]]:
         """[((C, size, size) uint8, class)] of samples `indices` (storage.datasets.PixelItems)."""
-        return [(pixels(self.load(i), self.size), self.samples[i][1]) for i in indices]
+        return [(pixels(self.load(i), self.size), self.listing.class_of(i)) for i in indices]

@@ -11,7 +11,9 @@ byte-range read per shard, so reading batches [a, b) costs decoding those sample
 
 Sample counts: a `sizes.json` beside the shards ({"train-000000.tar": n, ...}, the convention
 of open_clip and img2dataset) gives len() without touching the shards, and is checked against
-each shard's index when that shard is read. Without it, len() indexes every shard once.
+each shard's index when that shard is read. Without it, len() indexes every shard once. A run
+records the counts, byte sizes and fingerprint in its dataset index (storage/dataset_index.py)
+the first time; later opens pass them in (`listing=`) and touch no shard for them.
 """
 
 from __future__ import annotations
@@ -194,16 +196,22 @@ class TarShardDataset(torch.utils.data.Dataset):
         std: tuple[float, ...],
         num_classes: int,
         storage_options: dict[str, Any] | None = None,
+        listing: dict[str, Any] | None = None,
     ):
         self.fs, self.paths, self._prefix = resolve_shards(shards, storage_options or {})
         self.size, self.in_chans = size, in_chans
         self.mean, self.std = list(mean), list(std)
         self.num_classes = num_classes
         self.classes = list(range(num_classes))
-        self._sizes = self._read_sizes()
-        self._counts: list[int | None] = [
-            self._sizes.get(posixpath.basename(p)) for p in self.paths
-        ]
+        self._fingerprint: str | None = None
+        if listing is None:
+            self._counts_from = f"{SIZES_FILE} beside it"
+            sizes = self._read_sizes()
+            self._counts: list[int | None] = [sizes.get(posixpath.basename(p)) for p in self.paths]
+        else:
+            self._counts_from = "the run's dataset index"
+            self._counts = self._known_counts(listing)
+            self._fingerprint = listing["fingerprint"]
         self._index: OrderedDict[int, ShardIndex] = OrderedDict()
         self._classes: dict[int, np.ndarray] = {}
         self._lock = threading.Lock()
@@ -227,6 +235,17 @@ class TarShardDataset(torch.utils.data.Dataset):
                 f"{self._prefix}{path}: expected a JSON object {{shard name: sample count}}"
             ) from None
 
+    def _known_counts(self, listing: dict[str, Any]) -> list[int | None]:
+        """Sample counts from a dataset-index entry (`listing()`), whose shards must be these."""
+        names = [s["name"] for s in listing["shards"]]
+        if names != [self.where(k) for k in range(len(self.paths))]:
+            raise ValueError(
+                f"{self.where(0)}: the shards are not those of the run's dataset index "
+                f"({len(self.paths)} shards here, {len(names)} indexed); the data changed "
+                "after it was indexed"
+            )
+        return [int(s["samples"]) for s in listing["shards"]]
+
     def counts(self) -> list[int]:
         """Samples per shard (sizes.json, else one header pass per shard not yet indexed)."""
         for k, n in enumerate(self._counts):
@@ -237,16 +256,34 @@ class TarShardDataset(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return sum(self.counts())
 
+    def _bytes(self, k: int) -> int:
+        try:
+            return int(self.fs.size(self.paths[k]))
+        except FileNotFoundError:
+            raise FileNotFoundError(f"{self.where(k)}: tar shard does not exist") from None
+
     def fingerprint(self) -> str:
-        """Hash of every shard's name, byte size and sample count (not of its bytes)."""
+        """Hash of every shard's name, byte size and sample count (not of its bytes); from the
+        run's dataset index where it came from one."""
+        if self._fingerprint is None:
+            self._fingerprint = self.listing()["fingerprint"]
+        return self._fingerprint
+
+    def listing(self) -> dict[str, Any]:
+        """These shards as the dataset index records them: samples, fingerprint, and each
+        shard's name (path or URL), byte size and sample count, in order (one size query
+        per shard; sample counts as `counts`)."""
         h = hashlib.sha256()
+        shards = []
         for k, n in enumerate(self.counts()):
-            try:
-                size = self.fs.size(self.paths[k])
-            except FileNotFoundError:
-                raise FileNotFoundError(f"{self.where(k)}: tar shard does not exist") from None
+            size = self._bytes(k)
             h.update(f"{posixpath.basename(self.paths[k])}\0{size}\0{n}\n".encode())
-        return "webdataset:" + h.hexdigest()
+            shards.append({"name": self.where(k), "bytes": size, "samples": n})
+        return {
+            "samples": sum(s["samples"] for s in shards),
+            "fingerprint": "webdataset:" + h.hexdigest(),
+            "shards": shards,
+        }
 
     # -- the index ----------------------------------------------------------------------------
     def shard_index(self, k: int) -> ShardIndex:
@@ -259,7 +296,7 @@ class TarShardDataset(torch.utils.data.Dataset):
         n = len(idx.offsets)
         if self._counts[k] is not None and self._counts[k] != n:
             raise ValueError(
-                f"{self.where(k)}: holds {n} samples, but {SIZES_FILE} beside it says "
+                f"{self.where(k)}: holds {n} samples, but {self._counts_from} says "
                 f"{self._counts[k]}"
             )
         with self._lock:

@@ -19,6 +19,7 @@ from matplotlib.figure import Figure
 from storage.config import RunConfig
 from storage.fs import RunFS
 from storage.run import BASELINE, read_results, student_dir
+from tasks.stages.synthesis import GRID_CLASSES, GRID_IMAGES
 
 REPORT = "report/report.md"
 MATCH = "report/match.json"  # written by tasks/stages/match.py (match_run) before the report
@@ -30,6 +31,22 @@ def batch_records(fs: RunFS) -> list[dict[str, Any]]:
     """The synthesis batches' commit records, in batch order."""
     names = sorted(n for n in fs.listdir("synthesis/batches") if n.endswith(".json"))
     return [json.loads(fs.read_bytes(f"synthesis/batches/{n}")) for n in names]
+
+
+TABLE_BATCHES = 20  # synthesis batches listed in the report and the Prefect table
+
+
+def shown_batches(
+    records: list[dict[str, Any]], limit: int = TABLE_BATCHES
+) -> list[dict[str, Any]]:
+    """At most `limit` batch records for a table a person reads: the first, the last, an even
+    spread between, and the one with the highest final loss (523 rows at ImageNet-21K would
+    bury it; every record stays in synthesis/batches/)."""
+    if len(records) <= limit:
+        return records
+    picked = {round(i * (len(records) - 1) / (limit - 2)) for i in range(limit - 1)}
+    worst = max(range(len(records)), key=lambda i: records[i]["final_loss"] or 0.0)
+    return [records[i] for i in sorted(picked | {worst})]
 
 
 def _student_metrics(fs: RunFS, cfg: RunConfig, prefix: str) -> list[dict[str, Any]]:
@@ -179,7 +196,10 @@ def report_markdown(
     lines += [
         "## Distilled images",
         "",
-        "One row per class ([grid.png](grid.png)).",
+        "One row per shown class, at most "
+        f"{GRID_CLASSES} classes spread over all {cfg.preset_obj().num_classes} and "
+        f"{GRID_IMAGES} images each ([grid.png](grid.png)); every image is in "
+        "`synthesis/images.zarr`.",
         "",
         "![distilled images](grid.png)",
         "",
@@ -189,13 +209,22 @@ def report_markdown(
         "",
     ]
     if batches:
+        shown = shown_batches(batches)
         lines += [
             "## Synthesis batches",
+            "",
+            f"{len(batches)} batches"
+            + (
+                f"; {len(shown)} shown (first, last, a spread and the highest final loss), "
+                "all in `synthesis/batches/`."
+                if len(shown) < len(batches)
+                else "."
+            ),
             "",
             "| batch | teacher | images | final loss | resumed from iteration |",
             "|---|---|---|---|---|",
         ]
-        for rec in batches:
+        for rec in shown:
             resumed = rec.get("resumed_from_iteration")
             lines.append(
                 f"| {rec['batch']} | {rec['teacher']} | {rec['count']} | "

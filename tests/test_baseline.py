@@ -6,8 +6,10 @@ import torch
 import zarr
 
 from storage.config import parse_config
+from storage.fs import RunFS
 from storage.run import BASELINE, images_of, labels_epoch, open_run, summary_of
 from tasks.stages import EXTRA_STAGES, STAGES
+from tasks.stages.baseline import train_indices
 from tasks.stages.common import data_splits
 
 from .test_storage_safety import SMALL
@@ -26,7 +28,7 @@ def test_random_real_baseline(tmp_path):
         done = run.manifest.entries()
     g = zarr.open_group(str(tmp_path / images_of(BASELINE)), mode="r")
     images, classes = np.asarray(g["images"][:]), np.asarray(g["classes"][:])
-    picks = g.attrs["train_indices"]
+    picks = train_indices(RunFS(tmp_path), images_of(BASELINE)).tolist()
     assert len(set(picks)) == len(picks) == 10
     for row, i in enumerate(picks):
         x, y = train[i]

@@ -305,6 +305,7 @@ STAGE_CONFIG = {
         "ipc": 2,
         "batch_size": 10,
         "checkpoint_every": 2,
+        "checkpoint_seconds": 0,
         "params": {"iterations": ITERATIONS},
     },
 }

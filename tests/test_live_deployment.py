@@ -46,6 +46,7 @@ ZOMBIE = {
         "ipc": 1,
         "batch_size": 10,
         "checkpoint_every": 20,
+        "checkpoint_seconds": 0,
         "params": {"iterations": 600},
     },
 }

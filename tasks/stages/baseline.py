@@ -4,58 +4,90 @@ students as the distilled set. Every distillation method must beat it (issue 4's
 
 from __future__ import annotations
 
+import numpy as np
 import torch
+import zarr
 
 from d3s_core.labelling import derive_seed
 from storage.arrays import create_images, write_image_batch
+from storage.fs import RunFS
 from storage.run import BASELINE, Run, images_of
 
-from .common import Progress, class_of_each, data_splits, no_progress
+from .common import ClassRows, Progress, class_rows, data_splits, index_batches, no_progress
 from .labels import label_run
 from .synthesis import distilled_classes
 from .validation import validate
 
+TRAIN_INDICES = "train_indices"
+
+
+def draw_real(rows: ClassRows, classes: torch.Tensor, num_classes: int, ipc: int, seed: int):
+    """(N,) int64 training-sample index of each row of the baseline set (row r has class
+    classes[r]): per class, in class order, the first IPC of a seeded permutation of its
+    samples; rows of class c take them in turn."""
+    g = torch.Generator().manual_seed(derive_seed(seed, 400))
+    chosen: list[list[int]] = []
+    for c in range(num_classes):
+        pool = rows.of(c)
+        if len(pool) < ipc:
+            raise ValueError(f"class {c} has {len(pool)} training images, fewer than IPC {ipc}")
+        chosen.append(pool[torch.randperm(len(pool), generator=g)[:ipc]].tolist())
+    taken = [0] * num_classes
+    order = []
+    for c in classes.tolist():
+        order.append(chosen[c][taken[c]])
+        taken[c] += 1
+    return torch.tensor(order, dtype=torch.int64)
+
 
 def random_real_subset(run: Run) -> str:
-    """Write the baseline image set (same classes and order as the distilled set)."""
+    """Write the baseline image set (same classes and order as the distilled set), one
+    synthesis-batch-sized chunk at a time, read through the run's DataLoader path."""
     rel = images_of(BASELINE)
     if run.manifest.is_recorded(rel):
         run.manifest.verify(rel)
         return run.fs.url(rel)
     cfg, p = run.config, run.config.preset_obj()
     train, _, _ = data_splits(run)
-    y = class_of_each(train)
     classes = distilled_classes(p.num_classes, cfg.synthesis.ipc)
-    g = torch.Generator().manual_seed(derive_seed(cfg.seed, 400))
-    chosen: dict[int, list[int]] = {}
-    for c in range(p.num_classes):
-        pool = torch.nonzero(y == c).flatten()
-        if len(pool) < cfg.synthesis.ipc:
-            raise ValueError(
-                f"class {c} has {len(pool)} training images, fewer than IPC {cfg.synthesis.ipc}"
-            )
-        chosen[c] = pool[torch.randperm(len(pool), generator=g)[: cfg.synthesis.ipc]].tolist()
-    order = [chosen[c].pop(0) for c in classes.tolist()]
-    images = torch.stack([train[i][0] for i in order])
+    order = draw_real(class_rows(run, train), classes, p.num_classes, cfg.synthesis.ipc, cfg.seed)
+    bsz = cfg.synthesis.batch_size
     shape = (p.in_chans, p.image_size, p.image_size)
-    create_images(
-        run.fs,
-        rel,
-        len(classes),
-        shape,
-        len(classes),
-        classes,
-        {
-            "mean": list(p.mean),
-            "std": list(p.std),
-            "space": "normalised",
-            "kind": "random real subset",
-            "train_indices": order,
-        },
-    )
-    write_image_batch(run.fs, rel, 0, images)
+    attrs = {
+        "mean": list(p.mean),
+        "std": list(p.std),
+        "space": "normalised",
+        "kind": "random real subset",
+    }
+    create_images(run.fs, rel, len(classes), shape, bsz, classes, attrs)
+    _write_train_indices(run.fs, rel, order)
+    chunks = [chunk.tolist() for chunk in order.split(bsz)]
+    for k, (x, _) in enumerate(index_batches(run, train, chunks)):
+        write_image_batch(run.fs, rel, k * bsz, x)
     run.manifest.record(rel, "baseline")
     return run.fs.url(rel)
+
+
+def _group(fs: RunFS, rel: str, mode: str) -> zarr.Group:
+    opts = None if fs.local else fs.storage_options or None
+    return zarr.open_group(fs.url(rel), mode=mode, storage_options=opts)  # type: ignore[arg-type]
+
+
+def _write_train_indices(fs: RunFS, rel: str, order: torch.Tensor) -> None:
+    """`train_indices` (N,) int64: the training sample of each row."""
+    g = _group(fs, rel, "a")
+    g.create_array(TRAIN_INDICES, shape=order.shape, dtype="int64", overwrite=True)[:] = (
+        order.numpy()
+    )
+
+
+def train_indices(fs: RunFS, rel: str) -> torch.Tensor:
+    """(N,) int64 training sample of each row of a baseline image store (the `train_indices`
+    array; stores written before it have the list in their attributes)."""
+    g = _group(fs, rel, "r")
+    if TRAIN_INDICES in g:
+        return torch.from_numpy(np.asarray(g[TRAIN_INDICES][:]))  # type: ignore[index]
+    return torch.tensor(g.attrs[TRAIN_INDICES], dtype=torch.int64)  # type: ignore[arg-type]
 
 
 def baseline_real(run: Run, progress: Progress = no_progress) -> str:

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Callable, Iterable, Iterator
+import weakref
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import fsspec
@@ -14,6 +16,14 @@ from safetensors.torch import load as st_load
 from d3s_core.models import build_model, freeze
 from d3s_core.presets import Preset
 from d3s_core.students import evaluate_top1
+from storage.dataset_index import (
+    DatasetIndex,
+    FolderListing,
+    commit_index,
+    read_index,
+    source_of,
+    write_folder_split,
+)
 from storage.datasets import NormalisedImages, PixelItems, normalise, open_splits
 from storage.imagefolder import ImageFolderDataset
 from storage.run import Run, teacher_meta, teacher_weights
@@ -36,54 +46,112 @@ def new_model(p: Preset, arch: str | None = None) -> torch.nn.Module:
 Dataset = torch.utils.data.Dataset
 
 
+def _writes_index(run: Run, index: DatasetIndex | None) -> bool:
+    """Whether this process writes the dataset index: none yet, and it holds the run's lock
+    (workers, `attach_run`, list the data in memory instead when there is none)."""
+    return index is None and run.lock is not None
+
+
 def tar_splits(run: Run) -> tuple[Dataset, Dataset, str]:
     """(train, held-out, fingerprint) of a tar-sharded dataset. Every class index is checked
     against the preset's class count when its shard is indexed. Credentials: the run root's
-    storage options where the shards live on the same kind of store, else the environment's."""
+    storage options where the shards live on the same kind of store, else the environment's.
+    Shard sample counts and the fingerprint come from the run's dataset index."""
     p, ds = run.config.preset_obj(), run.config.dataset
     if not ds.val_path:
         raise ValueError(
             "dataset.val_path is required for a 'webdataset' dataset "
             "(the held-out shards used for teacher and student accuracy)"
         )
+    assert ds.path is not None
+    sources = {"train": ds.path, "val": ds.val_path}
+    index = read_index(run.fs, "webdataset", sources)
 
-    def shards(spec: str) -> TarShardDataset:
+    def shards(split: str) -> TarShardDataset:
+        spec = sources[split]
         same_store = (fsspec.core.split_protocol(spec)[0] or "file") == run.fs.protocol
         options = run.fs.storage_options if same_store else None
         return TarShardDataset(
-            spec, p.image_size, p.in_chans, p.mean, p.std, p.num_classes, options
+            spec,
+            p.image_size,
+            p.in_chans,
+            p.mean,
+            p.std,
+            p.num_classes,
+            options,
+            listing=None if index is None else index.splits[split],
         )
 
+    train, held = shards("train"), shards("val")
+    if _writes_index(run, index):
+        splits = {
+            split: {"source": source_of(sources[split]), **d.listing()}
+            for split, d in (("train", train), ("val", held))
+        }
+        assert run.lock is not None
+        run.lock.check()
+        commit_index(run.fs, "webdataset", splits)
+    return train, held, train.fingerprint()
+
+
+def folder_splits(run: Run) -> tuple[Dataset, Dataset, str]:
+    """(train, held-out, fingerprint) of ImageFolder trees, listed from the run's dataset
+    index; the process holding the run's lock writes the index where there is none yet."""
+    p, ds = run.config.preset_obj(), run.config.dataset
     assert ds.path is not None
-    train = shards(ds.path)
-    return train, shards(ds.val_path), train.fingerprint()
+    if not ds.val_path:
+        raise ValueError(
+            "dataset.val_path is required for an imagefolder dataset "
+            "(the held-out tree used for teacher and student accuracy)"
+        )
+    sources = {"train": ds.path, "val": ds.val_path}
+    index = read_index(run.fs, "imagefolder", sources)
+    writes = _writes_index(run, index)
+    entries: dict[str, dict[str, Any]] = {}
+
+    def listing(split: str) -> FolderListing:
+        if index is not None:
+            return index.folder_listing(run.fs, split)
+        if writes:
+            entries[split], out = write_folder_split(run.fs, split, sources[split])
+            return out
+        return FolderListing.scan(sources[split])
+
+    train = ImageFolderDataset(
+        ds.path, p.image_size, p.in_chans, p.mean, p.std, listing=listing("train")
+    )
+    if len(train.classes) != p.num_classes:
+        raise ValueError(
+            f"{ds.path}: {len(train.classes)} class folders, but preset "
+            f"{p.name!r} has {p.num_classes} classes"
+        )
+    held = ImageFolderDataset(
+        ds.val_path,
+        p.image_size,
+        p.in_chans,
+        p.mean,
+        p.std,
+        expect_classes=train.classes,
+        listing=listing("val"),
+    )
+    if writes:  # index.json last: it commits the column files (checked above)
+        assert run.lock is not None
+        run.lock.check()
+        commit_index(run.fs, "imagefolder", entries)
+    return train, held, train.fingerprint()
 
 
 def data_splits(run: Run) -> tuple[Dataset, Dataset, str]:
     """(train, held-out, dataset fingerprint) of the run's dataset. ImageFolder trees and tar
-    shards are streamed from disk; the small kinds (mnist5k, synthetic) live in memory."""
+    shards are streamed from disk, their listing read from the run's dataset index
+    (`dataset/`, written once by the first stage); the small kinds (mnist5k, synthetic) live
+    in memory."""
     cfg, p = run.config, run.config.preset_obj()
     ds = cfg.dataset
     if ds.kind == "webdataset":
         return tar_splits(run)
     if ds.kind == "imagefolder":
-        assert ds.path is not None
-        train = ImageFolderDataset(ds.path, p.image_size, p.in_chans, p.mean, p.std)
-        if len(train.classes) != p.num_classes:
-            raise ValueError(
-                f"{ds.path}: {len(train.classes)} class folders, but preset "
-                f"{p.name!r} has {p.num_classes} classes"
-            )
-        if ds.val_path:
-            held: Dataset = ImageFolderDataset(
-                ds.val_path, p.image_size, p.in_chans, p.mean, p.std, expect_classes=train.classes
-            )
-        else:
-            raise ValueError(
-                "dataset.val_path is required for an imagefolder dataset "
-                "(the held-out tree used for teacher and student accuracy)"
-            )
-        return train, held, train.fingerprint()
+        return folder_splits(run)
     return open_splits(
         ds.kind,
         p.num_classes,
@@ -189,6 +257,14 @@ def sequential_batches(
     yield from _load(run, ds, batch_sampler=_SequentialBatches(n, batch_size, ids))
 
 
+def index_batches(
+    run: Run, ds: Dataset, index_lists: Sequence[Sequence[int]]
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """(x, y) on the run's device of the samples in each of `index_lists` (any indices, any
+    order), through one DataLoader: only those samples are read, a batch at a time."""
+    yield from _load(run, ds, batch_sampler=index_lists)
+
+
 def batches(
     run: Run,
     ds: Dataset,
@@ -223,10 +299,51 @@ def class_of_each(ds: Dataset) -> torch.Tensor:
     if isinstance(ds, NormalisedImages):
         return ds.classes
     if isinstance(ds, ImageFolderDataset):
-        return torch.tensor([c for _, c in ds.samples])
+        counts = torch.from_numpy(ds.listing.counts)
+        return torch.repeat_interleave(torch.arange(len(counts)), counts)
     if isinstance(ds, TarShardDataset):
         return ds.sample_classes()
     raise TypeError(f"unknown dataset type {type(ds).__name__}")
+
+
+@dataclass(frozen=True)
+class ClassRows:
+    """The sample indices of each class: those of class c are `order[starts[c]:starts[c + 1]]`,
+    ascending; `order` None means the samples are grouped by class already (ImageFolder:
+    class c is rows starts[c]..starts[c + 1] - 1)."""
+
+    starts: torch.Tensor  # (K + 1,) int64
+    order: torch.Tensor | None  # (N,) int64
+
+    def of(self, c: int) -> torch.Tensor:
+        """(count of c,) int64 indices of class c's samples, ascending (empty for a class with
+        none): `torch.nonzero(class_of_each(ds) == c).flatten()` in O(count of c)."""
+        if not 0 <= c < len(self.starts) - 1:
+            return torch.empty(0, dtype=torch.int64)
+        lo, hi = int(self.starts[c]), int(self.starts[c + 1])
+        return torch.arange(lo, hi) if self.order is None else self.order[lo:hi].clone()
+
+
+_CLASS_ROWS: weakref.WeakKeyDictionary[Any, ClassRows] = weakref.WeakKeyDictionary()
+
+
+def class_rows(run: Run, ds: Dataset) -> ClassRows:
+    """The training-sample indices of each of the preset's classes, made once per dataset
+    object: ImageFolder from the index's per-class first rows (no pass over the samples); the
+    other kinds from their classes, a stable sort (tar shards: one header pass per shard not
+    yet indexed, as `class_of_each`)."""
+    if ds in _CLASS_ROWS:
+        return _CLASS_ROWS[ds]
+    if isinstance(ds, ImageFolderDataset):
+        rows = ClassRows(torch.from_numpy(ds.listing.starts), None)
+    else:
+        k = run.config.preset_obj().num_classes
+        y = class_of_each(ds)
+        counts = torch.bincount(y, minlength=k)[:k]
+        starts = torch.cat([torch.zeros(1, dtype=torch.int64), counts.cumsum(0)])
+        rows = ClassRows(starts, torch.sort(y, stable=True).indices)
+    _CLASS_ROWS[ds] = rows
+    return rows
 
 
 def held_out_top1(run: Run, model: torch.nn.Module, ds: Dataset, batch_size: int = 256) -> float:

@@ -16,6 +16,8 @@ as a single process writes, so either can resume the other's checkpoint.
 from __future__ import annotations
 
 import json
+import re
+import time
 
 import torch
 import torchvision
@@ -33,12 +35,25 @@ from d3s_core.synthesis import (
     run_iterations,
     shard_state,
 )
-from storage.arrays import create_images, images_sha256, read_images, write_image_batch
-from storage.manifest import CorruptArtifact
+from storage.arrays import (
+    ImageRows,
+    create_images,
+    images_sha256,
+    read_image_rows,
+    write_image_batch,
+)
+from storage.manifest import REMEDY, CorruptArtifact
 from storage.run import SYN_CHECKPOINT, SYN_IMAGES, Run, syn_commit, syn_isu
-from storage.states import BackgroundSaver, has_state, load_state, remove_state, save_state
+from storage.states import (
+    BackgroundSaver,
+    has_state,
+    load_state,
+    remove_state,
+    save_state,
+    state_meta,
+)
 
-from .common import Progress, class_of_each, data_splits, load_teachers, no_progress
+from .common import ClassRows, Progress, class_rows, data_splits, load_teachers, no_progress
 from .stats import load_targets
 
 
@@ -48,37 +63,105 @@ def distilled_classes(num_classes: int, ipc: int) -> torch.Tensor:
     return torch.arange(num_classes).repeat(ipc)
 
 
-def _running_after(run: Run, b: int, channels: list[list[int]]) -> RunningStats:
+_ISU = re.compile(r"after_batch_(\d+)\.json$")
+
+
+def _load_running(run: Run, b: int) -> RunningStats:
+    state, _ = load_state(run.fs, syn_isu(b))
+    stats = RunningStats(state["means"], state["covs"], state["batches_done"], state["images_done"])
+    return stats.to(run.config.device)
+
+
+def _save_running(run: Run, b: int, running: RunningStats) -> None:
+    save_state(
+        run.fs,
+        syn_isu(b),
+        {
+            "means": running.means,
+            "covs": running.covs,
+            "batches_done": running.batches_done,
+            "images_done": running.images_done,
+        },
+    )
+
+
+def _isu_batches(run: Run) -> list[int]:
+    """Batches b with an ISU state `isu/after_batch_b` on disk, ascending."""
+    if not run.fs.exists("synthesis/isu"):
+        return []
+    found = {int(m.group(1)) for n in run.fs.listdir("synthesis/isu") if (m := _ISU.match(n))}
+    return sorted(b for b in found if has_state(run.fs, syn_isu(b)))
+
+
+def _prune_isu(run: Run, keep: int) -> None:
+    """ISU states of batches before `keep`: resume needs only the newest (a repair that redoes
+    an earlier batch rebuilds its statistics from the stored images, `_running_after`)."""
+    for b in _isu_batches(run):
+        if b < keep:
+            remove_state(run.fs, syn_isu(b))
+
+
+def _running_after(
+    run: Run,
+    b: int,
+    teachers: list[MeasuredTeacher],
+    channels: list[list[int]],
+    world: World | None,
+) -> RunningStats:
     """The ISU statistics after batch b, on the run's device (where the loss mixes them with
-    the batch's statistics)."""
+    the batch's statistics). Read from `isu/after_batch_b`; where that state is gone (a repair
+    redoing batches after an older one, whose state was pruned), rebuilt exactly as synthesis
+    built it: Alg. 3's update replayed on each committed batch's stored images, one batch in
+    memory at a time, from the newest state before b (or from zero)."""
     device = run.config.device
     if b == 0:
         return RunningStats.zeros(channels, device)
-    state, _ = load_state(run.fs, syn_isu(b))
-    stats = RunningStats(state["means"], state["covs"], state["batches_done"], state["images_done"])
-    return stats.to(device)
+    if has_state(run.fs, syn_isu(b)):
+        return _load_running(run, b)
+    older = [a for a in _isu_batches(run) if a < b]
+    first = older[-1] if older else 0
+    running = _load_running(run, first) if first else RunningStats.zeros(channels, device)
+    scfg, bsz = run.config.synthesis_cfg(), run.config.synthesis.batch_size
+    for a in range(first + 1, b + 1):
+        record = json.loads(run.fs.read_bytes(syn_commit(a)))
+        rows = read_image_rows(
+            run.fs, SYN_IMAGES, record["start"], record["start"] + record["count"]
+        )
+        labels = distilled_classes(run.config.preset_obj().num_classes, run.config.synthesis.ipc)
+        labels = labels[(a - 1) * bsz : (a - 1) * bsz + record["count"]]
+        mine = rows if world is None else rows[world.rows(len(rows))]
+        x = mine.to(device, scfg.torch_dtype)
+        state = SynthesisState(
+            a, scfg.iterations, x, labels, x, x, torch.zeros(0, dtype=torch.uint8)
+        )
+        running = finish_batch(state, teachers, running, scfg, world)
+    return running
 
 
-def _verify_batch(run: Run, b: int, start: int, images: torch.Tensor) -> dict:
+def _verify_batch(run: Run, b: int, images: torch.Tensor | None = None) -> dict:
+    """Batch b's stored rows (or `images`) against its commit record; the record."""
     record = json.loads(run.fs.read_bytes(syn_commit(b)))
-    if images_sha256(images[start : start + record["count"]]) != record["images_sha256"]:
+    start, stop = record["start"], record["start"] + record["count"]
+    if images is None:
+        images = read_image_rows(run.fs, SYN_IMAGES, start, stop)
+    if images_sha256(images) != record["images_sha256"]:
         raise CorruptArtifact(
-            f"{run.fs.url(SYN_IMAGES)}: images of batch {b} "
-            f"(rows {start}..{start + record['count']}) do not match their commit record; "
-            "the chunk was damaged after it was written"
+            f"{run.fs.url(SYN_IMAGES)}: images of batch {b} (rows {start}..{stop}) do not "
+            "match their commit record; the chunk was damaged after it was written; "
+            + REMEDY.format(root=run.fs.url())
         )
     return record
 
 
-def _init_images(run: Run, train, labels: torch.Tensor, b: int) -> torch.Tensor | None:
-    """Real-image initialisation: a seeded draw of training images of the batch's classes."""
+def _init_images(run: Run, train, pools: ClassRows, labels: torch.Tensor, b: int):
+    """Real-image initialisation: a seeded draw of training images of the batch's classes
+    (the class pools come from the dataset index: no scan of the training set per batch)."""
     if run.config.synthesis.init != "real":
         return None
-    y = class_of_each(train)
     g = torch.Generator().manual_seed(derive_seed(run.config.seed, b, 201))
     picks = []
     for c in labels.tolist():
-        pool = torch.nonzero(y == c).flatten()
+        pool = pools.of(c)
         picks.append(int(pool[torch.randint(len(pool), (1,), generator=g)]))
     return torch.stack([train[i][0] for i in picks])
 
@@ -89,7 +172,11 @@ def _barrier(world: World | None) -> None:
 
 
 def synthesize(run: Run, progress: Progress = no_progress, world: World | None = None) -> str:
-    """Synthesise the distilled set; with `world`, as one rank of a data-parallel group."""
+    """Synthesise the distilled set; with `world`, as one rank of a data-parallel group.
+
+    Memory: the teachers, their targets, one batch's state (images + Adam moments) and the ISU
+    statistics; never the image set (committed batches are not read again, except one batch at
+    a time to check those an earlier process committed, at the end)."""
     cfg, p = run.config, run.config.preset_obj()
     writer = world is None or world.is_writer
     scfg = cfg.synthesis_cfg()
@@ -98,7 +185,7 @@ def synthesize(run: Run, progress: Progress = no_progress, world: World | None =
         return run.fs.url(SYN_IMAGES)
     enable_cudnn_autotune(cfg.device)
     models = load_teachers(run)
-    train, _, fingerprint = data_splits(run)  # once: an ImageFolder scan lists every file
+    train, _, fingerprint = data_splits(run)  # from the dataset index: no listing of the source
     teachers = []
     for m, model in enumerate(models):
         layers, targets = load_targets(run, m, scfg.ridge, fingerprint)
@@ -118,25 +205,33 @@ def synthesize(run: Run, progress: Progress = no_progress, world: World | None =
             {"mean": list(p.mean), "std": list(p.std), "space": "normalised"},
         )
     _barrier(world)  # the readers open images.zarr once rank 0 has created it
-    stored, _ = read_images(run.fs, SYN_IMAGES)
-    batches = list(classes.split(bsz))
+    n_batches = -(-len(classes) // bsz)
     k = scfg.iterations
+    pools = class_rows(run, train) if cfg.synthesis.init == "real" else None
+    # Batches committed before this process started: checked against their records at the
+    # end, one at a time (a resume after 500 batches starts iterating at once).
+    earlier: list[int] = []
     # Checkpoints are written on a thread while the next iterations run; it is waited for
     # before a batch is committed. A crash leaves the last checkpoint complete or the one
     # before it (save_state's marker is written last), and the thread is not a daemon: an
     # exception here still lets the write in flight finish.
     saver = BackgroundSaver(run.fs)
-    for b, labels in enumerate(batches, start=1):
+    running: RunningStats | None = None  # the ISU statistics after the previous batch
+    for b in range(1, n_batches + 1):
         start = (b - 1) * bsz
+        labels = classes[start : start + bsz]
         if run.fs.exists(syn_commit(b)):
-            _verify_batch(run, b, start, stored)
+            earlier.append(b)
+            running = None
             continue
-        running = _running_after(run, b - 1, channels)
+        if running is None:
+            running = _running_after(run, b - 1, teachers, channels, world)
         state = None
         curve: list[float] = []  # loss at every iteration of this batch (the report's curve)
         if has_state(run.fs, SYN_CHECKPOINT):
-            saved, saved_meta = load_state(run.fs, SYN_CHECKPOINT)
-            if int(saved["batch_index"]) == b:
+            saved_meta = state_meta(run.fs, SYN_CHECKPOINT)
+            if int(saved_meta.get("batch", -1)) == b:
+                saved, saved_meta = load_state(run.fs, SYN_CHECKPOINT)
                 state = SynthesisState.from_tensors(saved, cfg.device, scfg.torch_dtype)
                 if world is not None:
                     state = shard_state(state, world)
@@ -148,24 +243,30 @@ def synthesize(run: Run, progress: Progress = no_progress, world: World | None =
                 labels,
                 shape,
                 derive_seed(cfg.seed, b, 200),
-                _init_images(run, train, labels, b),
+                _init_images(run, train, pools, labels, b) if pools is not None else None,
                 cfg.device,
                 world,
                 scfg.torch_dtype,
             )
         history = []
+        last_save = time.monotonic()
         while state.iteration < k:
             until = min(k, state.iteration + cfg.synthesis.checkpoint_every)
             state, hist = run_iterations(state, teachers, running, scfg, until, world)
             history += hist
             curve += torch.stack([h.loss for h in hist]).tolist()  # one sync per interval
-            whole = state if world is None else gather_state(state, world)
-            if whole is not None:
-                meta = {"batch": b, "iteration": whole.iteration, "losses": list(curve)}
-                saver.save(SYN_CHECKPOINT, whole.tensors(), meta)
+            due = until < k and time.monotonic() - last_save >= cfg.synthesis.checkpoint_seconds
+            if world is not None:
+                due = world.agree(due)  # gather_state is collective: rank 0's clock decides
+            if due:
+                whole = state if world is None else gather_state(state, world)
+                if whole is not None:
+                    meta = {"batch": b, "iteration": whole.iteration, "losses": list(curve)}
+                    saver.save(SYN_CHECKPOINT, whole.tensors(), meta)
+                last_save = time.monotonic()
             progress(
                 "synthesis",
-                (b - 1 + state.iteration / k) / len(batches),
+                (b - 1 + state.iteration / k) / n_batches,
                 {"batch": b, "iteration": state.iteration, "loss": curve[-1]},
             )
         running = finish_batch(state, teachers, running, scfg, world)
@@ -176,16 +277,7 @@ def synthesize(run: Run, progress: Progress = no_progress, world: World | None =
         images = whole.images
         saver.wait()
         write_image_batch(run.fs, SYN_IMAGES, start, images)
-        save_state(
-            run.fs,
-            syn_isu(b),
-            {
-                "means": running.means,
-                "covs": running.covs,
-                "batches_done": running.batches_done,
-                "images_done": running.images_done,
-            },
-        )
+        _save_running(run, b, running)
         last = history[-1] if history else None
         record = {
             "batch": b,
@@ -200,25 +292,51 @@ def synthesize(run: Run, progress: Progress = no_progress, world: World | None =
             "loss_curve": curve,
         }
         run.fs.write_bytes(syn_commit(b), json.dumps(record, indent=1).encode())
-        stored[start : start + len(labels)] = images.cpu()
+        _prune_isu(run, b)  # after the commit: a crash before it still finds batch b-1's state
         _barrier(world)
     if not writer:
         _barrier(world)  # returns once rank 0 has recorded the images
         return run.fs.url(SYN_IMAGES)
     saver.wait()
     remove_state(run.fs, SYN_CHECKPOINT)
-    export_png(run, stored, classes)
+    for b in earlier:  # one batch's rows in memory at a time
+        _verify_batch(run, b)
+    export_png(run, classes)
     run.manifest.record(SYN_IMAGES, "synthesis")
     _barrier(world)
     return run.fs.url(SYN_IMAGES)
 
 
-def export_png(run: Run, images: torch.Tensor, classes: torch.Tensor) -> None:
-    """synthesis/png/grid.png: one row per class, images in pixel space (for looking at)."""
-    p = run.config.preset_obj()
+GRID_CLASSES = 10  # classes shown in the grid (the first, the last and a spread between)
+GRID_IMAGES = 10  # images per class shown
+GRID_TILE = 96  # largest tile side in pixels (bigger images are downscaled for the grid)
+
+
+def grid_rows(num_classes: int, ipc: int) -> tuple[list[int], list[int]]:
+    """(classes shown, rows of images.zarr shown, class-major): at most GRID_CLASSES classes
+    evenly spread from the first to the last, their first min(ipc, GRID_IMAGES) images (image j
+    of class c is row j * num_classes + c, `distilled_classes`)."""
+    shown = min(num_classes, GRID_CLASSES)
+    picked = sorted({round(i * (num_classes - 1) / max(1, shown - 1)) for i in range(shown)})
+    rows = [j * num_classes + c for c in picked for j in range(min(ipc, GRID_IMAGES))]
+    return picked, rows
+
+
+def export_png(run: Run, classes: torch.Tensor | None = None) -> None:
+    """synthesis/png/grid.png: a bounded sample, one row per shown class (`grid_rows`), images
+    in pixel space; its size does not grow with the set (the whole set is in images.zarr).
+    Reads only the shown rows."""
+    p, ipc = run.config.preset_obj(), run.config.synthesis.ipc
+    picked, rows = grid_rows(p.num_classes, ipc)
+    images = ImageRows(run.fs, SYN_IMAGES).__getitems__(rows)
     mean = torch.tensor(p.mean).view(1, -1, 1, 1)
     std = torch.tensor(p.std).view(1, -1, 1, 1)
     pix = (images * std + mean).clamp(0, 1)
-    order = torch.argsort(classes * len(classes) + torch.arange(len(classes)))
+    if pix.shape[-1] > GRID_TILE:
+        pix = torch.nn.functional.interpolate(
+            pix, size=(GRID_TILE, GRID_TILE), mode="bilinear", antialias=True
+        ).clamp(0, 1)
     with run.fs.atomic_local_path("synthesis/png/grid.png") as tmp:
-        torchvision.utils.save_image(pix[order], tmp, nrow=run.config.synthesis.ipc, format="png")
+        torchvision.utils.save_image(pix, tmp, nrow=min(ipc, GRID_IMAGES), format="png")
+    meta = {"classes": picked, "rows": rows, "images_per_class": min(ipc, GRID_IMAGES)}
+    run.fs.write_bytes("synthesis/png/grid.json", json.dumps(meta).encode())
