@@ -182,7 +182,10 @@ class RunConfig(Strict):
 
     def hashed(self) -> dict[str, Any]:
         """The sections that determine the results, as JSON values (what the hash covers)."""
-        return self.model_dump(mode="json", exclude=set(UNHASHED))
+        data = self.model_dump(mode="json", exclude=set(UNHASHED))
+        # How often a checkpoint is written changes no result: a run may change it on resume.
+        data["synthesis"].pop("checkpoint_seconds", None)
+        return data
 
 
 def _override(base: Any, overrides: dict[str, Any], where: str) -> Any:

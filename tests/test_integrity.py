@@ -25,7 +25,13 @@ from .test_storage_safety import SMALL
 CONFIG = {
     **SMALL,
     "name": "integrity",
-    "synthesis": {"ipc": 2, "batch_size": 10, "checkpoint_every": 4, "checkpoint_seconds": 0, "params": {"iterations": 4}},
+    "synthesis": {
+        "ipc": 2,
+        "batch_size": 10,
+        "checkpoint_every": 4,
+        "checkpoint_seconds": 0,
+        "params": {"iterations": 4},
+    },
 }
 
 

@@ -24,7 +24,13 @@ CONFIG = {
     "dataset": {"kind": "synthetic", "synthetic_size": 160},
     "teachers": {"count": 2, "train": {"epochs": 3}, "checkpoint_every_epochs": 1},
     "stats": {"batch_size": 16, "workers": 0, "checkpoint_batches": 1},
-    "synthesis": {"ipc": 2, "batch_size": 10, "checkpoint_every": 2, "checkpoint_seconds": 0, "params": {"iterations": 16}},
+    "synthesis": {
+        "ipc": 2,
+        "batch_size": 10,
+        "checkpoint_every": 2,
+        "checkpoint_seconds": 0,
+        "params": {"iterations": 16},
+    },
     "labels": {"epochs": 6, "batch_size": 10, "format": "fp16"},
     "validation": {"students": 2, "epochs": 6, "checkpoint_every_epochs": 1},
 }

@@ -20,7 +20,13 @@ from .test_resume_kill import CONFIG
 SMALL = {
     **CONFIG,
     "teachers": {"count": 2, "train": {"epochs": 1}},
-    "synthesis": {"ipc": 1, "batch_size": 10, "checkpoint_every": 4, "checkpoint_seconds": 0, "params": {"iterations": 4}},
+    "synthesis": {
+        "ipc": 1,
+        "batch_size": 10,
+        "checkpoint_every": 4,
+        "checkpoint_seconds": 0,
+        "params": {"iterations": 4},
+    },
     "labels": {"epochs": 2, "batch_size": 10},
     "validation": {"students": 1, "epochs": 1},
 }
