@@ -3,6 +3,8 @@ App. A.4, D.4, D.7, Table 10)."""
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -44,6 +46,38 @@ def epoch_schedule(label_epochs: int, train_epochs: int, generator: torch.Genera
     return order[:train_epochs]
 
 
+def train_student_batches(
+    student: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    batches: Iterable[tuple[torch.Tensor, EpochLabels]],
+    temperature: float = 20.0,
+    scheduler: torch.optim.lr_scheduler.LRScheduler | None = None,
+) -> float:
+    """One epoch of Alg. 4, one label batch at a time: each step replays a batch's recorded
+    crops and flips on its images and fits the recorded ensemble logits.
+
+    batches: (images, labels) per label batch, in the epoch's batch order; images (B, C, H, W)
+    are the rows `labels.image_index` in that order, on the student's device; labels one
+    batch's rows in position order (`EpochLabels.batches`). Returns the mean loss (summed on
+    the device: one host-device sync per epoch, not per batch)."""
+    student.train()
+    device = next(student.parameters()).device
+    total, count = torch.zeros((), dtype=torch.float64, device=device), 0
+    for images, labels in batches:
+        if len(images) != len(labels):
+            raise ValueError(f"{len(images)} images for a label batch of {len(labels)} rows")
+        x = apply_crops(images, labels.boxes, labels.flips)
+        loss = kd_loss(student(x), labels.logits.to(device), temperature)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        if scheduler is not None:
+            scheduler.step()
+        total += loss.detach().double() * len(labels)
+        count += len(labels)
+    return float(total) / max(1, count)
+
+
 def train_student_epoch(
     student: nn.Module,
     optimizer: torch.optim.Optimizer,
@@ -52,25 +86,16 @@ def train_student_epoch(
     temperature: float = 20.0,
     scheduler: torch.optim.lr_scheduler.LRScheduler | None = None,
 ) -> float:
-    """One epoch of Alg. 4: batches in their recorded order, each image augmented from its
-    recorded box and flip, loss against the recorded ensemble logits. Returns the mean loss
-    (summed on the device: one host-device sync per epoch, not per batch)."""
-    student.train()
+    """One epoch of Alg. 4 on a whole image set (N, C, H, W) and a whole labelled epoch held in
+    memory (small sets and tests; the validation stage streams: `train_student_batches`).
+    Batches in their recorded order, each image augmented from its recorded box and flip, loss
+    against the recorded ensemble logits. Returns the mean loss."""
     device = images.device
-    total, count = torch.zeros((), dtype=torch.float64, device=device), 0
-    for rows in labels.batches():
-        x = apply_crops(
-            images[labels.image_index[rows].to(device)], labels.boxes[rows], labels.flips[rows]
-        )
-        loss = kd_loss(student(x), labels.logits[rows].to(device), temperature)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        if scheduler is not None:
-            scheduler.step()
-        total += loss.detach().double() * len(rows)
-        count += len(rows)
-    return float(total) / max(1, count)
+    batches = (
+        (images[labels.image_index[rows].to(device)], labels.select(rows))
+        for rows in labels.batches()
+    )
+    return train_student_batches(student, optimizer, batches, temperature, scheduler)
 
 
 @torch.no_grad()

@@ -13,6 +13,7 @@ LocalCluster of `dask.workers` processes listening on 127.0.0.1.
 
 from __future__ import annotations
 
+import multiprocessing
 import os
 import threading
 from typing import Any
@@ -24,9 +25,8 @@ from prefect.futures import as_completed
 from prefect_dask import DaskTaskRunner
 
 from d3s_core.layers import select_layers
-from storage.arrays import read_images
 from storage.config import DaskSpec, RunConfig, parse_config
-from storage.run import Run, attach_run, images_of
+from storage.run import Run, attach_run
 
 from .credentials import storage_options
 from .retry import retry_on_transient_io
@@ -103,20 +103,19 @@ def stats_shard_task(
 def labels_epoch_task(
     root: str, config: dict[str, Any], e: int, prefix: str = ""
 ) -> dict[str, Any]:
+    """Epoch e's labels, the images of each label batch streamed from the store (the worker
+    keeps only its teachers between tasks, never the image set)."""
     cfg = parse_config(config)
     run = _worker_run(root, cfg)
     key = (root, cfg.config_hash())
-
-    def images() -> torch.Tensor:
-        x, _ = read_images(run.fs, images_of(prefix))
-        return x.to(cfg.device)
-
-    x = _cached(("images", *key, prefix), images)
     teachers = [
         _cached(("teacher", *key, m), lambda m=m: load_teacher(run, m))
         for m in range(cfg.teachers.count)
     ]
-    write_one_epoch(run, x, teachers, e, prefix)
+    # Dask's worker processes are daemonic (distributed.worker.daemon) and may not start
+    # DataLoader processes: the rows are then read in the task's own thread.
+    workers = 0 if multiprocessing.current_process().daemon else cfg.stats.workers
+    write_one_epoch(run, None, teachers, e, prefix, workers=workers)
     return {"epoch": e, "pid": os.getpid()}
 
 

@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import torch
 
-from d3s_core.labelling import label_epoch
+from d3s_core.labelling import epoch_batches, label_batches
 from d3s_core.precision import enable_cudnn_autotune
-from storage.arrays import read_images
-from storage.labels import read_epoch, write_epoch, write_schema
+from storage.arrays import image_count, row_batches
+from storage.labels import read_epoch_batches, write_epoch_batches, write_schema
 from storage.run import Run, images_of, labels_epoch
 
 from .common import Progress, load_teachers, no_progress
@@ -29,42 +29,68 @@ def missing_epochs(run: Run, prefix: str = "") -> list[int]:
 
 
 def write_one_epoch(
-    run: Run, images: torch.Tensor, teachers: list[torch.nn.Module], e: int, prefix: str = ""
+    run: Run,
+    images: torch.Tensor | None,
+    teachers: list[torch.nn.Module],
+    e: int,
+    prefix: str = "",
+    workers: int | None = None,
 ) -> None:
     """Label epoch e and write its file (atomic; touches no other file, so it is safe on a
-    worker without the run lock). `teachers`: all M; labels.teachers "single" uses teacher 0."""
+    worker without the run lock). `teachers`: all M; labels.teachers "single" uses teacher 0.
+
+    images: None streams the rows of each label batch from the image store `images_of(prefix)`
+    (`workers` DataLoader processes read ahead, default `stats.workers`) and writes each
+    batch's labels as they come: one label batch of images and logits in memory at a time. A
+    (N, C, H, W) tensor labels those images instead (small sets and tests)."""
     cfg, pl = run.config, run.config.preset_obj().labels
     lc = cfg.labels
     labellers = teachers if lc.teachers == "ensemble" else teachers[:1]
-    lab = label_epoch(
-        images, labellers, e, cfg.seed, lc.batch_size, (pl.min_crop_scale, 1.0), pl.flip
+    if images is None:
+        n = image_count(run.fs, images_of(prefix))
+        rows = row_batches(
+            run.fs,
+            images_of(prefix),
+            [b.tolist() for b in epoch_batches(n, lc.batch_size, cfg.seed, e)],
+            cfg.device,
+            cfg.stats.workers if workers is None else workers,
+        )
+    else:
+        n = len(images)
+        rows = (images[b.to(images.device)] for b in epoch_batches(n, lc.batch_size, cfg.seed, e))
+    labelled = label_batches(
+        n, rows, labellers, e, cfg.seed, lc.batch_size, (pl.min_crop_scale, 1.0), pl.flip
     )
-    write_epoch(run.fs, labels_epoch(e, prefix), lab, lc.format, lc.topk)
+    write_epoch_batches(run.fs, labels_epoch(e, prefix), labelled, lc.format, lc.topk)
+
+
+def _reads_back(run: Run, rel: str, e: int) -> None:
+    """A worker's file is whole (atomic) and must read back: every row group, one at a time."""
+    for _ in read_epoch_batches(run.fs, rel, e):
+        pass
 
 
 def label_run(run: Run, progress: Progress = no_progress, prefix: str = "") -> str:
-    """Label the distilled set (prefix "") or another image set under `prefix`."""
+    """Label the distilled set (prefix "") or another image set under `prefix`, streaming the
+    images of each label batch from the store (no epoch or image set is held whole)."""
     cfg, p = run.config, run.config.preset_obj()
     lc = cfg.labels
     run.manifest.verify(images_of(prefix))
     if not all(run.manifest.is_recorded(labels_epoch(e, prefix)) for e in range(lc.epochs)):
         write_schema(run.fs, lc.format, p.num_classes, lc.topk, prefix)
-    images = teachers = None
+    teachers = None
     for e in range(lc.epochs):
         rel = labels_epoch(e, prefix)
         if run.manifest.is_recorded(rel):
             run.manifest.verify(rel)  # done is done, but checked
             continue
-        if run.fs.exists(rel):  # written by a worker: whole (atomic), and it must read back
-            read_epoch(run.fs, rel, e)
+        if run.fs.exists(rel):  # written by a worker
+            _reads_back(run, rel, e)
         else:
-            if images is None:
-                images, _ = read_images(run.fs, images_of(prefix))
-                images = images.to(cfg.device)
+            if teachers is None:
                 enable_cudnn_autotune(cfg.device)
                 teachers = load_teachers(run)
-            assert teachers is not None
-            write_one_epoch(run, images, teachers, e, prefix)
+            write_one_epoch(run, None, teachers, e, prefix)
         run.manifest.record(rel, "labels", epoch=e)
         progress("labels", (e + 1) / lc.epochs, {"epoch": e})
     return run.fs.url(f"{prefix}labels")

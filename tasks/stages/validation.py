@@ -13,9 +13,9 @@ import torch
 from d3s_core.labelling import derive_seed
 from d3s_core.optim import make_optimizer, make_scheduler
 from d3s_core.precision import enable_cudnn_autotune
-from d3s_core.students import epoch_schedule, train_student_epoch
-from storage.arrays import read_images
-from storage.labels import read_epoch
+from d3s_core.students import epoch_schedule, train_student_batches
+from storage.arrays import image_count, row_batches
+from storage.labels import epoch_image_batches, read_epoch_batches
 from storage.run import Run, images_of, labels_epoch, student_dir, summary_of
 from storage.states import has_state, load_state, remove_state, save_state, weights_blob
 
@@ -36,16 +36,35 @@ def _plans(run: Run) -> list[StudentPlan]:
     return [StudentPlan(arch, epochs, s) for s in range(cfg.validation.students)]
 
 
-def _train_one(run: Run, plan: StudentPlan, images, held, progress: Progress, prefix: str) -> float:
+def _student_epoch(
+    run: Run,
+    student: torch.nn.Module,
+    opt: torch.optim.Optimizer,
+    sched: torch.optim.lr_scheduler.LRScheduler | None,
+    temperature: float,
+    e: int,
+    prefix: str,
+) -> float:
+    """One student epoch on label epoch e: its label batches, one row group at a time, with
+    the image rows of each (read ahead by `stats.workers` DataLoader processes). Memory: one
+    label batch of logits and a few batches of images, never the set or the epoch."""
+    cfg, rel = run.config, labels_epoch(e, prefix)
+    images = row_batches(
+        run.fs, images_of(prefix), epoch_image_batches(run.fs, rel), cfg.device, cfg.stats.workers
+    )
+    batches = zip(images, read_epoch_batches(run.fs, rel, e), strict=True)
+    return train_student_batches(student, opt, batches, temperature, sched)
+
+
+def _train_one(run: Run, plan: StudentPlan, n: int, held, progress: Progress, prefix: str) -> float:
+    """One student on the n distilled images; the label epochs were verified by `validate`."""
     cfg, p = run.config, run.config.preset_obj()
     sc = p.student
     label_epochs = cfg.labels.epochs
-    for e in range(label_epochs):
-        run.manifest.verify(labels_epoch(e, prefix))
     d = student_dir(plan.arch, plan.seed, prefix)
     torch.manual_seed(derive_seed(cfg.seed, plan.seed, 300))
     student = new_model(p, plan.arch).to(cfg.device)
-    steps_per_epoch = -(-len(images) // cfg.labels.batch_size)
+    steps_per_epoch = -(-n // cfg.labels.batch_size)
     opt = make_optimizer(
         student.parameters(),
         sc.optimizer,
@@ -70,8 +89,7 @@ def _train_one(run: Run, plan: StudentPlan, images, held, progress: Progress, pr
         done = state["epochs_done"]
         losses = list(saved.get("losses", []))[:done]
     for i in range(done, plan.epochs):
-        lab = read_epoch(run.fs, labels_epoch(order[i], prefix), order[i])
-        loss = train_student_epoch(student, opt, images, lab, sc.temperature, sched)
+        loss = _student_epoch(run, student, opt, sched, sc.temperature, order[i], prefix)
         losses.append(float(loss))
         if (i + 1) % cfg.validation.checkpoint_every_epochs == 0 and i + 1 < plan.epochs:
             save_state(
@@ -117,25 +135,29 @@ def validate(run: Run, progress: Progress = no_progress, prefix: str = "") -> st
         run.manifest.verify(summary_rel)
         return run.fs.url(summary_rel)
     run.manifest.verify(images_of(prefix))
-    images, _ = read_images(run.fs, images_of(prefix))
-    images = images.to(cfg.device)
+    n = image_count(run.fs, images_of(prefix))
     enable_cudnn_autotune(cfg.device)
     _, held, _ = data_splits(run)
 
     accs = []
+    labels_verified = False
     for plan in _plans(run):
         d = student_dir(plan.arch, plan.seed, prefix)
         if run.manifest.is_recorded(f"{d}/metrics.json"):
             run.manifest.verify(f"{d}/metrics.json")
             accs.append(json.loads(run.fs.read_bytes(f"{d}/metrics.json"))["top1"])
             continue
-        accs.append(_train_one(run, plan, images, held, progress, prefix))
+        if not labels_verified:  # once per stage run, not per student (E files, each whole)
+            for e in range(cfg.labels.epochs):
+                run.manifest.verify(labels_epoch(e, prefix))
+            labels_verified = True
+        accs.append(_train_one(run, plan, n, held, progress, prefix))
     summary = {
         "students": len(accs),
         "top1": accs,
         "mean": statistics.mean(accs),
         "std": statistics.stdev(accs) if len(accs) > 1 else 0.0,
-        "distilled_images": len(images),
+        "distilled_images": n,
     }
     run.fs.write_bytes(summary_rel, json.dumps(summary, indent=1).encode())
     run.manifest.record(summary_rel, "validation")
