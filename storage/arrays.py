@@ -10,6 +10,7 @@ after the chunk (see storage/run.py: syn_commit).
 from __future__ import annotations
 
 import hashlib
+import os
 from collections.abc import Iterator
 from typing import Any
 
@@ -74,10 +75,10 @@ def create_images(
     """images (N, C, H, W) float32 in normalised space; classes (N,) int64. Created once at
     full size (no resizes later).
 
-    Layout: one shard (one file) per `batch` rows, holding one inner chunk per image. A
-    synthesis batch is written as one whole shard; labelling and students read any rows in any
-    order, each row a byte-range read of its own chunk (with chunk = batch, a random label batch
-    of 100 rows would decode 100 chunks of 200 images each: 12 GB per batch at 224 px)."""
+    Layout: one shard (one file) per `batch` rows, holding one uncompressed inner chunk per
+    image. A synthesis batch is written as one whole shard; labelling and students read any rows
+    in any order, each row a byte-range read of its own chunk (with chunk = batch, a random label
+    batch of 100 rows would decode 100 chunks of 200 images each: 12 GB per batch at 224 px)."""
     g = _open_group(fs, rel, "a")
     if "images" in g:
         return
@@ -87,6 +88,7 @@ def create_images(
         shape=(n, *shape),
         shards=(batch, *shape),
         chunks=(1, *shape),
+        compressors=None,  # float images compress by ~5%; raw rows are read without decoding
         dtype="float32",
         fill_value=np.nan,
         overwrite=True,
@@ -142,24 +144,111 @@ def image_count(fs: RunFS, rel: str) -> int:
     return int(_open_group(fs, rel, "r")["images"].shape[0])  # type: ignore[union-attr]
 
 
+_EMPTY = 2**64 - 1  # a shard index entry of an inner chunk never written
+
+
+class _RawShards:
+    """Rows of a local sharded images array whose inner chunks are single uncompressed
+    little-endian rows (the layout `create_images` makes), read straight from the shard files
+    with os.pread: the shard's index (offset, length per row, at its end, Zarr v3 sharding
+    spec), then the row's bytes. About 20x faster per row than Zarr's general path, which at
+    one row per chunk costs ~1-3 ms a row (300 s per label epoch at ImageNet-21K). Checked
+    against Zarr's own reader in tests/test_streaming_labels.py. `layout` is None for any other
+    store (compressed, other chunking, remote): the caller uses Zarr."""
+
+    def __init__(self, path: str, array: Any):
+        self.path = path
+        self.dtype = np.dtype(array.dtype)
+        self.row_shape = tuple(array.shape[1:])
+        self.row_bytes = int(np.prod(self.row_shape)) * self.dtype.itemsize
+        self.shard_rows = int(array.metadata.chunk_grid.chunk_shape[0])
+        self.index_bytes = 16 * self.shard_rows + 4  # (offset, nbytes) uint64 pairs + crc32c
+        self._index: dict[int, np.ndarray] = {}
+
+    @staticmethod
+    def layout(fs: RunFS, rel: str, array: Any) -> _RawShards | None:
+        from zarr.codecs import BytesCodec, ShardingCodec
+
+        try:
+            codecs = array.metadata.codecs
+            sharding = codecs[0] if len(codecs) == 1 else None
+            ok = (
+                fs.local
+                and isinstance(sharding, ShardingCodec)
+                and tuple(sharding.chunk_shape) == (1, *array.shape[1:])
+                and len(sharding.codecs) == 1
+                and isinstance(sharding.codecs[0], BytesCodec)
+                and str(getattr(sharding.codecs[0].endian, "value", "little")) == "little"
+                and str(getattr(sharding.index_location, "value", "end")) == "end"
+                and array.metadata.chunk_key_encoding.separator == "/"
+                and np.dtype(array.dtype).byteorder in "=<|"
+            )
+        except AttributeError:
+            return None
+        return _RawShards(fs.path(rel), array) if ok else None
+
+    def _shard_file(self, s: int) -> str:
+        return f"{self.path}/images/c/{s}" + "/0" * len(self.row_shape)
+
+    def _offsets(self, s: int, fd: int) -> np.ndarray:
+        if s not in self._index:
+            size = os.fstat(fd).st_size
+            raw = os.pread(fd, self.index_bytes, size - self.index_bytes)
+            if len(self._index) > 1024:
+                self._index.clear()
+            self._index[s] = np.frombuffer(raw[:-4], "<u8").reshape(-1, 2)
+        return self._index[s]
+
+    def read(self, rows: np.ndarray) -> np.ndarray:
+        out = np.empty((len(rows), *self.row_shape), self.dtype)
+        flat = out.reshape(len(rows), -1).view(np.uint8)
+        shards = rows // self.shard_rows
+        for s in np.unique(shards):
+            at = np.nonzero(shards == s)[0]
+            try:
+                fd = os.open(self._shard_file(int(s)), os.O_RDONLY)
+            except FileNotFoundError:
+                out[at] = np.nan  # a shard never written: the fill value
+                continue
+            try:
+                offsets = self._offsets(int(s), fd)
+                for i in at:
+                    offset, nbytes = offsets[rows[i] % self.shard_rows]
+                    if offset == _EMPTY:
+                        out[i] = np.nan
+                        continue
+                    if nbytes != self.row_bytes:
+                        raise ValueError(
+                            f"{self._shard_file(int(s))}: row {rows[i]} is {nbytes} bytes, "
+                            f"expected {self.row_bytes}"
+                        )
+                    flat[i] = np.frombuffer(os.pread(fd, self.row_bytes, int(offset)), np.uint8)
+            finally:
+                os.close(fd)
+        return out
+
+
 class ImageRows(torch.utils.data.Dataset):
     """Rows of an image store, read on demand: `ds[indices]` (a list, any order, repeats
     allowed) gives those rows as one (len, C, H, W) float32 tensor. Made for a DataLoader with a
     batch sampler (`__getitems__`): each worker opens the store once, reads only the rows of its
     batch (one inner chunk each), and the main process never holds more than the batches in
-    flight. Memory: one batch of rows (100 images at 224 px: 60 MB) per prefetched batch."""
+    flight. Memory: one batch of rows (100 images at 224 px: 60 MB) per prefetched batch.
+    Local stores in `create_images`' layout are read with `_RawShards`, others through Zarr."""
 
     def __init__(self, fs: RunFS, rel: str):
         self.fs, self.rel = fs, rel
         self._array: Any = None
+        self._raw: _RawShards | None = None
         self.n = image_count(fs, rel)
 
     def __getstate__(self) -> dict[str, Any]:  # workers open their own handle
-        return {**self.__dict__, "_array": None}
+        return {**self.__dict__, "_array": None, "_raw": None}
 
     def _images(self) -> Any:
         if self._array is None:
             self._array = _open_group(self.fs, self.rel, "r")["images"]
+            self._raw = _RawShards.layout(self.fs, self.rel, self._array)
         return self._array
 
     def __len__(self) -> int:
@@ -169,8 +258,11 @@ class ImageRows(torch.utils.data.Dataset):
         idx = np.asarray(indices, dtype=np.int64)
         if len(idx) and (idx.min() < 0 or idx.max() >= self.n):
             raise IndexError(f"{self.fs.url(self.rel)}: rows {idx.min()}..{idx.max()} of {self.n}")
+        array = self._images()
+        if self._raw is not None:
+            return torch.from_numpy(self._raw.read(idx))
         uniq, inverse = np.unique(idx, return_inverse=True)
-        rows = np.asarray(self._images().get_orthogonal_selection((uniq,)))
+        rows = np.asarray(array.get_orthogonal_selection((uniq,)))
         return torch.from_numpy(rows[inverse])
 
     def __getitem__(self, i: int) -> torch.Tensor:

@@ -166,3 +166,34 @@ def test_batch_moments_gradient_matches_autograd(layout):
     (g_mu,) = torch.autograd.grad(_Moments.apply(xa)[0].sum(), xa)
     (g_mu_r,) = torch.autograd.grad(reference_moments(xb)[0].sum(), xb)
     assert torch.allclose(g_mu, g_mu_r)
+
+
+def test_merge_tree_streams_the_level_by_level_pairwise_merge():
+    """merge_tree merges exactly the pairs, in the order, of merging neighbours level by level
+    (so the streamed shard merge gives the bytes the all-in-memory merge gave), and holds only
+    O(log n) partial results."""
+    from d3s_core.stats import merge_tree
+
+    def levelwise(parts):
+        while len(parts) > 1:
+            parts = [
+                f"({parts[i]} {parts[i + 1]})" if i + 1 < len(parts) else parts[i]
+                for i in range(0, len(parts), 2)
+            ]
+        return parts[0]
+
+    for n in range(1, 70):
+        held, peak = [0], [0]
+
+        def parts(n=n, held=held, peak=peak):
+            for i in range(n):
+                held[0] += 1
+                peak[0] = max(peak[0], held[0])
+                yield str(i)
+
+        def merge(a, b, held=held):
+            held[0] -= 1
+            return f"({a} {b})"
+
+        assert merge_tree(parts(), merge) == levelwise([str(i) for i in range(n)])
+        assert peak[0] <= n.bit_length() + 1

@@ -20,7 +20,7 @@ import torch
 from d3s_core.layers import FeatureHooks, select_layers
 from d3s_core.loss import GaussianTarget, prepare_target
 from d3s_core.precision import enable_cudnn_autotune, network_autocast
-from d3s_core.stats import SuffStats, merge_all
+from d3s_core.stats import SuffStats, merge_tree
 from storage.arrays import read_teacher_stats, write_teacher_stats
 from storage.run import STATS, Run, teacher_weights
 from storage.states import has_state, load_state, save_state
@@ -167,8 +167,11 @@ def compute_stats(run: Run, progress: Progress = no_progress) -> str:
     progress("stats", 1.0, {"batch": n_batches, "teachers": unfinished})
     for m in unfinished:
         names = teachers[m][1]
-        shards = [load_shard(run, m, s) for s in range(n_shards)]
-        merged = [merge_all(list(layer)) for layer in zip(*shards, strict=True)]
+        # Shards are read one at a time into the tree merge: O(log shards) held, not all.
+        merged = merge_tree(
+            (load_shard(run, m, s) for s in range(n_shards)),
+            lambda a, b: [x.merge(y) for x, y in zip(a, b, strict=True)],
+        )
         write_teacher_stats(
             run.fs, STATS, m, names, [(a.n, *a.mean_cov()) for a in merged], fingerprint
         )
