@@ -7,6 +7,9 @@ d3s verify ROOT [--quick]                       every artifact against the manif
 d3s repair ROOT [--dry-run]                     forget damaged artifacts and what depends on
                                                 them, so the next run recomputes exactly that
 d3s study CONFIG [--root URI]                   a study (Prefect): variants, Fig. 4, report
+d3s plan CONFIG [--train-images N] [--throughput FILE] [--json]
+                                                what a run will need (counts, disk, memory,
+                                                estimated hours), before it starts
 d3s teachers|stats|synthesis|labels|validation CONFIG --root URI
                                                 one stage, without Prefect
 """
@@ -64,6 +67,16 @@ def _study(path: str, root: str | None) -> int:
     from flows.study import study
 
     print(study(root=root or f"runs/{spec.name}", config=spec))
+    return 0
+
+
+def _plan(args: argparse.Namespace) -> int:
+    from tasks.plan import format_plan, make_plan
+
+    if args.train_images is not None and args.train_images < 1:
+        raise ValueError(f"--train-images: {args.train_images} must be >= 1")
+    plan = make_plan(_config(args.config, args.preset), args.train_images, args.throughput)
+    print(json.dumps(plan, indent=1) if args.json else format_plan(plan))
     return 0
 
 
@@ -199,6 +212,12 @@ def main(argv: list[str] | None = None) -> int:
     sd.add_argument("--root")
     st = sub.add_parser("status", help="progress of a run")
     st.add_argument("root")
+    pl = sub.add_parser("plan", help="counts, disk, peak memory and estimated hours of a run")
+    pl.add_argument("config", nargs="?")
+    pl.add_argument("--preset")
+    pl.add_argument("--train-images", type=int, help="training images (else known or counted)")
+    pl.add_argument("--throughput", help="throughput table (default bench/throughput/cpu.json)")
+    pl.add_argument("--json", action="store_true", help="the whole plan as JSON")
     from tasks.stages import STAGES
 
     for name in STAGES:
@@ -218,6 +237,8 @@ def main(argv: list[str] | None = None) -> int:
             return repair_cmd(args.root, args.dry_run)
         if args.cmd == "study":
             return _study(args.config, args.root)
+        if args.cmd == "plan":
+            return _plan(args)
         cfg = _config(args.config, args.preset)
         root = args.root or f"runs/{cfg.name}"
         if args.cmd == "run":
