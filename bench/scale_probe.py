@@ -51,11 +51,32 @@ def tree_bytes(root: Path) -> int:
     return sum(p.stat().st_size for p in root.rglob("*") if p.is_file())
 
 
+def preset_name(args: argparse.Namespace) -> str:
+    return (
+        "scale-21k"
+        if (args.size, args.classes) == (16, 10450)
+        else (f"scale-{args.classes}c-{args.size}px")
+    )
+
+
+def register_preset(args: argparse.Namespace) -> None:
+    """The scale-21k preset at another image size or class count (in this process only)."""
+    from dataclasses import replace
+
+    from d3s_core.presets import PRESETS
+
+    name = preset_name(args)
+    if name not in PRESETS:
+        PRESETS[name] = replace(
+            PRESETS["scale-21k"], name=name, image_size=args.size, num_classes=args.classes
+        )
+
+
 def scale_config(args: argparse.Namespace) -> dict:
     train_per_class = args.ipc + 3  # 20% held out leaves >= IPC per class for the baseline
     return {
         "name": f"scale-{args.classes}x{args.ipc}",
-        "preset": "scale-21k",
+        "preset": preset_name(args),
         "seed": 0,
         "dataset": {
             "kind": "synthetic",
@@ -86,6 +107,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--root", required=True)
     ap.add_argument("--classes", type=int, default=10450)
     ap.add_argument("--ipc", type=int, default=10)
+    ap.add_argument("--size", type=int, default=16, help="image side in pixels (3 channels)")
     ap.add_argument("--iterations", type=int, default=2)
     ap.add_argument("--label-epochs", type=int, default=2)
     ap.add_argument("--label-format", default="topk")
@@ -97,6 +119,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     torch.set_num_threads(args.threads)
+    register_preset(args)
     from storage.config import parse_config
     from storage.run import open_run
     from tasks.stages import EXTRA_STAGES, STAGES

@@ -1,0 +1,78 @@
+"""Every stage at ImageNet-21K's class count in bounded memory, flat in the number of images.
+
+Each point is a whole run (bench/scale_probe.py: teachers, statistics, synthesis, labels,
+validation and the random-real baseline, in a fresh process, DataLoader workers off, so that
+every byte a stage reads is in that process), with each stage's peak resident memory measured
+by the kernel (VmHWM, reset before the stage). A stage that held the image set, a label epoch
+or a dataset listing would grow with the number of images; the assertions are that no stage
+grows by more than GROWTH_MIB when the images grow 4x, and that every stage stays under
+BOUND_MIB.
+
+Default suite: 10,450 classes at IPC 1 (10,450 images, 53 synthesis batches of 200) against a
+quarter of the classes, at 8 px; one label epoch, one student epoch (memory per epoch is flat:
+bench/bench_scale.py measures time per epoch). The `slow` test is the ImageNet-21K shape
+itself: 10,450 classes x IPC 10 = 104,500 images in 523 batches, against a quarter of them.
+"""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+BOUND_MIB = 1536  # process (torch, zarr, pyarrow: ~0.7 GiB) + one stage's working set
+GROWTH_MIB = 96  # 4x the images may add per-image vectors (permutations, classes), not sets
+
+
+def probe(root: Path, classes: int, ipc: int, size: int) -> dict:
+    cmd = [
+        sys.executable,
+        str(REPO / "bench" / "scale_probe.py"),
+        "--root",
+        str(root),
+        "--classes",
+        str(classes),
+        "--ipc",
+        str(ipc),
+        "--size",
+        str(size),
+        "--label-epochs",
+        "1",
+        "--student-epochs",
+        "1",
+    ]
+    done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=3000)
+    assert done.returncode == 0, done.stderr[-4000:]
+    return json.loads(done.stdout)
+
+
+def assert_flat(small: dict, big: dict) -> None:
+    assert big["images"] == 4 * small["images"]
+    lines = []
+    for name, s in big["stages"].items():
+        a, b = small["stages"][name]["peak_rss_mib"], s["peak_rss_mib"]
+        lines.append(f"{name}: {a:.0f} -> {b:.0f} MiB")
+        assert b <= BOUND_MIB, f"{name} peaked at {b:.0f} MiB > {BOUND_MIB}: " + "; ".join(lines)
+        assert b - a <= GROWTH_MIB, (
+            f"{name} grew by {b - a:.0f} MiB with 4x the images: " + "; ".join(lines)
+        )
+    print("peak RSS per stage, 4x the images:", "; ".join(lines))
+
+
+@pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="needs Linux's VmHWM")
+def test_stage_memory_is_flat_in_the_number_of_images(tmp_path):
+    small = probe(tmp_path / "quarter", 2613, 1, 8)
+    big = probe(tmp_path / "full", 10450, 1, 8)
+    assert big["stages"]["synthesis"]["units"] == 53
+    assert_flat(small, big)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="needs Linux's VmHWM")
+def test_imagenet21k_shape_in_bounded_memory(tmp_path):
+    small = probe(tmp_path / "quarter", 2613, 10, 16)
+    big = probe(tmp_path / "full", 10450, 10, 16)
+    assert big["images"] == 104500 and big["stages"]["synthesis"]["units"] == 523
+    assert_flat(small, big)
