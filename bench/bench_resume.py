@@ -3,8 +3,9 @@
 Takes a finished synthesis (e.g. bench/scale_probe.py's ImageNet-21K-shaped root, 523
 batches), forgets the batches after --keep (their commit records and ISU states, and the
 finished store's manifest entry: what `d3s repair` does), and times `synthesize` from its call
-to its first `run_iterations` call. The ISU state after batch --keep is kept when it exists
-(as after a crash); with --rebuild it is removed too and rebuilt from the stored images.
+to its first `run_iterations` call. By default as after a crash: the ISU state after batch
+--keep is on disk (made here, before timing, by the exact rebuild). With --rebuild as after a
+repair: no ISU state, rebuilt from the stored images inside the timed call.
 
     .venv/bin/python bench/scale_probe.py --root /tmp/scale --ipc 10   # once
     .venv/bin/python bench/bench_resume.py --root /tmp/scale --keep 500
@@ -48,9 +49,19 @@ def main(argv: list[str] | None = None) -> int:
         for name in batches[args.keep :]:
             fs.remove(f"synthesis/batches/{name}")
         for b in range(args.keep, len(batches) + 1):
-            if (b > args.keep or args.rebuild) and has_state(fs, syn_isu(b)):
+            if has_state(fs, syn_isu(b)):
                 remove_state(fs, syn_isu(b))
         assert fs.exists(syn_commit(args.keep))
+        if not args.rebuild:  # a crash: the state after the last committed batch is on disk
+            with open_run(root, cfg) as run:
+                teachers = [
+                    syn.MeasuredTeacher(m, *syn.load_targets(run, i, cfg.synthesis_cfg().ridge, fp))
+                    for i, m in enumerate(syn.load_teachers(run))
+                    for fp in [syn.data_splits(run)[2]]
+                ]
+                channels = [t.channels for t in teachers]
+                running = syn._running_after(run, args.keep, teachers, channels, None)
+                syn._save_running(run, args.keep, running)
         t0 = time.perf_counter()
         first: list[float] = []
         real = syn.run_iterations

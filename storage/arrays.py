@@ -117,9 +117,8 @@ def image_chunks(
 
 
 def read_image_rows(fs: RunFS, rel: str, start: int, stop: int) -> torch.Tensor:
-    """Rows [start, stop) of an image store (one synthesis batch: its own chunk)."""
-    g = _open_group(fs, rel, "r")
-    return torch.from_numpy(np.asarray(g["images"][start:stop]))  # type: ignore[index]
+    """Rows [start, stop) of an image store (one synthesis batch: its own shard)."""
+    return ImageRows(fs, rel).__getitems__(range(start, stop))
 
 
 def images_sha256(images: torch.Tensor) -> str:
