@@ -8,10 +8,14 @@ or a dataset listing would grow with the number of images; the assertions are th
 grows by more than GROWTH_MIB when the images grow 4x, and that every stage stays under
 BOUND_MIB.
 
-Default suite: 10,450 classes at IPC 1 (10,450 images, 53 synthesis batches of 200) against a
-quarter of the classes, at 8 px; one label epoch, one student epoch (memory per epoch is flat:
-bench/bench_scale.py measures time per epoch). The `slow` test is the ImageNet-21K shape
-itself: 10,450 classes x IPC 10 = 104,500 images in 523 batches, against a quarter of them.
+Default suite (about 1.5 minutes on 2 cores): a quarter of ImageNet-21K's classes, 2,613, at
+IPC 4 (10,452 images in 53 synthesis batches of 200) against IPC 1, at 8 px; one label epoch
+and one student epoch (memory per epoch is flat: bench/bench_scale.py measures time per
+epoch). The `slow` test is the ImageNet-21K shape itself, 10,450 classes x IPC 10 = 104,500
+images in 523 batches, against IPC 2 (5x fewer images), at 16 px (about 20 minutes).
+The class count is the same within each pair: the teachers' training batch holds
+batch x classes logits and their gradients (1024 x 10,450 x 4 B = 41 MiB each), which grow
+with the classes, not the images.
 """
 
 import json
@@ -23,7 +27,7 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 BOUND_MIB = 1536  # process (torch, zarr, pyarrow: ~0.7 GiB) + one stage's working set
-GROWTH_MIB = 96  # 4x the images may add per-image vectors (permutations, classes), not sets
+GROWTH_MIB = 96  # more images may add per-image vectors (permutations, classes), not sets
 
 
 def probe(root: Path, classes: int, ipc: int, size: int) -> dict:
@@ -48,31 +52,31 @@ def probe(root: Path, classes: int, ipc: int, size: int) -> dict:
     return json.loads(done.stdout)
 
 
-def assert_flat(small: dict, big: dict) -> None:
-    assert big["images"] == 4 * small["images"]
+def assert_flat(small: dict, big: dict, factor: int) -> None:
+    assert big["images"] == factor * small["images"]
     lines = []
     for name, s in big["stages"].items():
         a, b = small["stages"][name]["peak_rss_mib"], s["peak_rss_mib"]
         lines.append(f"{name}: {a:.0f} -> {b:.0f} MiB")
         assert b <= BOUND_MIB, f"{name} peaked at {b:.0f} MiB > {BOUND_MIB}: " + "; ".join(lines)
         assert b - a <= GROWTH_MIB, (
-            f"{name} grew by {b - a:.0f} MiB with 4x the images: " + "; ".join(lines)
+            f"{name} grew by {b - a:.0f} MiB with {factor}x the images: " + "; ".join(lines)
         )
-    print("peak RSS per stage, 4x the images:", "; ".join(lines))
+    print(f"peak RSS per stage, {factor}x the images:", "; ".join(lines))
 
 
 @pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="needs Linux's VmHWM")
 def test_stage_memory_is_flat_in_the_number_of_images(tmp_path):
-    small = probe(tmp_path / "quarter", 2613, 1, 8)
-    big = probe(tmp_path / "full", 10450, 1, 8)
+    small = probe(tmp_path / "ipc1", 2613, 1, 8)
+    big = probe(tmp_path / "ipc4", 2613, 4, 8)
     assert big["stages"]["synthesis"]["units"] == 53
-    assert_flat(small, big)
+    assert_flat(small, big, 4)
 
 
 @pytest.mark.slow
 @pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="needs Linux's VmHWM")
 def test_imagenet21k_shape_in_bounded_memory(tmp_path):
-    small = probe(tmp_path / "quarter", 2613, 10, 16)
-    big = probe(tmp_path / "full", 10450, 10, 16)
+    small = probe(tmp_path / "ipc2", 10450, 2, 16)
+    big = probe(tmp_path / "ipc10", 10450, 10, 16)
     assert big["images"] == 104500 and big["stages"]["synthesis"]["units"] == 523
-    assert_flat(small, big)
+    assert_flat(small, big, 5)
