@@ -72,6 +72,23 @@ def register_preset(args: argparse.Namespace) -> None:
         )
 
 
+def forbid_whole_sets() -> None:
+    """The readers that return a whole image set or a whole label epoch raise from here on
+    (set before the stages are imported, so a stage that imports them gets these): at tiny
+    image sizes a whole set is too small to show in the resident memory."""
+    import storage.arrays
+    import storage.labels
+
+    def refuse(name: str):
+        def reader(*args, **kwargs):
+            raise AssertionError(f"a stage called {name}, which holds a whole set in memory")
+
+        return reader
+
+    storage.arrays.read_images = refuse("storage.arrays.read_images")  # type: ignore[assignment]
+    storage.labels.read_epoch = refuse("storage.labels.read_epoch")  # type: ignore[assignment]
+
+
 def scale_config(args: argparse.Namespace) -> dict:
     train_per_class = args.ipc + 3  # 20% held out leaves >= IPC per class for the baseline
     return {
@@ -114,12 +131,19 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--student-epochs", type=int, default=1)
     ap.add_argument("--checkpoint-seconds", type=float, default=0.0)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument(
+        "--forbid-whole-sets",
+        action="store_true",
+        help="make the whole-set readers (read_images, read_epoch) raise in the stages",
+    )
     args = ap.parse_args(argv)
 
     import torch
 
     torch.set_num_threads(args.threads)
     register_preset(args)
+    if args.forbid_whole_sets:
+        forbid_whole_sets()
     from storage.config import parse_config
     from storage.run import open_run
     from tasks.stages import EXTRA_STAGES, STAGES

@@ -6,7 +6,10 @@ every byte a stage reads is in that process), with each stage's peak resident me
 by the kernel (VmHWM, reset before the stage). A stage that held the image set, a label epoch
 or a dataset listing would grow with the number of images; the assertions are that no stage
 grows by more than GROWTH_MIB when the images grow 4x, and that every stage stays under
-BOUND_MIB.
+BOUND_MIB. At 8 px a whole image set (10,452 x 768 B = 8 MB) is too small to see in the
+resident memory, so the whole-set readers (read_images, read_epoch) also raise in the probe
+(`--forbid-whole-sets`); a whole label epoch (10,452 x 2,613 logits, 109 MB as float32, ~6x
+that while written) shows in both.
 
 Default suite (about 1.5 minutes on 2 cores): a quarter of ImageNet-21K's classes, 2,613, at
 IPC 4 (10,452 images in 53 synthesis batches of 200) against IPC 1, at 8 px; one label epoch
@@ -46,6 +49,7 @@ def probe(root: Path, classes: int, ipc: int, size: int) -> dict:
         "1",
         "--student-epochs",
         "1",
+        "--forbid-whole-sets",
     ]
     done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=3000)
     assert done.returncode == 0, done.stderr[-4000:]
