@@ -155,3 +155,21 @@ def test_checkpoints_follow_checkpoint_seconds(root, monkeypatch):
     with open_run(root, config(checkpoint_seconds=0)) as run:
         syn.synthesize(run)
     assert saves == [1, 2, 3] * 3  # every interval but the last of each of 3 batches
+
+
+def test_a_crash_at_the_stage_end_redoes_no_batch(root, monkeypatch):
+    """Killed while writing the grid (after every batch committed): the restart iterates
+    nothing, checks the committed batches one at a time and finishes the store."""
+    torch.set_num_threads(1)
+    real_export = syn.export_png
+    monkeypatch.setattr(syn, "export_png", lambda *a: (_ for _ in ()).throw(RuntimeError("kill")))
+    with open_run(root, config()) as run, pytest.raises(RuntimeError, match="kill"):
+        syn.synthesize(run)
+    assert not run.manifest.is_recorded(SYN_IMAGES)
+    monkeypatch.setattr(syn, "export_png", real_export)
+    monkeypatch.setattr(syn, "run_iterations", lambda *a, **k: pytest.fail("a batch was redone"))
+    no_whole_set(monkeypatch)
+    with open_run(root, config()) as run:
+        syn.synthesize(run)
+        assert run.manifest.is_recorded(SYN_IMAGES)
+    assert (root / "synthesis" / "png" / "grid.png").exists()
