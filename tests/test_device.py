@@ -118,11 +118,11 @@ def test_stage_loads_isu_statistics_onto_the_run_device(tmp_path):
     cfg = parse_config({**SMALL, "device": "meta"})
     channels = [[3, 5]]
     with open_run(tmp_path / "run", cfg) as run:
-        assert _running_after(run, 0, channels).device == META
+        assert _running_after(run, 0, [], channels, None).device == META
         zeros = RunningStats.zeros(channels)  # written by a batch: CPU tensors in the file
         state = {"means": zeros.means, "covs": zeros.covs, "batches_done": 1, "images_done": 6}
         save_state(run.fs, syn_isu(1), state)
-        loaded = _running_after(run, 1, channels)
+        loaded = _running_after(run, 1, [], channels, None)
     assert loaded.device == META and loaded.batches_done == 1
     assert all(c.device == META for ts in loaded.covs for c in ts)
 
