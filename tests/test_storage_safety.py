@@ -166,17 +166,25 @@ def test_real_image_initialisation_draws_training_images_of_each_class():
     from types import SimpleNamespace
 
     from storage.datasets import NormalisedImages, synthetic_images
+    from tasks.stages.common import class_rows
     from tasks.stages.synthesis import _init_images
 
     images, classes = synthetic_images(40, 4, 1, 8, seed=0)
     train = NormalisedImages(images, classes, (0.5,), (0.5,))
-    run = SimpleNamespace(config=SimpleNamespace(seed=0, synthesis=SimpleNamespace(init="real")))
+    run = SimpleNamespace(
+        config=SimpleNamespace(
+            seed=0,
+            synthesis=SimpleNamespace(init="real"),
+            preset_obj=lambda: SimpleNamespace(num_classes=4),
+        )
+    )
+    pools = class_rows(run, train)
     labels = torch.tensor([0, 1, 2, 3, 1])
-    x = _init_images(run, train, labels, b=1)
+    x = _init_images(run, train, pools, labels, b=1)
     pool, pool_classes = train.tensors()
     for img, c in zip(x, labels.tolist(), strict=True):
         matches = [(img == p).all() for p in pool]
         assert any(matches) and pool_classes[matches.index(True)] == c
-    assert torch.equal(x, _init_images(run, train, labels, b=1))  # seeded
+    assert torch.equal(x, _init_images(run, train, pools, labels, b=1))  # seeded
     run.config.synthesis.init = "noise"
-    assert _init_images(run, train, labels, b=1) is None
+    assert _init_images(run, train, pools, labels, b=1) is None
