@@ -137,6 +137,8 @@ def kl_layers(
     covs: Sequence[torch.Tensor],
     targets: Sequence[GaussianTarget] | Sequence[TargetGroup],
     ridge: float | None = None,
+    *,
+    ridges_used: list[float] | None = None,
 ) -> torch.Tensor:
     """Eq. 1 per layer, (L,) float64. Layers of equal width share one batched Cholesky/solve.
 
@@ -144,8 +146,16 @@ def kl_layers(
     one triangular solve against the cached factor L_T. `targets`: one GaussianTarget per layer,
     or their `stack_targets` groups (prepared once). A batch covariance that is not positive
     definite gets a tenfold larger ridge (up to 4 times): a host-device sync per width.
+
+    ridges_used: a list the caller passes to learn the ridge each layer's batch covariance got;
+    its contents are replaced by one float per layer (layers of a group share their group's):
+    `ridge` (the target's where None) or the larger one escalation needed, as
+    `_cholesky_with_ridge` returned it. Free: the escalation's sync made it a host value.
     """
-    return _kl_groups(means, covs, targets, ridge, check=True)[0]
+    kl, _, used = _kl_groups(means, covs, targets, ridge, check=True)
+    if ridges_used is not None:
+        ridges_used[:] = used
+    return kl
 
 
 def kl_layers_unchecked(
@@ -157,7 +167,8 @@ def kl_layers_unchecked(
     """`kl_layers` without a host-device sync: (kl (L,), failed), failed a () bool tensor on
     the device, True if a batch Cholesky failed at `ridge`. Where it did, the KL is not to be
     used: the caller redoes the step with `kl_layers`, which escalates the ridge."""
-    return _kl_groups(means, covs, targets, ridge, check=False)
+    kl, failed, _ = _kl_groups(means, covs, targets, ridge, check=False)
+    return kl, failed
 
 
 def _kl_groups(
@@ -166,7 +177,9 @@ def _kl_groups(
     targets: Sequence[GaussianTarget] | Sequence[TargetGroup],
     ridge: float | None,
     check: bool,
-) -> tuple[torch.Tensor, torch.Tensor]:
+) -> tuple[torch.Tensor, torch.Tensor, list[float]]:
+    """(kl (L,), failed (), ridge per layer). The ridges are those the batch Cholesky used with
+    check=True; with check=False, the configured ones (whether they sufficed is `failed`)."""
     if targets and isinstance(targets[0], TargetGroup):
         groups = [g for g in targets if isinstance(g, TargetGroup)]
     else:
@@ -174,6 +187,7 @@ def _kl_groups(
     if not (len(means) == len(covs) == sum(len(g.index) for g in groups)) or not means:
         raise ValueError("means, covs and targets must have one entry per layer")
     out: list[torch.Tensor | None] = [None] * len(means)
+    used = [0.0] * len(means)
     failed = torch.zeros((), dtype=torch.bool, device=means[0].device)
     for g in groups:
         idx, dim = g.index, g.dim
@@ -182,7 +196,7 @@ def _kl_groups(
         sig_s = torch.stack([covs[i] for i in idx]).double()  # (G, C, C)
         sym = 0.5 * (sig_s + sig_s.transpose(-1, -2))
         if check:
-            chol_s, _ = _cholesky_with_ridge(sym, r)
+            chol_s, r = _cholesky_with_ridge(sym, r)
         else:
             eye = torch.eye(dim, dtype=sym.dtype, device=sym.device)
             chol_s, info = torch.linalg.cholesky_ex(sym + r * eye)
@@ -195,7 +209,8 @@ def _kl_groups(
         kl = 0.5 * (g.logdet - logdet_s + trace + maha - dim)
         for j, i in enumerate(idx):
             out[i] = kl[j]
-    return torch.stack(out), failed  # type: ignore[arg-type]
+            used[i] = r
+    return torch.stack(out), failed, used  # type: ignore[arg-type]
 
 
 def diagonal_kl_layers(

@@ -92,8 +92,44 @@ def build_model(
         return timm.create_model(
             arch.removeprefix("timm:"), pretrained=False, num_classes=num_classes, in_chans=in_chans
         )
-    known = sorted([*TORCHVISION_RESNETS, "small_resnet", "timm:<name>"])
-    raise ValueError(f"unknown architecture {arch!r}; expected one of {known}")
+    check_arch(arch, low_res)
+    if in_chans != 3:
+        raise ValueError(
+            f"torchvision model {arch!r} takes 3 input channels, the data has {in_chans}: set "
+            "dataset.channels: 3 (greyscale replicated into RGB) or use a ResNet or a "
+            "timm:<name> model, which take any channel count"
+        )
+    import torchvision
+
+    return torchvision.models.get_model(arch, weights=None, num_classes=num_classes)
+
+
+def check_arch(arch: str, low_res: bool | None = None, key: str = "arch") -> None:
+    """Refuse an architecture name `build_model` cannot build (naming the config `key`):
+    torchvision's ResNets, small_resnet, any torchvision classification model, timm:<name>
+    (checked against timm's registry). low_res only for the ResNets."""
+    if arch in TORCHVISION_RESNETS or arch == "small_resnet":
+        return
+    if arch.startswith("timm:"):
+        import timm
+
+        if not timm.is_model(arch.removeprefix("timm:")):
+            raise ValueError(f"{key}: {arch!r} is not a timm model name")
+    else:
+        import torchvision
+
+        names = torchvision.models.list_models(module=torchvision.models)
+        if arch not in names:
+            raise ValueError(
+                f"{key}: unknown architecture {arch!r}; expected resnet18|34|50|101, "
+                "small_resnet, a torchvision classification model (e.g. mobilenet_v3_small) "
+                "or timm:<name>"
+            )
+    if low_res:
+        raise ValueError(
+            f"{key}: low_res (the 3x3 stem) is only defined for ResNets, not for {arch!r}; "
+            "set model.low_res: false"
+        )
 
 
 def freeze(model: nn.Module) -> nn.Module:

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
 
+from .optim import OptimizerName, ScheduleName
 from .synthesis import IMAGENET_MEAN, IMAGENET_STD, SynthesisConfig
-from .teachers import TeacherTrainConfig
+from .teachers import TeacherTrainConfig, check_bool, check_choice, check_range
 
 MNIST_MEAN = (0.1307,)
 MNIST_STD = (0.3081,)
@@ -19,6 +20,12 @@ class LabelConfig:
     batch_size: int = 128
     min_crop_scale: float = 0.08
     flip: bool = True
+
+    def __post_init__(self) -> None:
+        check_range("epochs", self.epochs, ge=1, integer=True)
+        check_range("batch_size", self.batch_size, ge=1, integer=True)
+        check_range("min_crop_scale", self.min_crop_scale, gt=0, le=1)
+        check_bool("flip", self.flip)
 
 
 @dataclass(frozen=True)
@@ -35,6 +42,19 @@ class StudentConfig:
     schedule: str = "cosine"
     temperature: float = 20.0
     students: int = 5
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.arch, str):
+            raise ValueError(f"arch: {self.arch!r} must be a string")
+        check_choice("optimizer", self.optimizer, OptimizerName)
+        check_choice("schedule", self.schedule, ScheduleName)
+        check_range("lr", self.lr, gt=0)
+        check_range("momentum", self.momentum, ge=0, lt=1)
+        check_range("weight_decay", self.weight_decay, ge=0)
+        check_range("batch_size", self.batch_size, ge=1, integer=True)
+        check_range("epochs", self.epochs, ge=1, integer=True)
+        check_range("temperature", self.temperature, gt=0)
+        check_range("students", self.students, ge=1, integer=True)
 
 
 @dataclass(frozen=True)
@@ -57,6 +77,75 @@ class Preset:
     synthesis: SynthesisConfig
     labels: LabelConfig
     student: StudentConfig = field(default_factory=StudentConfig)
+    # The data the recipe was made for: its name and training-set size (the teachers' recipe
+    # was tuned for that many images; `recipe_warnings` compares a run's data with it).
+    dataset: str = ""
+    train_images: int = 0
+
+
+@dataclass(frozen=True)
+class DataShape:
+    """What a run takes from its data (or the config's declarations): class count, channels,
+    image side, the resize rule (short side to image_size * crop_ratio, centre crop) and the
+    per-channel normalisation (pixel / 255 - mean) / std."""
+
+    num_classes: int
+    in_chans: int
+    image_size: int
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    crop_ratio: float = 8 / 7
+
+    def __post_init__(self) -> None:
+        for name in ("num_classes", "in_chans", "image_size"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or v < 1:
+                raise ValueError(f"{name}: {v!r} must be an integer >= 1")
+        for name in ("mean", "std"):
+            if len(getattr(self, name)) != self.in_chans:
+                raise ValueError(
+                    f"{name}: {len(getattr(self, name))} values for {self.in_chans} channels"
+                )
+        if any(not s > 0 for s in self.std):
+            raise ValueError(f"std: {list(self.std)} must all be > 0")
+        if not self.crop_ratio >= 1:
+            raise ValueError(f"crop_ratio: {self.crop_ratio!r} must be >= 1")
+
+
+def fit_to_data(
+    p: Preset,
+    shape: DataShape,
+    *,
+    arch: str,
+    width: int,
+    low_res: bool,
+    teachers: int,
+    ipc: int,
+    synthesis_batch: int,
+    synthesis: SynthesisConfig,
+    labels: LabelConfig,
+    student: StudentConfig,
+) -> Preset:
+    """The recipe `p` applied to a run's data: the data's shape and normalisation, the run's
+    model and recipe fields (the preset's unless overridden). The synthesis recipe's mean/std
+    (the normalised space it clamps to) become the data's."""
+    return replace(
+        p,
+        num_classes=shape.num_classes,
+        in_chans=shape.in_chans,
+        image_size=shape.image_size,
+        mean=tuple(shape.mean),
+        std=tuple(shape.std),
+        arch=arch,
+        width=width,
+        low_res=low_res,
+        teachers=teachers,
+        ipc=ipc,
+        synthesis_batch=synthesis_batch,
+        synthesis=replace(synthesis, mean=tuple(shape.mean), std=tuple(shape.std)),
+        labels=labels,
+        student=student,
+    )
 
 
 def _synthesis(
@@ -68,6 +157,8 @@ def _synthesis(
 PRESETS: dict[str, Preset] = {
     "tiny-imagenet": Preset(
         name="tiny-imagenet",
+        dataset="tiny-imagenet",
+        train_images=100000,
         num_classes=200,
         image_size=64,
         in_chans=3,
@@ -103,6 +194,8 @@ PRESETS: dict[str, Preset] = {
     ),
     "imagenet-1k": Preset(
         name="imagenet-1k",
+        dataset="imagenet-1k",
+        train_images=1281167,
         num_classes=1000,
         image_size=224,
         in_chans=3,
@@ -139,6 +232,8 @@ PRESETS: dict[str, Preset] = {
     "imagenet-21k": Preset(
         # Teachers start from ImageNet-1K weights (Table 8), imported rather than trained.
         name="imagenet-21k",
+        dataset="imagenet-21k",
+        train_images=11060223,
         num_classes=10450,
         image_size=224,
         in_chans=3,
@@ -174,6 +269,8 @@ PRESETS: dict[str, Preset] = {
     # Horizontal flip is off: it does not preserve digit labels.
     "demo-mnist": Preset(
         name="demo-mnist",
+        dataset="mnist5k",
+        train_images=4000,
         num_classes=10,
         image_size=28,
         in_chans=1,
@@ -218,6 +315,8 @@ PRESETS: dict[str, Preset] = {
     # (tests/test_scale.py, bench/bench_scale.py). Not a recipe for real data.
     "scale-21k": Preset(
         name="scale-21k",
+        dataset="synthetic",
+        train_images=104500,
         num_classes=10450,
         image_size=16,
         in_chans=3,

@@ -16,7 +16,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from torch import nn
@@ -344,13 +344,84 @@ def adam_update(
 
 @dataclass
 class StepMetrics:
-    """Detached results of one iteration: loss (total), ce, per-layer distribution loss (L,)."""
+    """Detached results of one iteration: loss (total), ce, per-layer distribution loss (L,).
+
+    ridges: the ridge each layer's batch covariance got in Eq. 1 (L floats), known only for a
+    step run with the ridge check (an interval redone because a Cholesky failed at the
+    configured ridge, `run_iterations`); None otherwise, where every layer had the configured
+    ridge (a failure would have redone the step checked)."""
 
     iteration: int
     teacher: int
     loss: torch.Tensor
     ce: torch.Tensor
     layer_losses: torch.Tensor = field(repr=False)
+    ridges: tuple[float, ...] | None = field(default=None, repr=False)
+
+
+@dataclass
+class RidgeLog:
+    """The ridges one batch's Eq. 1 put on its synthetic-batch covariances, over its iterations.
+
+    configured: the config's ridge; max_used: the largest ridge any step used (configured if no
+    Cholesky needed more); escalated_layers: "teacher/layer" -> the largest ridge that layer
+    got, for layers that needed more than configured; escalated_steps: iterations where any
+    layer did. escalated_targets: "teacher/layer" -> the ridge of a full-dataset target that
+    needed more than configured when it was prepared (`prepare_target`; the teacher side of
+    Eq. 1, the same for every batch). Recorded only where the loop already learns of an
+    escalation (`StepMetrics.ridges`): no host-device sync of its own.
+    """
+
+    configured: float
+    max_used: float
+    escalated_layers: dict[str, float] = field(default_factory=dict)
+    escalated_steps: int = 0
+    escalated_targets: dict[str, float] = field(default_factory=dict)
+
+    @staticmethod
+    def start(cfg: SynthesisConfig, teachers: Sequence[MeasuredTeacher]) -> RidgeLog:
+        """An empty log for a batch (the targets' escalations noted)."""
+        targets = {
+            f"{m}/{name}": t.ridge
+            for m, teacher in enumerate(teachers)
+            for name, t in zip(teacher.layers, teacher.targets, strict=True)
+            if t.ridge > cfg.ridge
+        }
+        return RidgeLog(cfg.ridge, cfg.ridge, escalated_targets=targets)
+
+    def add(self, history: Sequence[StepMetrics], teachers: Sequence[MeasuredTeacher]) -> None:
+        """Fold in the steps of `history` (each once: a step added twice counts twice)."""
+        for h in history:
+            if h.ridges is None:
+                continue
+            escalated = False
+            for name, r in zip(teachers[h.teacher].layers, h.ridges, strict=True):
+                if r > self.configured:
+                    key = f"{h.teacher}/{name}"
+                    self.escalated_layers[key] = max(r, self.escalated_layers.get(key, r))
+                    self.max_used = max(self.max_used, r)
+                    escalated = True
+            self.escalated_steps += int(escalated)
+
+    def as_dict(self) -> dict[str, Any]:
+        """Plain values (JSON), the keys of the commit record's "ridge"."""
+        return {
+            "configured": self.configured,
+            "max_used": self.max_used,
+            "escalated_layers": dict(self.escalated_layers),
+            "escalated_steps": self.escalated_steps,
+            "escalated_targets": dict(self.escalated_targets),
+        }
+
+    @staticmethod
+    def from_dict(d: dict[str, Any]) -> RidgeLog:
+        return RidgeLog(
+            float(d["configured"]),
+            float(d["max_used"]),
+            {k: float(v) for k, v in d.get("escalated_layers", {}).items()},
+            int(d.get("escalated_steps", 0)),
+            {k: float(v) for k, v in d.get("escalated_targets", {}).items()},
+        )
 
 
 def synthesis_loss(
@@ -364,6 +435,8 @@ def synthesis_loss(
     world: World | None = None,
     check: bool = True,
     batch_rows: int | None = None,
+    *,
+    ridges_used: list[float] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Eq. 1 on ISU-mixed statistics (Eq. 2) plus alpha * CE. Returns (total, ce, per-layer,
     failed): failed is a () bool tensor, True if a batch Cholesky failed at the configured ridge
@@ -372,7 +445,8 @@ def synthesis_loss(
 
     With `world`, images/labels are this rank's rows and all values are the whole batch's (the
     same on every rank); the gradient to the rows is the single-process one. batch_rows: the
-    whole batch's row count (lets the all-reduce skip a sync).
+    whole batch's row count (lets the all-reduce skip a sync). ridges_used: with check=True and
+    the "kl" loss, filled with the ridge each layer got (`kl_layers`); left as it is otherwise.
     """
     logits, acts = teacher(images, cfg.autocast)
     if world is None:
@@ -389,7 +463,9 @@ def synthesis_loss(
     failed = torch.zeros((), dtype=torch.bool, device=images.device)
     if cfg.loss == "kl":
         if check:
-            per_layer = kl_layers(means, covs, teacher.target_groups, cfg.ridge)
+            per_layer = kl_layers(
+                means, covs, teacher.target_groups, cfg.ridge, ridges_used=ridges_used
+            )
         else:
             per_layer, failed = kl_layers_unchecked(means, covs, teacher.target_groups, cfg.ridge)
     elif cfg.loss == "kl_diag":
@@ -533,6 +609,7 @@ def _iterate(
     for j, m in enumerate(draws.teachers):
         it = first + j
         x = state.images.detach().requires_grad_(True)
+        ridges: list[float] | None = [] if check else None
         loss, ce, per_layer, bad = synthesis_loss(
             teachers[m],
             apply_crops(x, draws.boxes[j][rows], draws.flips[j][rows]),
@@ -544,6 +621,7 @@ def _iterate(
             world,
             check,
             n,
+            ridges_used=ridges,
         )
         failed = failed | bad
         (grad,) = torch.autograd.grad(loss, x)
@@ -560,7 +638,16 @@ def _iterate(
             )
             torch.maximum(torch.minimum(state.images, hi, out=state.images), lo, out=state.images)
         state.iteration = it + 1
-        history.append(StepMetrics(it + 1, m, loss.detach(), ce.detach(), per_layer.detach()))
+        history.append(
+            StepMetrics(
+                it + 1,
+                m,
+                loss.detach(),
+                ce.detach(),
+                per_layer.detach(),
+                tuple(ridges) if ridges else None,
+            )
+        )
     return history, failed
 
 

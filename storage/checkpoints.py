@@ -57,6 +57,19 @@ def load_into(
             ):
                 skipped.append(k)
                 continue
+            if v.dim() == 4 and v.shape[0] == own[k].shape[0] and v.shape[2:] == own[k].shape[2:]:
+                have, want = int(v.shape[1]), int(own[k].shape[1])
+                if {have, want} <= {1, 3}:
+                    rule = (
+                        "greyscale images replicated into RGB"
+                        if have == 3
+                        else "colour images converted to grey by ITU-R 601-2 luma"
+                    )
+                    raise ValueError(
+                        f"{url}: {k} takes {have}-channel images, but the run's data has "
+                        f"{want} channel(s); set dataset.channels: {have} to read every image "
+                        f"with {have} channel(s) ({rule})"
+                    )
             raise ValueError(
                 f"{url}: {k} has shape {tuple(v.shape)}, the model expects "
                 f"{tuple(own[k].shape)} (different architecture or class count?)"

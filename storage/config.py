@@ -20,7 +20,7 @@ from typing import Any, Literal, get_args, get_origin, get_type_hints
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from d3s_core.presets import Preset, get_preset
+from d3s_core.presets import LabelConfig, Preset, StudentConfig, get_preset
 from d3s_core.synthesis import SynthesisConfig
 from d3s_core.teachers import TeacherTrainConfig, check_range
 
@@ -52,12 +52,43 @@ class DatasetSpec(Strict):
     val_path: str | None = None
     synthetic_size: int = Field(256, ge=1)
     test_fraction: float = Field(0.2, gt=0, lt=1)
+    # The data's shape, declared; what is left unset is found from the data (docs/datasets.md):
+    # num_classes from the class folders or the shards' classes, channels and image_size from
+    # the sampled images' headers, mean/std measured in one pass over the sampled images.
+    num_classes: int | None = Field(None, ge=1)
+    channels: Literal[1, 3] | None = None
+    image_size: int | None = Field(None, ge=8)
+    # Resize rule: the short side to image_size * crop_ratio, then a centre crop. Unset: 1.0
+    # when every sampled image has the run's image_size as its short side, else 8/7.
+    crop_ratio: float | None = Field(None, ge=1, le=4)
+    mean: list[float] | None = None
+    std: list[float] | None = None
+    # "measure": mean/std of the (sampled) training images; "preset": the preset's constants
+    # (ImageNet's for the ImageNet presets). Unset: the preset's for the preset's own data
+    # (mnist5k for demo-mnist, the synthetic test data), measured otherwise.
+    normalisation: Literal["measure", "preset"] | None = None
+    # Images inspected for channels/size and measured for mean/std: all of them up to this
+    # many, else a seeded uniform sample of this many.
+    profile_samples: int = Field(100_000, ge=1)
+
+
+class ModelSpec(Strict):
+    """The teachers' network (and the students' unless validation.arch is set). Unset fields
+    take the preset's. arch: "resnet18|34|50|101" (torchvision, with the low-resolution stem
+    when low_res), "small_resnet" (ResNet-18 layout at base width `width`), any other
+    torchvision classification model by name, or "timm:<name>". Its input channels, class
+    count and image size are the data's."""
+
+    arch: str | None = None
+    width: int | None = Field(None, ge=1)
+    low_res: bool | None = None
 
 
 class TeachersSpec(Strict):
     """import_from: existing weights used as the teachers as they are (one file per teacher);
     init_from: weights training starts from (the classifier is re-initialised if its class
-    count differs), as the paper's ImageNet-21K teachers start from ImageNet-1K ones."""
+    count differs), as the paper's ImageNet-21K teachers start from ImageNet-1K ones.
+    count: the preset's unless set."""
 
     count: int = Field(2, ge=1)
     import_from: list[str] = []
@@ -94,10 +125,12 @@ class SynthesisSpec(Strict):
 
 class LabelsSpec(Strict):
     """teachers: "ensemble" labels with the mean logits of all M teachers (ENL, Sec. 4.3);
-    "single" with teacher 0 alone (the ablation of Fig. 3a)."""
+    "single" with teacher 0 alone (the ablation of Fig. 3a). epochs and batch_size: the
+    preset's unless set; params: other fields of its label recipe (min_crop_scale, flip)."""
 
     epochs: int = Field(30, ge=1)
     batch_size: int = Field(128, ge=1)
+    params: dict[str, Any] = {}
     format: Literal["fp32", "fp16", "topk"] = "fp32"
     topk: int = Field(10, ge=1)
     teachers: Literal["ensemble", "single"] = "ensemble"
@@ -112,6 +145,9 @@ class ValidationSpec(Strict):
     arch: str | None = None
     epochs: int | None = Field(None, ge=1)
     checkpoint_every_epochs: int = Field(10, ge=1)
+    # Other fields of the preset's student recipe (optimizer, lr, momentum, weight_decay,
+    # batch_size, schedule, temperature).
+    params: dict[str, Any] = {}
 
 
 class StorageSpec(Strict):
@@ -154,6 +190,7 @@ class RunConfig(Strict):
     seed: int = Field(0, ge=0)
     device: str = "cpu"
     dataset: DatasetSpec = Field(default_factory=DatasetSpec)
+    model: ModelSpec = Field(default_factory=ModelSpec)
     teachers: TeachersSpec = Field(default_factory=TeachersSpec)
     stats: StatsSpec = Field(default_factory=StatsSpec)
     synthesis: SynthesisSpec = Field(default_factory=SynthesisSpec)
@@ -167,6 +204,45 @@ class RunConfig(Strict):
     def preset_obj(self) -> Preset:
         return get_preset(self.preset)
 
+    def recipe_sources(self) -> dict[str, tuple[Any, str]]:
+        """Each recipe key (`RECIPE_KEYS` and the fields of the four recipe sections) -> (value,
+        "preset" where it is the preset's value, "config" where the config changed it)."""
+        p = self.preset_obj()
+        out: dict[str, tuple[Any, str]] = {}
+        for key, of in RECIPE_KEYS.items():
+            head, _, tail = key.partition(".")
+            value = getattr(getattr(self, head), tail)
+            out[key] = (value, "preset" if value == of(p) else "config")
+        for section, base, mine in (
+            ("teachers.train", p.teacher, self.teacher_train()),
+            ("synthesis.params", p.synthesis, self.synthesis_cfg()),
+            ("labels.params", p.labels, self.label_cfg()),
+            ("validation.params", p.student, self.student_cfg()),
+        ):
+            for f in fields(base):
+                if f.name in ("mean", "std") or f"{section}.{f.name}" in _OWN_FULL:
+                    continue
+                a, b = getattr(base, f.name), getattr(mine, f.name)
+                out[f"{section}.{f.name}"] = (b, "preset" if a == b else "config")
+        return out
+
+    def label_cfg(self) -> LabelConfig:
+        """The label recipe: the preset's, with labels.epochs, labels.batch_size and
+        labels.params."""
+        merged = {**self.labels.params, "epochs": self.labels.epochs}
+        merged["batch_size"] = self.labels.batch_size
+        return _override(self.preset_obj().labels, merged, "labels.params")
+
+    def student_cfg(self) -> StudentConfig:
+        """The student recipe: the preset's, with validation.params, .students, .epochs and
+        .arch."""
+        merged: dict[str, Any] = {**self.validation.params, "students": self.validation.students}
+        if self.validation.epochs is not None:
+            merged["epochs"] = self.validation.epochs
+        if self.validation.arch is not None:
+            merged["arch"] = self.validation.arch
+        return _override(self.preset_obj().student, merged, "validation.params")
+
     def teacher_train(self) -> TeacherTrainConfig:
         return _override(self.preset_obj().teacher, self.teachers.train, "teachers.train")
 
@@ -176,6 +252,61 @@ class RunConfig(Strict):
     def student_arch(self) -> str:
         """Validation students' architecture: the config's, else the preset's."""
         return self.validation.arch or self.preset_obj().student.arch
+
+    def config_hash(self) -> str:
+        return hashlib.sha256(canonical_json(self.hashed())).hexdigest()
+
+    def hashed(self) -> dict[str, Any]:
+        """The sections that determine the results, as JSON values (what the hash covers)."""
+        data = self.model_dump(mode="json", exclude=set(UNHASHED))
+        # How often a checkpoint is written changes no result: a run may change it on resume.
+        data["synthesis"].pop("checkpoint_seconds", None)
+        # Nor how many images are inspected for shape and normalisation once they are found.
+        data["dataset"].pop("profile_samples", None)
+        return data
+
+
+# Recipe keys of the config that default to the preset's values (filled in by `parse_config`,
+# so the saved config.json holds the values the run used): dotted key -> preset attribute.
+RECIPE_KEYS: dict[str, Any] = {
+    "model.arch": lambda p: p.arch,
+    "model.width": lambda p: p.width,
+    "model.low_res": lambda p: p.low_res,
+    "teachers.count": lambda p: p.teachers,
+    "synthesis.ipc": lambda p: p.ipc,
+    "synthesis.batch_size": lambda p: p.synthesis_batch,
+    "labels.epochs": lambda p: p.labels.epochs,
+    "labels.batch_size": lambda p: p.labels.batch_size,
+    "validation.students": lambda p: p.student.students,
+}
+# Keys of a params section that have their own config key.
+_OWN_KEYS = {
+    "labels.params": {"epochs": "labels.epochs", "batch_size": "labels.batch_size"},
+    "validation.params": {
+        "students": "validation.students",
+        "epochs": "validation.epochs",
+        "arch": "validation.arch",
+    },
+}
+
+
+_OWN_FULL = {f"{s}.{k}" for s, own in _OWN_KEYS.items() for k in own}
+
+
+def fill_recipe(data: dict[str, Any]) -> dict[str, Any]:
+    """`data` with every unset `RECIPE_KEYS` key set to the preset's value. Sections that are
+    not objects are left for validation to refuse."""
+    name = data.get("preset", RunConfig.model_fields["preset"].default)
+    if not isinstance(name, str):
+        return data
+    p = get_preset(name)
+    out = dict(data)
+    for key, value in RECIPE_KEYS.items():
+        section, field_name = key.split(".")
+        sec = out.get(section, {})
+        if isinstance(sec, dict) and field_name not in sec:
+            out[section] = {**sec, field_name: value(p)}
+    return out
 
     def config_hash(self) -> str:
         return hashlib.sha256(canonical_json(self.hashed())).hexdigest()
@@ -229,19 +360,52 @@ def _check(cfg: RunConfig) -> None:
         raise ValueError(f"dataset.path is required for a {cfg.dataset.kind!r} dataset")
     p = cfg.preset_obj()
     _check_preset(p)
-    syn = cfg.synthesis_cfg()
     for name in ("mean", "std"):
-        n = len(getattr(syn, name))
-        if n != p.in_chans:
+        if name in cfg.synthesis.params:
             raise ValueError(
-                f"synthesis.params.{name}: {n} values for the {p.in_chans}-channel images of "
-                f"preset {p.name!r}; one per channel"
+                f"synthesis.params.{name}: the normalisation is the data's; declare "
+                f"dataset.{name} instead"
             )
-    if cfg.labels.format == "topk" and cfg.labels.topk > p.num_classes:
-        raise ValueError(
-            f"labels.topk: {cfg.labels.topk} must be <= the {p.num_classes} classes of "
-            f"preset {p.name!r}"
-        )
+    for section, own in _OWN_KEYS.items():
+        head, _, tail = section.partition(".")
+        for k in getattr(getattr(cfg, head), tail):
+            if k in own:
+                raise ValueError(f"{section}.{k}: set {own[k]} instead")
+    cfg.label_cfg()
+    cfg.student_cfg()
+    d = cfg.dataset
+    if (d.mean is None) != (d.std is None):
+        raise ValueError("dataset.mean and dataset.std are declared together (or neither)")
+    if d.mean is not None and d.std is not None:
+        if d.normalisation == "preset":
+            raise ValueError("dataset.normalisation: 'preset' and a declared dataset.mean exclude each other")
+        if len(d.mean) != len(d.std):
+            raise ValueError(f"dataset.mean has {len(d.mean)} values, dataset.std {len(d.std)}")
+        if d.channels is not None and len(d.mean) != d.channels:
+            raise ValueError(
+                f"dataset.mean: {len(d.mean)} values for dataset.channels: {d.channels}"
+            )
+        if any(not v > 0 for v in d.std):
+            raise ValueError(f"dataset.std: {d.std} must all be > 0")
+    if d.kind == "mnist5k":
+        for key, value, ok in (
+            ("num_classes", d.num_classes, 10),
+            ("channels", d.channels, 1),
+            ("image_size", d.image_size, 28),
+        ):
+            if value is not None and value != ok:
+                raise ValueError(
+                    f"dataset.{key}: {value} for the mnist5k digits, which have {ok}; unset it"
+                )
+    k = d.num_classes
+    if k is None:
+        k = {"synthetic": p.num_classes, "mnist5k": 10}.get(d.kind)
+    if cfg.labels.format == "topk" and k is not None and cfg.labels.topk > k:
+        raise ValueError(f"labels.topk: {cfg.labels.topk} must be <= the {k} classes of the data")
+    from d3s_core.models import check_arch
+
+    check_arch(cfg.model.arch or p.arch, cfg.model.low_res, "model.arch")
+    check_arch(cfg.student_arch(), cfg.model.low_res, "validation.arch")
 
 
 def _check_preset(p: Preset) -> None:
@@ -265,9 +429,11 @@ def _check_preset(p: Preset) -> None:
 
 
 def parse_config(data: dict[str, Any], source: str = "config") -> RunConfig:
-    """Validate a config dict; errors name the offending field and the source."""
+    """Validate a config dict; errors name the offending field and the source. Unset recipe
+    keys take the preset's values (`fill_recipe`), so a saved config holds what the run used."""
     try:
-        cfg = RunConfig.model_validate(data)
+        filled = fill_recipe(data) if isinstance(data, dict) else data
+        cfg = RunConfig.model_validate(filled)
         _check(cfg)
         cfg.preset_obj()
         cfg.teacher_train()

@@ -24,7 +24,12 @@ if TYPE_CHECKING:
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".ppm", ".pgm"}
 RGB_CONVERTIBLE = {"RGB", "L", "P", "CMYK", "RGBA", "LA", "YCbCr"}
+# Modes read as one channel without a choice to make (alpha dropped).
+GREY_MODES = {"1", "L", "LA"}
 MIN_SIDE = 8
+# ImageNet's evaluation transform: the short side resized to size * 8/7 (256 for 224), then a
+# centre crop. A run whose images already share one short side uses 1.0 (no resampling).
+CROP_RATIO = 8 / 7
 
 
 def class_folders(root: str | os.PathLike[str]) -> list[str]:
@@ -70,11 +75,17 @@ def tree_fingerprint(root: str | os.PathLike[str], samples: list[tuple[str, int]
 
 
 def decode_image(
-    source: str | os.PathLike[str] | IO[bytes], where: str, in_chans: int
+    source: str | os.PathLike[str] | IO[bytes],
+    where: str,
+    in_chans: int,
+    to_grey: bool = False,
 ) -> Image.Image:
     """The image in `source` (a path or a binary file), decoded and converted to `in_chans`
-    channels. in_chans 3: greyscale, palette, CMYK and alpha images become RGB (ImageNet has
-    all of them); in_chans 1: only single-channel images are accepted. Errors name `where`."""
+    channels. in_chans 3: greyscale, palette, CMYK and alpha images become RGB (grey replicated
+    into the three channels; ImageNet has all of them). in_chans 1: greyscale images are read as
+    they are; a colour image is converted by ITU-R 601-2 luma (PIL's "L": 0.299 R + 0.587 G +
+    0.114 B) when `to_grey` (`dataset.channels: 1` declared), and refused otherwise (a run whose
+    images were detected as greyscale). Errors name `where`."""
     try:
         img = Image.open(source)
         img.load()
@@ -90,37 +101,62 @@ def decode_image(
             raise ValueError(f"{where}: image mode {img.mode!r} cannot be read as RGB")
         return img.convert("RGB") if img.mode != "RGB" else img
     if in_chans == 1:
-        if img.mode not in ("L", "1"):
-            raise ValueError(
-                f"{where}: image mode {img.mode!r} is not single-channel, "
-                "but the models take 1 channel"
-            )
-        return img.convert("L")
+        if img.mode in GREY_MODES:
+            return img.convert("L")
+        if to_grey and img.mode in RGB_CONVERTIBLE:
+            return img.convert("RGB").convert("L")
+        raise ValueError(
+            f"{where}: image mode {img.mode!r} is a colour image, but this run's images and "
+            "models have 1 channel (detected from the sampled training images, all greyscale); "
+            "set dataset.channels: 3 to read every image as RGB (greyscale replicated), or "
+            "dataset.channels: 1 to convert colour images to grey (ITU-R 601-2 luma)"
+        )
     raise ValueError(f"{in_chans} input channels are not supported for image files")
 
 
-def _fit(img: Image.Image, size: int) -> Image.Image:
-    """The short side resized to size * 8/7, then centre-cropped to `size`."""
-    return TF.center_crop(TF.resize(img, round(size * 8 / 7)), [size, size])
+def image_header(source: str | os.PathLike[str] | IO[bytes], where: str) -> tuple[str, int, int]:
+    """(mode, width, height) of an image from its header, without decoding its pixels."""
+    try:
+        with Image.open(source) as img:
+            return img.mode, img.size[0], img.size[1]
+    except (UnidentifiedImageError, OSError) as e:
+        raise ValueError(f"{where}: unreadable image ({e})") from None
 
 
-def model_input(img: Image.Image, size: int, mean: list[float], std: list[float]) -> torch.Tensor:
-    """(C, size, size) float32 in normalised space: the short side resized to size * 8/7, then
-    centre-cropped to `size`."""
-    return TF.normalize(TF.to_tensor(_fit(img, size)), mean, std)
+def _fit(img: Image.Image, size: int, crop_ratio: float = CROP_RATIO) -> Image.Image:
+    """The short side resized to round(size * crop_ratio) (left as it is when it already has
+    that length), then centre-cropped to `size`."""
+    side = round(size * crop_ratio)
+    if min(img.size) != side:
+        img = TF.resize(img, side)
+    return TF.center_crop(img, [size, size])
 
 
-def pixels(img: Image.Image, size: int) -> torch.Tensor:
+def model_input(
+    img: Image.Image,
+    size: int,
+    mean: list[float],
+    std: list[float],
+    crop_ratio: float = CROP_RATIO,
+) -> torch.Tensor:
+    """(C, size, size) float32 in normalised space: the short side resized to
+    size * crop_ratio, then centre-cropped to `size`."""
+    return TF.normalize(TF.to_tensor(_fit(img, size, crop_ratio)), mean, std)
+
+
+def pixels(img: Image.Image, size: int, crop_ratio: float = CROP_RATIO) -> torch.Tensor:
     """(C, size, size) uint8: `model_input` before normalisation (storage.datasets.normalise
     turns it into model_input's tensor, bit for bit)."""
-    return TF.pil_to_tensor(_fit(img, size))
+    return TF.pil_to_tensor(_fit(img, size, crop_ratio))
 
 
 class ImageFolderDataset(torch.utils.data.Dataset):
-    """Images resized (short side to size * 8/7) and centre-cropped to `size`, normalised.
+    """Images resized (short side to size * crop_ratio) and centre-cropped to `size`,
+    normalised.
 
     in_chans 3: greyscale, palette, CMYK and alpha images are converted to RGB (ImageNet has
-    all of them); in_chans 1: only single-channel images are accepted.
+    all of them); in_chans 1: greyscale images, and colour ones converted by luma when
+    `to_grey` (`decode_image`).
 
     `listing`: the tree's files (storage.dataset_index.FolderListing), memory-mapped from the
     run's dataset index; without it the tree is listed now, into memory.
@@ -135,8 +171,11 @@ class ImageFolderDataset(torch.utils.data.Dataset):
         std: tuple[float, ...],
         expect_classes: list[str] | None = None,
         listing: FolderListing | None = None,
+        crop_ratio: float = CROP_RATIO,
+        to_grey: bool = False,
     ):
         self.root = Path(root)
+        self.crop_ratio, self.to_grey = crop_ratio, to_grey
         if listing is None:
             from .dataset_index import FolderListing  # it lists trees with this module
 
@@ -163,12 +202,24 @@ class ImageFolderDataset(torch.utils.data.Dataset):
 
     def load(self, i: int) -> Image.Image:
         path = self.root / self.listing.path(i)
-        return decode_image(path, str(path), self.in_chans)
+        return decode_image(path, str(path), self.in_chans, self.to_grey)
+
+    def headers(self, indices: Sequence[int]) -> list[tuple[str, int, int, str]]:
+        """[(mode, width, height, file)] of samples `indices`, from the image headers only."""
+        out = []
+        for i in indices:
+            path = str(self.root / self.listing.path(i))
+            out.append((*image_header(path, path), path))
+        return out
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
         img = self.load(i)
-        return model_input(img, self.size, self.mean, self.std), self.listing.class_of(i)
+        x = model_input(img, self.size, self.mean, self.std, self.crop_ratio)
+        return x, self.listing.class_of(i)
 
     def pixel_items(self, indices: Sequence[int]) -> list[tuple[torch.Tensor, int]]:
         """[((C, size, size) uint8, class)] of samples `indices` (storage.datasets.PixelItems)."""
-        return [(pixels(self.load(i), self.size), self.listing.class_of(i)) for i in indices]
+        return [
+            (pixels(self.load(i), self.size, self.crop_ratio), self.listing.class_of(i))
+            for i in indices
+        ]

@@ -34,7 +34,7 @@ import fsspec
 import numpy as np
 import torch
 
-from .imagefolder import decode_image, model_input, pixels
+from .imagefolder import CROP_RATIO, decode_image, image_header, model_input, pixels
 
 IMAGE_FIELDS = {"jpg", "jpeg", "png", "webp"}
 SIZES_FILE = "sizes.json"
@@ -194,15 +194,18 @@ class TarShardDataset(torch.utils.data.Dataset):
         in_chans: int,
         mean: tuple[float, ...],
         std: tuple[float, ...],
-        num_classes: int,
+        num_classes: int | None,
         storage_options: dict[str, Any] | None = None,
         listing: dict[str, Any] | None = None,
+        crop_ratio: float = CROP_RATIO,
+        to_grey: bool = False,
     ):
         self.fs, self.paths, self._prefix = resolve_shards(shards, storage_options or {})
         self.size, self.in_chans = size, in_chans
+        self.crop_ratio, self.to_grey = crop_ratio, to_grey
         self.mean, self.std = list(mean), list(std)
         self.num_classes = num_classes
-        self.classes = list(range(num_classes))
+        self.classes = list(range(num_classes or 0))
         self._fingerprint: str | None = None
         if listing is None:
             self._counts_from = f"{SIZES_FILE} beside it"
@@ -376,11 +379,26 @@ class TarShardDataset(torch.utils.data.Dataset):
         for k in dict.fromkeys(shard.tolist()):
             where = np.nonzero(shard == k)[0]
             for slot, (data, name, c) in zip(where, self._read(k, pos[where]), strict=True):
-                img = decode_image(io.BytesIO(data), f"{self.where(k)}: {name}", self.in_chans)
+                img = decode_image(
+                    io.BytesIO(data), f"{self.where(k)}: {name}", self.in_chans, self.to_grey
+                )
                 if raw:
-                    out[slot] = (pixels(img, self.size), c)
+                    out[slot] = (pixels(img, self.size, self.crop_ratio), c)
                 else:
-                    out[slot] = (model_input(img, self.size, self.mean, self.std), c)
+                    x = model_input(img, self.size, self.mean, self.std, self.crop_ratio)
+                    out[slot] = (x, c)
+        return out
+
+    def headers(self, indices: Sequence[int]) -> list[tuple[str, int, int, str]]:
+        """[(mode, width, height, member)] of samples `indices`, from the image headers (the
+        image bytes are read, not decoded)."""
+        shard, pos = self._locate(indices)
+        out: list[Any] = [None] * len(indices)
+        for k in dict.fromkeys(shard.tolist()):
+            where = np.nonzero(shard == k)[0]
+            for slot, (data, name, _) in zip(where, self._read(k, pos[where]), strict=True):
+                at = f"{self.where(k)}: {name}"
+                out[slot] = (*image_header(io.BytesIO(data), at), at)
         return out
 
     def __getitems__(self, indices: Sequence[int]) -> list[tuple[torch.Tensor, int]]:

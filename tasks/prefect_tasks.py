@@ -39,7 +39,14 @@ from storage.fs import RunFS
 from storage.integrity import check, plan_repair, refresh_fingerprints, repair
 from storage.manifest import REMEDY, CorruptArtifact, Manifest
 from storage.run import attach_run, open_run, read_results
-from tasks.report import REPORT, batch_records, inline_images, shown_batches, write_report
+from tasks.report import (
+    REPORT,
+    batch_records,
+    inline_images,
+    ridge_cell,
+    shown_batches,
+    write_report,
+)
 
 from .credentials import storage_options
 from .distributed_synthesis import launch as launch_distributed
@@ -223,6 +230,7 @@ def publish_report(root: str, config: RunConfig) -> str:
             "teacher": rec["teacher"],
             "loss": round(rec["final_loss"], 3),
             **{f"L{i}": round(v, 3) for i, v in enumerate(rec["layer_kl"])},
+            "ridge used": ridge_cell(rec, bold=False),
         }
         for rec in shown_batches(batch_records(fs))
     ]

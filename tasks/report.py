@@ -139,6 +139,85 @@ def match_markdown(match: dict[str, Any]) -> list[str]:
     return lines
 
 
+def ridge_cell(rec: dict[str, Any], bold: bool = True) -> str:
+    """The ridge a batch's Eq. 1 used on its synthetic-batch covariances: the configured one, or
+    the largest escalated one (in bold for markdown) with the configured one and the step
+    count; "—" for a record written before the ridge was recorded."""
+    ridge = rec.get("ridge")
+    if not ridge:
+        return "—"
+    if ridge["max_used"] <= ridge["configured"]:
+        return f"{ridge['configured']:.3g}"
+    steps = ridge.get("escalated_steps", 0)
+    mark = "**" if bold else ""
+    return (
+        f"{mark}{ridge['max_used']:.3g}{mark} (configured {ridge['configured']:.3g}; "
+        f"{steps} step{'s' if steps != 1 else ''})"
+    )
+
+
+def ridge_summary(batches: list[dict[str, Any]]) -> str:
+    """One line: how many batches needed a larger ridge than configured (over all batches, not
+    only the shown ones), and the full-dataset targets that did."""
+    recorded = [rec for rec in batches if rec.get("ridge")]
+    if not recorded:
+        return "Ridge: not recorded (batches committed before the ridge was recorded)."
+    escalated = [rec for rec in recorded if rec["ridge"]["max_used"] > rec["ridge"]["configured"]]
+    configured = sorted({rec["ridge"]["configured"] for rec in recorded})
+    line = (
+        f"Ridge: {len(escalated)} of {len(recorded)} batches needed a larger ridge on the "
+        "synthetic-batch covariance than the configured "
+        + ", ".join(f"{r:.3g}" for r in configured)
+    )
+    if escalated:
+        names = [str(rec["batch"]) for rec in escalated]
+        more = f" and {len(names) - 10} more" if len(names) > 10 else ""
+        largest = max(rec["ridge"]["max_used"] for rec in escalated)
+        line += f" (largest {largest:.3g}; batches {', '.join(names[:10])}{more})"
+    if len(recorded) < len(batches):
+        line += f"; {len(batches) - len(recorded)} batches committed before it was recorded"
+    targets: dict[str, float] = {}
+    for rec in recorded:
+        targets.update(rec["ridge"].get("escalated_targets", {}))
+    if targets:
+        line += "; full-dataset targets prepared with a larger ridge: " + ", ".join(
+            f"{k} {v:.3g}" for k, v in sorted(targets.items())
+        )
+    return line + "."
+
+
+def batches_markdown(batches: list[dict[str, Any]]) -> list[str]:
+    """The synthesis-batches section: the shown batches' table and the ridge summary."""
+    if not batches:
+        return []
+    shown = shown_batches(batches)
+    lines = [
+        "## Synthesis batches",
+        "",
+        f"{len(batches)} batches"
+        + (
+            f"; {len(shown)} shown (first, last, a spread and the highest final loss), "
+            "all in `synthesis/batches/`."
+            if len(shown) < len(batches)
+            else "."
+        ),
+        "",
+        ridge_summary(batches),
+        "",
+        "| batch | teacher | images | final loss | resumed from iteration | ridge used |",
+        "|---|---|---|---|---|---|",
+    ]
+    for rec in shown:
+        resumed = rec.get("resumed_from_iteration")
+        lines.append(
+            f"| {rec['batch']} | {rec['teacher']} | {rec['count']} | "
+            f"{rec['final_loss']:.4g} | {'-' if resumed is None else resumed} | "
+            f"{ridge_cell(rec)} |"
+        )
+    lines.append("")
+    return lines
+
+
 def report_markdown(
     cfg: RunConfig,
     fs: RunFS,
@@ -208,29 +287,7 @@ def report_markdown(
         "![loss curves](curves.png)",
         "",
     ]
-    if batches:
-        shown = shown_batches(batches)
-        lines += [
-            "## Synthesis batches",
-            "",
-            f"{len(batches)} batches"
-            + (
-                f"; {len(shown)} shown (first, last, a spread and the highest final loss), "
-                "all in `synthesis/batches/`."
-                if len(shown) < len(batches)
-                else "."
-            ),
-            "",
-            "| batch | teacher | images | final loss | resumed from iteration |",
-            "|---|---|---|---|---|",
-        ]
-        for rec in shown:
-            resumed = rec.get("resumed_from_iteration")
-            lines.append(
-                f"| {rec['batch']} | {rec['teacher']} | {rec['count']} | "
-                f"{rec['final_loss']:.4g} | {'-' if resumed is None else resumed} |"
-            )
-        lines.append("")
+    lines += batches_markdown(batches)
     lines += [
         "## Labels",
         "",

@@ -13,6 +13,7 @@ from storage.arrays import create_images, write_image_batch
 from storage.fs import RunFS
 from storage.run import BASELINE, Run, images_of
 
+from .profile import recipe
 from .common import ClassRows, Progress, class_rows, data_splits, index_batches, no_progress
 from .labels import label_run
 from .synthesis import distilled_classes
@@ -47,7 +48,7 @@ def random_real_subset(run: Run) -> str:
     if run.manifest.is_recorded(rel):
         run.manifest.verify(rel)
         return run.fs.url(rel)
-    cfg, p = run.config, run.config.preset_obj()
+    cfg, p = run.config, recipe(run)
     train, _, _ = data_splits(run)
     classes = distilled_classes(p.num_classes, cfg.synthesis.ipc)
     order = draw_real(class_rows(run, train), classes, p.num_classes, cfg.synthesis.ipc, cfg.seed)

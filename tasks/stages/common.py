@@ -1,4 +1,4 @@
-"""What every stage needs: the preset, the data, the teachers, progress callbacks."""
+"""What every stage needs: the recipe, the data, the teachers, progress callbacks."""
 
 from __future__ import annotations
 
@@ -71,12 +71,48 @@ def _writes_index(run: Run, index: DatasetIndex | None) -> bool:
     return index is None and run.lock is not None
 
 
-def tar_splits(run: Run) -> tuple[Dataset, Dataset, str]:
+@dataclass(frozen=True)
+class Decode:
+    """How a stage reads the run's image files: the data's shape (the run's data profile,
+    tasks/stages/profile.py) and the conversion rules. num_classes None: not checked (while
+    the class count is being found)."""
+
+    image_size: int
+    in_chans: int
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    crop_ratio: float
+    to_grey: bool
+    num_classes: int | None
+
+    @classmethod
+    def of(cls, run: Run) -> Decode:
+        from .profile import recipe
+
+        r = recipe(run)
+        return cls(
+            r.image_size,
+            r.in_chans,
+            r.mean,
+            r.std,
+            crop_ratio(run),
+            run.config.dataset.channels == 1,
+            r.num_classes,
+        )
+
+
+def crop_ratio(run: Run) -> float:
+    from .profile import data_profile
+
+    return float(data_profile(run)["values"]["crop_ratio"])
+
+
+def tar_splits(run: Run, dec: Decode) -> tuple[Dataset, Dataset, str]:
     """(train, held-out, fingerprint) of a tar-sharded dataset. Every class index is checked
-    against the preset's class count when its shard is indexed. Credentials: the run root's
+    against the data's class count when its shard is indexed. Credentials: the run root's
     storage options where the shards live on the same kind of store, else the environment's.
     Shard sample counts and the fingerprint come from the run's dataset index."""
-    p, ds = run.config.preset_obj(), run.config.dataset
+    ds = run.config.dataset
     if not ds.val_path:
         raise ValueError(
             "dataset.val_path is required for a 'webdataset' dataset "
@@ -92,13 +128,15 @@ def tar_splits(run: Run) -> tuple[Dataset, Dataset, str]:
         options = run.fs.storage_options if same_store else None
         return TarShardDataset(
             spec,
-            p.image_size,
-            p.in_chans,
-            p.mean,
-            p.std,
-            p.num_classes,
+            dec.image_size,
+            dec.in_chans,
+            dec.mean,
+            dec.std,
+            dec.num_classes,
             options,
             listing=None if index is None else index.splits[split],
+            crop_ratio=dec.crop_ratio,
+            to_grey=dec.to_grey,
         )
 
     train, held = shards("train"), shards("val")
@@ -113,10 +151,10 @@ def tar_splits(run: Run) -> tuple[Dataset, Dataset, str]:
     return train, held, train.fingerprint()
 
 
-def folder_splits(run: Run) -> tuple[Dataset, Dataset, str]:
+def folder_splits(run: Run, dec: Decode) -> tuple[Dataset, Dataset, str]:
     """(train, held-out, fingerprint) of ImageFolder trees, listed from the run's dataset
     index; the process holding the run's lock writes the index where there is none yet."""
-    p, ds = run.config.preset_obj(), run.config.dataset
+    ds = run.config.dataset
     assert ds.path is not None
     if not ds.val_path:
         raise ValueError(
@@ -136,22 +174,24 @@ def folder_splits(run: Run) -> tuple[Dataset, Dataset, str]:
             return out
         return FolderListing.scan(sources[split])
 
+    rules = {"crop_ratio": dec.crop_ratio, "to_grey": dec.to_grey}
     train = ImageFolderDataset(
-        ds.path, p.image_size, p.in_chans, p.mean, p.std, listing=listing("train")
+        ds.path, dec.image_size, dec.in_chans, dec.mean, dec.std, listing=listing("train"), **rules
     )
-    if len(train.classes) != p.num_classes:
+    if dec.num_classes is not None and len(train.classes) != dec.num_classes:
         raise ValueError(
-            f"{ds.path}: {len(train.classes)} class folders, but preset "
-            f"{p.name!r} has {p.num_classes} classes"
+            f"{ds.path}: {len(train.classes)} class folders, but dataset.num_classes is "
+            f"{dec.num_classes}; unset it to take the class count from the folders"
         )
     held = ImageFolderDataset(
         ds.val_path,
-        p.image_size,
-        p.in_chans,
-        p.mean,
-        p.std,
+        dec.image_size,
+        dec.in_chans,
+        dec.mean,
+        dec.std,
         expect_classes=train.classes,
         listing=listing("val"),
+        **rules,
     )
     if writes:  # index.json last: it commits the column files (checked above)
         assert run.lock is not None
@@ -160,24 +200,26 @@ def folder_splits(run: Run) -> tuple[Dataset, Dataset, str]:
     return train, held, train.fingerprint()
 
 
-def data_splits(run: Run) -> tuple[Dataset, Dataset, str]:
-    """(train, held-out, dataset fingerprint) of the run's dataset. ImageFolder trees and tar
-    shards are streamed from disk, their listing read from the run's dataset index
-    (`dataset/`, written once by the first stage); the small kinds (mnist5k, synthetic) live
-    in memory."""
-    cfg, p = run.config, run.config.preset_obj()
+def data_splits(run: Run, dec: Decode | None = None) -> tuple[Dataset, Dataset, str]:
+    """(train, held-out, dataset fingerprint) of the run's dataset, read with `dec` (default:
+    the run's data profile, measured on first use). ImageFolder trees and tar shards are
+    streamed from disk, their listing read from the run's dataset index (`dataset/`, written
+    once by the first stage); the small kinds (mnist5k, synthetic) live in memory."""
+    cfg = run.config
     ds = cfg.dataset
+    dec = dec or Decode.of(run)
     if ds.kind == "webdataset":
-        return tar_splits(run)
+        return tar_splits(run, dec)
     if ds.kind == "imagefolder":
-        return folder_splits(run)
+        return folder_splits(run, dec)
+    p = cfg.preset_obj()
     return open_splits(
         ds.kind,
-        p.num_classes,
-        p.in_chans,
-        p.image_size,
-        p.mean,
-        p.std,
+        dec.num_classes or ds.num_classes or p.num_classes,
+        dec.in_chans,
+        dec.image_size,
+        dec.mean,
+        dec.std,
         seed=cfg.seed,
         test_fraction=ds.test_fraction,
         synthetic_size=ds.synthetic_size,
@@ -199,7 +241,9 @@ def load_teachers(run: Run) -> list[torch.nn.Module]:
 
 def load_teacher(run: Run, m: int) -> torch.nn.Module:
     """Teacher m, verified against the manifest, frozen, on the run's device."""
-    p = run.config.preset_obj()
+    from .profile import recipe
+
+    p = recipe(run)
     run.manifest.verify(teacher_weights(m))
     run.manifest.verify(teacher_meta(m))
     meta = json.loads(run.fs.read_bytes(teacher_meta(m)))
@@ -356,7 +400,9 @@ def class_rows(run: Run, ds: Dataset) -> ClassRows:
     if isinstance(ds, ImageFolderDataset):
         rows = ClassRows(torch.from_numpy(ds.listing.starts), None)
     else:
-        k = run.config.preset_obj().num_classes
+        from .profile import recipe
+
+        k = recipe(run).num_classes
         y = class_of_each(ds)
         counts = torch.bincount(y, minlength=k)[:k]
         starts = torch.cat([torch.zeros(1, dtype=torch.int64), counts.cumsum(0)])

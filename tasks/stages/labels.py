@@ -15,6 +15,7 @@ from storage.arrays import image_count, row_batches
 from storage.labels import read_epoch_batches, write_epoch_batches, write_schema
 from storage.run import Run, images_of, labels_epoch
 
+from .profile import recipe
 from .common import Progress, load_teachers, no_progress
 
 
@@ -43,7 +44,7 @@ def write_one_epoch(
     (`workers` DataLoader processes read ahead, default `stats.workers`) and writes each
     batch's labels as they come: one label batch of images and logits in memory at a time. A
     (N, C, H, W) tensor labels those images instead (small sets and tests)."""
-    cfg, pl = run.config, run.config.preset_obj().labels
+    cfg, pl = run.config, recipe(run).labels
     lc = cfg.labels
     labellers = teachers if lc.teachers == "ensemble" else teachers[:1]
     if images is None:
@@ -73,7 +74,7 @@ def _reads_back(run: Run, rel: str, e: int) -> None:
 def label_run(run: Run, progress: Progress = no_progress, prefix: str = "") -> str:
     """Label the distilled set (prefix "") or another image set under `prefix`, streaming the
     images of each label batch from the store (no epoch or image set is held whole)."""
-    cfg, p = run.config, run.config.preset_obj()
+    cfg, p = run.config, recipe(run)
     lc = cfg.labels
     run.manifest.verify(images_of(prefix))
     if not all(run.manifest.is_recorded(labels_epoch(e, prefix)) for e in range(lc.epochs)):

@@ -28,6 +28,7 @@ from d3s_core.labelling import derive_seed
 from d3s_core.precision import enable_cudnn_autotune
 from d3s_core.synthesis import (
     MeasuredTeacher,
+    RidgeLog,
     SynthesisState,
     finish_batch,
     gather_state,
@@ -53,6 +54,7 @@ from storage.states import (
     state_meta,
 )
 
+from .profile import recipe
 from .common import ClassRows, Progress, class_rows, data_splits, load_teachers, no_progress
 from .stats import load_targets
 
@@ -121,13 +123,13 @@ def _running_after(
     older = [a for a in _isu_batches(run) if a < b]
     first = older[-1] if older else 0
     running = _load_running(run, first) if first else RunningStats.zeros(channels, device)
-    scfg, bsz = run.config.synthesis_cfg(), run.config.synthesis.batch_size
+    scfg, bsz = recipe(run).synthesis, run.config.synthesis.batch_size
     for a in range(first + 1, b + 1):
         record = json.loads(run.fs.read_bytes(syn_commit(a)))
         rows = read_image_rows(
             run.fs, SYN_IMAGES, record["start"], record["start"] + record["count"]
         )
-        labels = distilled_classes(run.config.preset_obj().num_classes, run.config.synthesis.ipc)
+        labels = distilled_classes(recipe(run).num_classes, run.config.synthesis.ipc)
         labels = labels[(a - 1) * bsz : (a - 1) * bsz + record["count"]]
         mine = rows if world is None else rows[world.rows(len(rows))]
         x = mine.to(device, scfg.torch_dtype)
@@ -177,9 +179,9 @@ def synthesize(run: Run, progress: Progress = no_progress, world: World | None =
     Memory: the teachers, their targets, one batch's state (images + Adam moments) and the ISU
     statistics; never the image set (committed batches are not read again, except one batch at
     a time to check those an earlier process committed, at the end)."""
-    cfg, p = run.config, run.config.preset_obj()
+    cfg, p = run.config, recipe(run)
     writer = world is None or world.is_writer
-    scfg = cfg.synthesis_cfg()
+    scfg = p.synthesis
     if run.manifest.is_recorded(SYN_IMAGES):
         run.manifest.verify(SYN_IMAGES)
         return run.fs.url(SYN_IMAGES)
@@ -228,6 +230,7 @@ def synthesize(run: Run, progress: Progress = no_progress, world: World | None =
             running = _running_after(run, b - 1, teachers, channels, world)
         state = None
         curve: list[float] = []  # loss at every iteration of this batch (the report's curve)
+        ridges = RidgeLog.start(scfg, teachers)  # the ridges Eq. 1 needed (commit record)
         if has_state(run.fs, SYN_CHECKPOINT):
             saved_meta = state_meta(run.fs, SYN_CHECKPOINT)
             if int(saved_meta.get("batch", -1)) == b:
@@ -236,6 +239,8 @@ def synthesize(run: Run, progress: Progress = no_progress, world: World | None =
                 if world is not None:
                     state = shard_state(state, world)
                 curve = list(saved_meta.get("losses", []))[: state.iteration]
+                if "ridge" in saved_meta:  # the iterations before the checkpoint
+                    ridges = RidgeLog.from_dict(saved_meta["ridge"])
         resumed_from = state.iteration if state is not None else None
         if state is None:
             state = init_state(
@@ -254,6 +259,7 @@ def synthesize(run: Run, progress: Progress = no_progress, world: World | None =
             until = min(k, state.iteration + cfg.synthesis.checkpoint_every)
             state, hist = run_iterations(state, teachers, running, scfg, until, world)
             history += hist
+            ridges.add(hist, teachers)  # no sync: escalations are host values already
             curve += torch.stack([h.loss for h in hist]).tolist()  # one sync per interval
             due = until < k and time.monotonic() - last_save >= cfg.synthesis.checkpoint_seconds
             if world is not None:
@@ -261,7 +267,12 @@ def synthesize(run: Run, progress: Progress = no_progress, world: World | None =
             if due:
                 whole = state if world is None else gather_state(state, world)
                 if whole is not None:
-                    meta = {"batch": b, "iteration": whole.iteration, "losses": list(curve)}
+                    meta = {
+                        "batch": b,
+                        "iteration": whole.iteration,
+                        "losses": list(curve),
+                        "ridge": ridges.as_dict(),
+                    }
                     saver.save(SYN_CHECKPOINT, whole.tensors(), meta)
                 last_save = time.monotonic()
             progress(
@@ -290,6 +301,7 @@ def synthesize(run: Run, progress: Progress = no_progress, world: World | None =
             "images_sha256": images_sha256(images),
             "resumed_from_iteration": resumed_from,
             "loss_curve": curve,
+            "ridge": ridges.as_dict(),
         }
         run.fs.write_bytes(syn_commit(b), json.dumps(record, indent=1).encode())
         _prune_isu(run, b)  # after the commit: a crash before it still finds batch b-1's state
@@ -326,7 +338,7 @@ def export_png(run: Run, classes: torch.Tensor | None = None) -> None:
     """synthesis/png/grid.png: a bounded sample, one row per shown class (`grid_rows`), images
     in pixel space; its size does not grow with the set (the whole set is in images.zarr).
     Reads only the shown rows."""
-    p, ipc = run.config.preset_obj(), run.config.synthesis.ipc
+    p, ipc = recipe(run), run.config.synthesis.ipc
     picked, rows = grid_rows(p.num_classes, ipc)
     images = ImageRows(run.fs, SYN_IMAGES).__getitems__(rows)
     mean = torch.tensor(p.mean).view(1, -1, 1, 1)

@@ -14,6 +14,7 @@ from storage.checkpoints import load_into, read_state_dict
 from storage.run import Run, teacher_checkpoint, teacher_weights
 from storage.states import has_state, load_state, remove_state, save_state
 
+from .profile import recipe
 from .common import (
     Progress,
     batches,
@@ -26,7 +27,7 @@ from .common import (
 
 
 def train_teachers(run: Run, progress: Progress = no_progress) -> list[str]:
-    cfg, p, tcfg = run.config, run.config.preset_obj(), run.config.teacher_train()
+    cfg, p, tcfg = run.config, recipe(run), run.config.teacher_train()
     train, held, fingerprint = data_splits(run)
     steps = -(-len(train) // tcfg.batch_size)  # type: ignore[arg-type]
     count = cfg.teachers.count
@@ -43,6 +44,9 @@ def train_teachers(run: Run, progress: Progress = no_progress) -> list[str]:
             "in_chans": p.in_chans,
             "low_res": p.low_res,
             "width": p.width,
+            "image_size": p.image_size,
+            "mean": list(p.mean),
+            "std": list(p.std),
             "preset": p.name,
             "dataset_fingerprint": fingerprint,
         }

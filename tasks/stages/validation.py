@@ -19,6 +19,7 @@ from storage.labels import epoch_image_batches, read_epoch_batches
 from storage.run import Run, images_of, labels_epoch, student_dir, summary_of
 from storage.states import has_state, load_state, remove_state, save_state, weights_blob
 
+from .profile import recipe
 from .common import Progress, data_splits, held_out_top1, new_model, no_progress
 
 
@@ -30,7 +31,7 @@ class StudentPlan:
 
 
 def _plans(run: Run) -> list[StudentPlan]:
-    cfg, p = run.config, run.config.preset_obj()
+    cfg, p = run.config, recipe(run)
     arch = cfg.student_arch()
     epochs = cfg.validation.epochs or p.student.epochs
     return [StudentPlan(arch, epochs, s) for s in range(cfg.validation.students)]
@@ -58,7 +59,7 @@ def _student_epoch(
 
 def _train_one(run: Run, plan: StudentPlan, n: int, held, progress: Progress, prefix: str) -> float:
     """One student on the n distilled images; the label epochs were verified by `validate`."""
-    cfg, p = run.config, run.config.preset_obj()
+    cfg, p = run.config, recipe(run)
     sc = p.student
     label_epochs = cfg.labels.epochs
     d = student_dir(plan.arch, plan.seed, prefix)

@@ -1,0 +1,50 @@
+"""`dataset/profile.json`: what a run took from its data and what from its config or preset
+(class count, channels, image size and resize rule, normalisation mean/std), with how each was
+found, the inspected images' modes and sizes, and warnings where the recipe looks off for the
+data. Written once, atomically, by the process holding the run's lock (the first stage that
+opens the data); read by every later stage, worker and rank, `d3s status` and the report.
+Schema: docs/artifacts.md, "dataset/"."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from .fs import RunFS
+from .manifest import CorruptArtifact
+
+PROFILE = "dataset/profile.json"
+SCHEMA_VERSION = 1
+VALUES = ("num_classes", "channels", "image_size", "crop_ratio", "mean", "std")
+
+
+def write_profile(fs: RunFS, profile: dict[str, Any]) -> dict[str, Any]:
+    """Write the profile atomically; returns it as `read_profile` will read it."""
+    check_profile(profile, fs.url(PROFILE))
+    body = {"schema_version": SCHEMA_VERSION, **profile}
+    fs.write_bytes(PROFILE, json.dumps(body, indent=1, sort_keys=True).encode())
+    return body
+
+
+def read_profile(fs: RunFS) -> dict[str, Any] | None:
+    """The run's data profile, or None where none is written yet."""
+    if not fs.exists(PROFILE):
+        return None
+    where = fs.url(PROFILE)
+    try:
+        profile = json.loads(fs.read_bytes(PROFILE))
+    except ValueError as e:
+        raise CorruptArtifact(f"{where}: not JSON ({e}); delete it to measure again") from None
+    if not isinstance(profile, dict) or profile.get("schema_version") != SCHEMA_VERSION:
+        raise CorruptArtifact(f"{where}: not a schema {SCHEMA_VERSION} data profile")
+    check_profile(profile, where)
+    return profile
+
+
+def check_profile(profile: dict[str, Any], where: str) -> None:
+    values, sources = profile.get("values"), profile.get("sources")
+    if not isinstance(values, dict) or not isinstance(sources, dict):
+        raise CorruptArtifact(f"{where}: lacks 'values' or 'sources'")
+    missing = [k for k in VALUES if k not in values or k not in sources]
+    if missing:
+        raise CorruptArtifact(f"{where}: lacks {missing}")
