@@ -84,10 +84,14 @@ def infer_size(h: HeaderSummary, fallback: int, fallback_from: str) -> tuple[int
         shape = "square " if h.square else ""
         return s, 1.0, f"all {h.count} inspected images are {shape}{s} px on the short side"
     lo, hi = min(sides), max(sides)
-    return fallback, CROP_RATIO_IMAGENET, (
-        f"short sides vary ({lo}..{hi} px, median {statistics.median_low(h.short_sides)}): "
-        f"{fallback_from}'s {fallback} px, short side resized to {fallback} * 8/7 and "
-        "centre-cropped"
+    return (
+        fallback,
+        CROP_RATIO_IMAGENET,
+        (
+            f"short sides vary ({lo}..{hi} px, median {statistics.median_low(h.short_sides)}): "
+            f"{fallback_from}'s {fallback} px, short side resized to {fallback} * 8/7 and "
+            "centre-cropped"
+        ),
     )
 
 
@@ -111,7 +115,7 @@ class PixelMoments:
             )
         for chunk in pixels.split(16):
             x = chunk.to(torch.float64).transpose(0, 1).reshape(self.channels, -1)
-            s, q = x.sum(1), (x * x).sum(1)  # < 2**53 per chunk of 16 images below 8k px
+            s, q = x.sum(1), (x * x).sum(1)  # integers < 2**53: 16 images of up to 90 Mpx
             for c in range(self.channels):
                 self.sums[c] += int(s[c])
                 self.squares[c] += int(q[c])
@@ -128,5 +132,8 @@ class PixelMoments:
             raise ValueError("no pixels measured")
         n = self.n
         mean = tuple(float(Fraction(s, 255 * n)) for s in self.sums)
-        var = [Fraction(n * q - s * s, (255 * n) ** 2) for s, q in zip(self.sums, self.squares, strict=True)]
+        var = [
+            Fraction(n * q - s * s, (255 * n) ** 2)
+            for s, q in zip(self.sums, self.squares, strict=True)
+        ]
         return mean, tuple(math.sqrt(v) for v in var)

@@ -136,9 +136,13 @@ def status(root: str) -> dict[str, Any]:
         raise SystemExit(f"d3s: {fs.url()} is not a run (no config.json)")
     cfg = load_config(fs)
     done = Manifest(fs).entries()
-    p = cfg.preset_obj()
-    n_images = p.num_classes * cfg.synthesis.ipc
-    n_batches = -(-n_images // cfg.synthesis.batch_size)
+    from storage.profile import describe_profile, describe_recipe, read_profile
+
+    profile = read_profile(fs)
+    k = profile["values"]["num_classes"] if profile else cfg.dataset.num_classes
+    if k is None and cfg.dataset.kind in ("synthetic", "mnist5k"):
+        k = cfg.preset_obj().num_classes if cfg.dataset.kind == "synthetic" else 10
+    n_batches = -(-k * cfg.synthesis.ipc // cfg.synthesis.batch_size) if k else "?"
     committed = len([f for f in fs.listdir("synthesis/batches") if f.endswith(".json")])
     in_batch = None
     if has_state(fs, SYN_CHECKPOINT):  # the marker's metadata only, not the 345 MiB state
@@ -159,6 +163,9 @@ def status(root: str) -> dict[str, Any]:
         "run": cfg.name,
         "root": fs.url(),
         "preset": cfg.preset,
+        "data": describe_profile(profile) if profile else "not profiled yet (the first stage does)",
+        "recipe": describe_recipe(cfg),
+        "warnings": profile.get("warnings", []) if profile else [],
         "teachers": f"{sum(teacher_weights(m) in done for m in range(cfg.teachers.count))}"
         f"/{cfg.teachers.count}",
         "stats": f"{sum(f'stats.zarr/teacher_{m}' in done for m in range(cfg.teachers.count))}"
@@ -229,7 +236,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.cmd == "status":
             for k, v in status(args.root).items():
-                print(f"{k:<11} {v}")
+                if isinstance(v, list):  # one line each, indented under the key
+                    print(f"{k:<11} " + ("\n" + " " * 12).join(v) if v else f"{k:<11} none")
+                else:
+                    print(f"{k:<11} {v}")
             return 0
         if args.cmd == "verify":
             return verify(args.root, args.quick)

@@ -224,6 +224,10 @@ class RunConfig(Strict):
                     continue
                 a, b = getattr(base, f.name), getattr(mine, f.name)
                 out[f"{section}.{f.name}"] = (b, "preset" if a == b else "config")
+        sc = self.student_cfg()
+        for name in ("epochs", "arch"):
+            a, b = getattr(p.student, name), getattr(sc, name)
+            out[f"validation.{name}"] = (b, "preset" if a == b else "config")
         return out
 
     def label_cfg(self) -> LabelConfig:
@@ -308,16 +312,6 @@ def fill_recipe(data: dict[str, Any]) -> dict[str, Any]:
             out[section] = {**sec, field_name: value(p)}
     return out
 
-    def config_hash(self) -> str:
-        return hashlib.sha256(canonical_json(self.hashed())).hexdigest()
-
-    def hashed(self) -> dict[str, Any]:
-        """The sections that determine the results, as JSON values (what the hash covers)."""
-        data = self.model_dump(mode="json", exclude=set(UNHASHED))
-        # How often a checkpoint is written changes no result: a run may change it on resume.
-        data["synthesis"].pop("checkpoint_seconds", None)
-        return data
-
 
 def _override(base: Any, overrides: dict[str, Any], where: str) -> Any:
     assert is_dataclass(base) and not isinstance(base, type)
@@ -378,7 +372,9 @@ def _check(cfg: RunConfig) -> None:
         raise ValueError("dataset.mean and dataset.std are declared together (or neither)")
     if d.mean is not None and d.std is not None:
         if d.normalisation == "preset":
-            raise ValueError("dataset.normalisation: 'preset' and a declared dataset.mean exclude each other")
+            raise ValueError(
+                "dataset.normalisation: 'preset' and a declared dataset.mean exclude each other"
+            )
         if len(d.mean) != len(d.std):
             raise ValueError(f"dataset.mean has {len(d.mean)} values, dataset.std {len(d.std)}")
         if d.channels is not None and len(d.mean) != d.channels:

@@ -48,3 +48,25 @@ def check_profile(profile: dict[str, Any], where: str) -> None:
     missing = [k for k in VALUES if k not in values or k not in sources]
     if missing:
         raise CorruptArtifact(f"{where}: lacks {missing}")
+
+
+def _show(x: Any) -> str:
+    if isinstance(x, list):
+        return "(" + ", ".join(f"{y:.4f}" for y in x) + ")"
+    if isinstance(x, float):
+        return f"{x:.4g}"
+    return str(x)
+
+
+def describe_profile(profile: dict[str, Any]) -> list[str]:
+    """One line per value: `channels = 3  [data: colour images among the 120 inspected ...]`."""
+    v, src = profile["values"], profile["sources"]
+    return [f"{k} = {_show(v[k])}  [{src[k]}]" for k in VALUES]
+
+
+def describe_recipe(cfg: Any) -> str:
+    """`recipe: preset 'tiny-imagenet', overridden by the config: model.width = 4; ...`."""
+    changed = [f"{k} = {val}" for k, (val, f) in cfg.recipe_sources().items() if f == "config"]
+    return f"recipe: preset {cfg.preset!r}" + (
+        f", overridden by the config: {'; '.join(changed)}" if changed else ", as it is"
+    )

@@ -248,10 +248,44 @@ def model_facts(
     )
 
 
+def planned_recipe(cfg: RunConfig):
+    """The recipe the run will use, fitted to the data's shape as far as it is known without
+    reading images: the declared `dataset.*` values, the class folders of a local ImageFolder
+    tree, else the preset's (a run finds the rest from the data: docs/datasets.md)."""
+    from d3s_core.presets import DataShape, fit_to_data
+
+    p, d = cfg.preset_obj(), cfg.dataset
+    k = d.num_classes
+    if k is None and d.kind == "imagefolder" and d.path and os.path.isdir(d.path):
+        from storage.imagefolder import class_folders
+
+        k = len(class_folders(d.path))
+    if d.kind == "mnist5k":
+        k, chans, size = 10, 1, 28
+    else:
+        chans, size = d.channels or p.in_chans, d.image_size or p.image_size
+    mean = tuple(d.mean) if d.mean else (p.mean if len(p.mean) == chans else (0.5,) * chans)
+    std = tuple(d.std) if d.std else (p.std if len(p.std) == chans else (0.25,) * chans)
+    assert cfg.model.arch is not None and cfg.model.width is not None
+    return fit_to_data(
+        p,
+        DataShape(k or p.num_classes, chans, size, mean, std),
+        arch=cfg.model.arch,
+        width=cfg.model.width,
+        low_res=bool(cfg.model.low_res),
+        teachers=cfg.teachers.count,
+        ipc=cfg.synthesis.ipc,
+        synthesis_batch=cfg.synthesis.batch_size,
+        synthesis=cfg.synthesis_cfg(),
+        labels=cfg.label_cfg(),
+        student=cfg.student_cfg(),
+    )
+
+
 def facts_for(cfg: RunConfig, arch: str) -> ModelFacts:
     """Facts of the teachers (`arch` = the preset's: `stats.layers` names their measured
     layers) or of another architecture (students: the default layers, used by no stage)."""
-    p = cfg.preset_obj()
+    p = planned_recipe(cfg)
     layers = cfg.stats.layers if arch == p.arch else None
     spec = tuple(layers) if isinstance(layers, list) else layers
     return model_facts(arch, p.num_classes, p.in_chans, p.image_size, p.low_res, p.width, spec)
@@ -274,7 +308,7 @@ def _stratified_train(per_class: list[int], test_fraction: float) -> int:
 
 def train_images(cfg: RunConfig, given: int | None = None) -> tuple[int, str]:
     """(number of training images, where it came from)."""
-    ds, p = cfg.dataset, cfg.preset_obj()
+    ds, p = cfg.dataset, planned_recipe(cfg)
     if given is not None:
         return given, "--train-images"
     if ds.kind == "mnist5k":
@@ -300,7 +334,7 @@ def ceil_div(a: int, b: int) -> int:
 
 
 def counts(cfg: RunConfig, n_train: int) -> dict[str, dict[str, Any]]:
-    p, t, s = cfg.preset_obj(), cfg.teacher_train(), cfg.stats
+    p, t, s = planned_recipe(cfg), cfg.teacher_train(), cfg.stats
     m, n = cfg.teachers.count, p.num_classes * cfg.synthesis.ipc
     trained = not cfg.teachers.import_from
     stats_batches = ceil_div(n_train, s.batch_size)
@@ -397,7 +431,7 @@ def _artifact(nbytes: int, formula: str, kept: bool = True, **extra: Any) -> dic
 
 def disk(cfg: RunConfig, c: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
     """Bytes per artifact; `kept` False for checkpoints and shards removed when done."""
-    p, t = cfg.preset_obj(), cfg.teacher_train()
+    p, t = planned_recipe(cfg), cfg.teacher_train()
     tf, sf = facts_for(cfg, p.arch), facts_for(cfg, cfg.student_arch())
     m, n = cfg.teachers.count, c["synthesis"]["images"]
     chw = p.in_chans * p.image_size * p.image_size
@@ -511,7 +545,7 @@ def _prefetch(cfg: RunConfig) -> int:
 def _loader(cfg: RunConfig, n_train: int, batch: int) -> dict[str, int]:
     """Host bytes of the training-set reader: the in-memory kinds hold the images (uint8, and
     the split's copy); file datasets ship uint8 batches from the workers."""
-    p = cfg.preset_obj()
+    p = planned_recipe(cfg)
     chw = p.in_chans * p.image_size * p.image_size
     if cfg.dataset.kind == "mnist5k":
         return {"dataset in memory (uint8, + split copy)": 2 * 5000 * chw}
@@ -528,7 +562,7 @@ def _phase(host: dict[str, int], device: dict[str, int]) -> dict[str, dict[str, 
 
 
 def _teachers_mem(cfg: RunConfig, n_train: int) -> dict[str, Any]:
-    p, t = cfg.preset_obj(), cfg.teacher_train()
+    p, t = planned_recipe(cfg), cfg.teacher_train()
     f = facts_for(cfg, p.arch)
     chw = p.in_chans * p.image_size * p.image_size
     opt = optimizer_slots(t.optimizer, t.momentum) * f.params * F32
@@ -546,7 +580,7 @@ def _teachers_mem(cfg: RunConfig, n_train: int) -> dict[str, Any]:
 
 
 def _stats_mem(cfg: RunConfig, n_train: int, shards: int) -> dict[str, Any]:
-    p, s = cfg.preset_obj(), cfg.stats
+    p, s = planned_recipe(cfg), cfg.stats
     f = facts_for(cfg, p.arch)
     chw = p.in_chans * p.image_size * p.image_size
     m, st = cfg.teachers.count, stats_bytes(f.channels)
@@ -563,7 +597,7 @@ def _stats_mem(cfg: RunConfig, n_train: int, shards: int) -> dict[str, Any]:
 
 
 def _synthesis_mem(cfg: RunConfig, n: int) -> dict[str, Any]:
-    p, scfg = cfg.preset_obj(), cfg.synthesis_cfg()
+    p, scfg = planned_recipe(cfg), cfg.synthesis_cfg()
     f = facts_for(cfg, p.arch)
     wide = 2 if scfg.dtype == "float64" else 1
     b = cfg.synthesis.batch_size
@@ -592,7 +626,7 @@ def _synthesis_mem(cfg: RunConfig, n: int) -> dict[str, Any]:
 
 
 def _labels_mem(cfg: RunConfig, n: int) -> dict[str, Any]:
-    p = cfg.preset_obj()
+    p = planned_recipe(cfg)
     f = facts_for(cfg, p.arch)
     b, k = cfg.labels.batch_size, p.num_classes
     img = p.in_chans * p.image_size * p.image_size * F32
@@ -612,7 +646,7 @@ def _labels_mem(cfg: RunConfig, n: int) -> dict[str, Any]:
 
 
 def _validation_mem(cfg: RunConfig, n: int, n_train: int) -> dict[str, Any]:
-    p = cfg.preset_obj()
+    p = planned_recipe(cfg)
     f = facts_for(cfg, cfg.student_arch())
     b, k = cfg.labels.batch_size, p.num_classes
     chw = p.in_chans * p.image_size * p.image_size
@@ -645,7 +679,7 @@ def _validation_mem(cfg: RunConfig, n: int, n_train: int) -> dict[str, Any]:
 
 def _baseline_subset_mem(cfg: RunConfig, n: int, n_train: int) -> dict[str, Any]:
     """The random real subset, written one synthesis-batch-sized chunk at a time."""
-    p = cfg.preset_obj()
+    p = planned_recipe(cfg)
     chw = p.in_chans * p.image_size * p.image_size
     b = cfg.synthesis.batch_size
     host = {
@@ -716,7 +750,7 @@ def hours(
     cfg: RunConfig, c: dict[str, dict[str, Any]], table: dict[str, Any] | None
 ) -> dict[str, Any]:
     """Estimated device-hours per stage: work FLOPs / the measured FLOP rate of its kind."""
-    p = cfg.preset_obj()
+    p = planned_recipe(cfg)
     tf, sf = facts_for(cfg, p.arch), facts_for(cfg, cfg.student_arch())
     t, s, y, lab, v = (c[k] for k in ("teachers", "stats", "synthesis", "labels", "validation"))
     m = cfg.teachers.count
@@ -806,7 +840,7 @@ def make_plan(
         )
     kept = sum(a["bytes"] for a in d.values() if a["kept"])
     transient = ["teacher_checkpoint", "stats_shards", "synthesis_checkpoint", "student_checkpoint"]
-    p = cfg.preset_obj()
+    p = planned_recipe(cfg)
     return {
         "config": {"name": cfg.name, "preset": cfg.preset, "device": cfg.device},
         "shape": {

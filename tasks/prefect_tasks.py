@@ -20,6 +20,7 @@ logger.
 from __future__ import annotations
 
 import hashlib
+import json
 import time
 from typing import Any
 
@@ -139,15 +140,46 @@ class PrefectProgress:
             self.logger.info("%s %.0f%% (%s)", stage, 100 * fraction, desc)
 
 
+def read_results_teachers(run: Any) -> list[dict[str, Any]]:
+    from storage.run import teacher_meta
+
+    return [
+        json.loads(run.fs.read_bytes(teacher_meta(m))) for m in range(run.config.teachers.count)
+    ]
+
+
+def log_provenance(run: Any, logger: Any) -> None:
+    """What the run takes from its data, its config and its preset (the data profile, found
+    here by the first stage), and the warnings where the recipe looks off for the data."""
+    from storage.profile import describe_recipe
+
+    from .stages.profile import data_profile, describe_profile
+
+    profile = data_profile(run)
+    for line in describe_profile(profile) + [describe_recipe(run.config)]:
+        logger.info("data: %s", line)
+    for w in profile.get("warnings", []):
+        logger.warning("recipe: %s", w)
+
+
 def _run_stage(stage: str, root: str, config: dict[str, Any]) -> Any:
     cfg = parse_config(config)
     progress = PrefectProgress(stage)
     try:
         with open_run(root, cfg, **storage_options(cfg)) as run:
+            if stage == "teachers":
+                log_provenance(run, progress.logger)
             if stage == "synthesis" and cfg.distributed.ranks > 1:
                 # torchrun job on this machine; it attaches to the run this process has locked
                 return launch_distributed(root, cfg, progress.logger.info)
-            return {**STAGES, **EXTRA_STAGES}[stage](run, progress)
+            result = {**STAGES, **EXTRA_STAGES}[stage](run, progress)
+            if stage == "teachers":
+                from .stages.profile import recipe, teacher_warnings
+
+                metas = read_results_teachers(run)
+                for w in teacher_warnings(metas, recipe(run).num_classes):
+                    progress.logger.warning("recipe: %s", w)
+            return result
     finally:
         if progress.terminal is not None:
             progress.terminal.close()

@@ -18,6 +18,7 @@ from matplotlib.figure import Figure
 
 from storage.config import RunConfig
 from storage.fs import RunFS
+from storage.profile import describe_profile, describe_recipe, read_profile
 from storage.run import BASELINE, read_results, student_dir
 from tasks.stages.synthesis import GRID_CLASSES, GRID_IMAGES
 
@@ -218,6 +219,33 @@ def batches_markdown(batches: list[dict[str, Any]]) -> list[str]:
     return lines
 
 
+def _num_classes(fs: RunFS, cfg: RunConfig) -> int:
+    profile = read_profile(fs)
+    return int(profile["values"]["num_classes"]) if profile else cfg.preset_obj().num_classes
+
+
+def data_markdown(fs: RunFS, cfg: RunConfig, teachers: list[dict[str, Any]]) -> list[str]:
+    """The "Data and recipe" section: what the run took from its data, its config and its
+    preset (dataset/profile.json), and the warnings where the recipe looks off for the data,
+    the teachers' convergence included."""
+    from tasks.stages.profile import teacher_warnings
+
+    profile = read_profile(fs)
+    lines = ["## Data and recipe", ""]
+    if profile is None:  # a run from before data profiles: the preset's shape
+        lines += [f"The preset {cfg.preset!r}'s data shape (no `dataset/profile.json`).", ""]
+        k = cfg.preset_obj().num_classes
+    else:
+        lines += [f"- {line}" for line in describe_profile(profile)]
+        k = int(profile["values"]["num_classes"])
+    lines += [f"- {describe_recipe(cfg)}", ""]
+    warnings = (profile or {}).get("warnings", []) + teacher_warnings(teachers, k)
+    if warnings:
+        lines += ["**Warnings** (the recipe looks off for this data):", ""]
+        lines += [f"- {w}" for w in warnings] + [""]
+    return lines
+
+
 def report_markdown(
     cfg: RunConfig,
     fs: RunFS,
@@ -233,15 +261,19 @@ def report_markdown(
         f"preset `{cfg.preset}`, IPC {cfg.synthesis.ipc}, {cfg.teachers.count} teachers, "
         f"artifacts `{fs.url()}`; report written {time.strftime('%Y-%m-%d %H:%M:%S %Z')}.",
         "",
+    ]
+    lines += data_markdown(fs, cfg, results["teachers"])
+    lines += [
         "## Accuracy (held-out top-1)",
         "",
-        "| model | arch | source | top-1 % |",
-        "|---|---|---|---|",
+        "| model | arch | source | top-1 % | final train loss |",
+        "|---|---|---|---|---|",
     ]
     for m, meta in enumerate(results["teachers"]):
+        losses = meta.get("train_loss") or []
         lines.append(
             f"| teacher {m} | {meta['arch']} | {meta.get('source', '')} | "
-            f"{_pct(meta['held_out_top1'])} |"
+            f"{_pct(meta['held_out_top1'])} | {f'{losses[-1]:.3f}' if losses else '—'} |"
         )
     arch = cfg.student_arch()
     lines.append(
@@ -276,7 +308,7 @@ def report_markdown(
         "## Distilled images",
         "",
         "One row per shown class, at most "
-        f"{GRID_CLASSES} classes spread over all {cfg.preset_obj().num_classes} and "
+        f"{GRID_CLASSES} classes spread over all {_num_classes(fs, cfg)} and "
         f"{GRID_IMAGES} images each ([grid.png](grid.png)); every image is in "
         "`synthesis/images.zarr`.",
         "",

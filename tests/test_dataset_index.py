@@ -28,6 +28,7 @@ from storage.run import BASELINE, attach_run, images_of, open_run
 from storage.webdataset import TarShardDataset
 from tasks.stages import STAGES
 from tasks.stages.common import class_of_each, class_rows, data_splits, new_model
+from tasks.stages.profile import data_profile
 from tasks.stages.synthesis import distilled_classes
 
 from .test_s3 import s3_endpoint  # noqa: F401  (the moto server fixture)
@@ -132,10 +133,12 @@ def test_the_first_stage_writes_an_index_equal_to_scan_tree(tmp_path, trees):
 def test_later_opens_read_the_index_and_never_list_the_tree(tmp_path, trees, monkeypatch):
     train, val, teacher = trees
     cfg = folder_config(train, val, teacher)
-    ref_train = ImageFolderDataset(train, 28, 1, (0.1307,), (0.3081,))
-    ref_val = ImageFolderDataset(val, 28, 1, (0.1307,), (0.3081,))
     with open_run(tmp_path / "run", cfg) as run:
-        data_splits(run)  # writes the index
+        data_splits(run)  # writes the index (and the data profile)
+        v = data_profile(run)["values"]
+    rules = (28, 1, tuple(v["mean"]), tuple(v["std"]))
+    ref_train = ImageFolderDataset(train, *rules, crop_ratio=v["crop_ratio"])
+    ref_val = ImageFolderDataset(val, *rules, crop_ratio=v["crop_ratio"])
     forbid_listing(monkeypatch)
     with open_run(tmp_path / "run", cfg) as run:  # a later stage
         got = [data_splits(run)]

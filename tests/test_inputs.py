@@ -28,11 +28,16 @@ def make_tree(root, classes=10, per_class=3, mode="L", size=28):
     return root
 
 
-def folder_config(train, val, **teachers):
+def folder_config(train, val, dataset=None, **teachers):
     return parse_config(
         {
             "preset": "demo-mnist",
-            "dataset": {"kind": "imagefolder", "path": str(train), "val_path": str(val)},
+            "dataset": {
+                "kind": "imagefolder",
+                "path": str(train),
+                "val_path": str(val),
+                **(dataset or {}),
+            },
             "teachers": {"count": 1, "train": {"epochs": 1}, **teachers},
             "stats": {"workers": 0},
         }
@@ -83,7 +88,9 @@ def test_unreadable_image_is_named_and_nothing_is_written(tmp_path):
 def test_wrong_mode_and_size(tmp_path):
     train = make_tree(tmp_path / "train", mode="RGB")
     ds = ImageFolderDataset(train, 28, 1, (0.5,), (0.5,))
-    with pytest.raises(ValueError, match=r"0\.png: image mode 'RGB' is not single-channel"):
+    with pytest.raises(
+        ValueError, match=r"0\.png: image mode 'RGB' is a colour image.*dataset\.channels: 3"
+    ):
         ds[0]
     Image.fromarray(np.zeros((4, 4), np.uint8), "L").save(train / "class_00" / "0.png")
     with pytest.raises(ValueError, match=r"0\.png: image is 4x4 px"):
@@ -92,8 +99,10 @@ def test_wrong_mode_and_size(tmp_path):
 
 def test_classes_that_do_not_match(tmp_path):
     train, val = make_tree(tmp_path / "train", classes=9), make_tree(tmp_path / "val", per_class=1)
-    with pytest.raises(ValueError, match="9 class folders.*10 classes"):
-        run_teachers(tmp_path / "run", folder_config(train, val))
+    with pytest.raises(ValueError, match="9 class folders, but dataset.num_classes is 10"):
+        run_teachers(tmp_path / "run", folder_config(train, val, {"num_classes": 10}))
+    with pytest.raises(ValueError, match=r"val: class folders differ.*unexpected \['class_09'\]"):
+        run_teachers(tmp_path / "run1", folder_config(train, val))
     train2 = make_tree(tmp_path / "train2")
     (val / "class_05").rename(val / "class_x")
     with pytest.raises(ValueError, match="class folders differ"):

@@ -4,6 +4,7 @@ make it positive definite: returned by `kl_layers`, collected per batch by the s
 record and shown in the report."""
 
 import json
+import threading
 
 import pytest
 import torch
@@ -181,6 +182,9 @@ def test_commit_records_carry_the_ridge_across_a_resume(root, monkeypatch):  # n
     monkeypatch.setattr(syn, "run_iterations", iterations)
     with open_run(root, config()) as run, pytest.raises(RuntimeError, match="kill"):
         syn.synthesize(run)
+    for t in threading.enumerate():  # the checkpoint write in flight at the kill finishes
+        if t.name.startswith("save "):
+            t.join()
     assert len(seen) == 2
     with open_run(root, config()) as run:
         syn.synthesize(run)
@@ -205,8 +209,8 @@ def test_commit_records_carry_the_ridge_across_a_resume(root, monkeypatch):  # n
     batches = batch_records(run.fs)
     md = "\n".join(batches_markdown(batches))
     assert "| ridge used |" in md
-    assert f"Ridge: 1 of 3 batches needed a larger ridge" in md
-    assert f"batches 2)" in md
+    assert "Ridge: 1 of 3 batches needed a larger ridge" in md
+    assert "batches 2)" in md
     assert f"**{max(seen):.3g}** (configured {configured:.3g}; 4 steps)" in md
     assert f"| {configured:.3g} |" in md
 

@@ -176,7 +176,8 @@ def test_real_image_initialisation_draws_training_images_of_each_class():
             seed=0,
             synthesis=SimpleNamespace(init="real"),
             preset_obj=lambda: SimpleNamespace(num_classes=4),
-        )
+        ),
+        _recipe=SimpleNamespace(num_classes=4),  # tasks.stages.profile.recipe's cache
     )
     pools = class_rows(run, train)
     labels = torch.tensor([0, 1, 2, 3, 1])

@@ -25,6 +25,12 @@ def main(argv: list[str] | None = None) -> int:
         cfg = parse_config(json.load(f), args.config)
     stages = list(STAGES) if args.stage == "all" else [args.stage]
     with open_run(args.root, cfg) as run:
+        from .profile import data_profile, provenance_lines
+
+        for line in provenance_lines(run):
+            print(f"data: {line}", flush=True)
+        for w in data_profile(run).get("warnings", []):
+            print(f"warning: {w}", flush=True)
         for name in stages:
             print(f"{name}: {STAGES[name](run)}", flush=True)
     return 0

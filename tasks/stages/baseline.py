@@ -13,9 +13,9 @@ from storage.arrays import create_images, write_image_batch
 from storage.fs import RunFS
 from storage.run import BASELINE, Run, images_of
 
-from .profile import recipe
 from .common import ClassRows, Progress, class_rows, data_splits, index_batches, no_progress
 from .labels import label_run
+from .profile import recipe
 from .synthesis import distilled_classes
 from .validation import validate
 

@@ -15,8 +15,8 @@ from storage.arrays import image_count, row_batches
 from storage.labels import read_epoch_batches, write_epoch_batches, write_schema
 from storage.run import Run, images_of, labels_epoch
 
-from .profile import recipe
 from .common import Progress, load_teachers, no_progress
+from .profile import recipe
 
 
 def missing_epochs(run: Run, prefix: str = "") -> list[int]:

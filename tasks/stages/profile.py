@@ -34,7 +34,7 @@ from d3s_core.dataprofile import (
 from d3s_core.presets import DataShape, Preset, fit_to_data
 from storage.datasets import NormalisedImages
 from storage.imagefolder import ImageFolderDataset
-from storage.profile import read_profile, write_profile
+from storage.profile import describe_profile, describe_recipe, read_profile, write_profile
 from storage.run import Run
 from storage.webdataset import TarShardDataset
 
@@ -186,9 +186,7 @@ def measure_profile(run: Run) -> dict[str, Any]:
             )
         else:
             size, ratio, why = infer_size(headers, p.image_size, f"preset {p.name!r}")
-            sources["image_size"] = (
-                f"data: {why}" if ratio == 1.0 else f"preset {p.name!r}: {why}"
-            )
+            sources["image_size"] = f"data: {why}" if ratio == 1.0 else f"preset {p.name!r}: {why}"
             ratio_why = "no resampling" if ratio == 1.0 else "ImageNet's 8/7 rule"
         if d.crop_ratio is not None:
             ratio, sources["crop_ratio"] = d.crop_ratio, "config: dataset.crop_ratio"
@@ -293,27 +291,7 @@ def data_warnings(run: Run, profile: dict[str, Any], headers: HeaderSummary | No
 def provenance_lines(run: Run) -> list[str]:
     """What the run took from the data, the config and the preset, one line each (for the
     start of a run, `d3s status` and the report)."""
-    prof = data_profile(run)
-    return describe_profile(prof, run.config)
-
-
-def describe_profile(prof: dict[str, Any], cfg: Any) -> list[str]:
-    v, src = prof["values"], prof["sources"]
-
-    def show(x: Any) -> str:
-        if isinstance(x, list):
-            return "(" + ", ".join(f"{y:.4f}" for y in x) + ")"
-        if isinstance(x, float):
-            return f"{x:.4g}"
-        return str(x)
-
-    lines = [f"{k} = {show(v[k])}  [{src[k]}]" for k in v]
-    changed = [f"{k} = {val}" for k, (val, f) in cfg.recipe_sources().items() if f == "config"]
-    lines.append(
-        f"recipe: preset {cfg.preset!r}"
-        + (f", overridden by the config: {'; '.join(changed)}" if changed else ", as it is")
-    )
-    return lines
+    return describe_profile(data_profile(run)) + [describe_recipe(run.config)]
 
 
 def teacher_warnings(metas: list[dict[str, Any]], num_classes: int) -> list[str]:

@@ -54,8 +54,8 @@ from storage.states import (
     state_meta,
 )
 
-from .profile import recipe
 from .common import ClassRows, Progress, class_rows, data_splits, load_teachers, no_progress
+from .profile import recipe
 from .stats import load_targets
 
 

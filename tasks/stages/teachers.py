@@ -14,7 +14,6 @@ from storage.checkpoints import load_into, read_state_dict
 from storage.run import Run, teacher_checkpoint, teacher_weights
 from storage.states import has_state, load_state, remove_state, save_state
 
-from .profile import recipe
 from .common import (
     Progress,
     batches,
@@ -24,6 +23,7 @@ from .common import (
     no_progress,
     save_teacher,
 )
+from .profile import recipe
 
 
 def train_teachers(run: Run, progress: Progress = no_progress) -> list[str]:

@@ -19,8 +19,8 @@ from storage.labels import epoch_image_batches, read_epoch_batches
 from storage.run import Run, images_of, labels_epoch, student_dir, summary_of
 from storage.states import has_state, load_state, remove_state, save_state, weights_blob
 
-from .profile import recipe
 from .common import Progress, data_splits, held_out_top1, new_model, no_progress
+from .profile import recipe
 
 
 @dataclass
