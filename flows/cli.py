@@ -164,7 +164,7 @@ def status(root: str) -> dict[str, Any]:
         "root": fs.url(),
         "preset": cfg.preset,
         "data": describe_profile(profile) if profile else "not profiled yet (the first stage does)",
-        "recipe": describe_recipe(cfg),
+        "recipe": describe_recipe(cfg).removeprefix("recipe: "),
         "warnings": profile.get("warnings", []) if profile else [],
         "teachers": f"{sum(teacher_weights(m) in done for m in range(cfg.teachers.count))}"
         f"/{cfg.teachers.count}",

@@ -279,13 +279,13 @@ def report_markdown(
     lines.append(
         f"| students on {summary['distilled_images']} distilled images (n = "
         f"{summary['students']}) | {arch} | D3S | **{_pct(summary['mean'])} ± "
-        f"{_pct(summary['std'])}** |"
+        f"{_pct(summary['std'])}** | |"
     )
     if base is not None:
         lines.append(
             f"| students on a random real subset, {base['distilled_images']} images, same "
             f"ensemble labels (n = {base['students']}) | {arch} | baseline | "
-            f"**{_pct(base['mean'])} ± {_pct(base['std'])}** |"
+            f"**{_pct(base['mean'])} ± {_pct(base['std'])}** | |"
         )
     lines.append("")
     if base is not None:

@@ -275,11 +275,11 @@ def data_warnings(run: Run, profile: dict[str, Any], headers: HeaderSummary | No
         tuned = p.teacher.epochs * math.ceil(p.train_images / p.teacher.batch_size)
         if steps < tuned / 2:
             out.append(
-                f"teachers: {steps} optimizer steps ({t.epochs} epochs of "
-                f"{math.ceil(n / t.batch_size)} batches of {t.batch_size} over {n} images), "
-                f"against the {tuned} preset {p.name!r}'s recipe makes on its "
-                f"{p.train_images} images; the teachers may end far from converged: raise "
-                "teachers.train.epochs"
+                f"teachers: {steps:,} optimizer steps ({t.epochs} epochs of "
+                f"{math.ceil(n / t.batch_size):,} batches of {t.batch_size} over {n:,} images), "
+                f"against the {tuned:,} that preset {p.name!r}'s recipe was tuned to make on "
+                f"its {p.train_images:,} images; the teachers may end far from converged: "
+                "raise teachers.train.epochs"
             )
     if t.batch_size > n:
         out.append(
