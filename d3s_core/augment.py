@@ -15,6 +15,18 @@ import math
 import torch
 import torch.nn.functional as F
 
+__all__ = [
+    "BOX_LEVELS",
+    "LOG_RATIO",
+    "apply_crops",
+    "box_codes",
+    "boxes_from_codes",
+    "curriculum_scale",
+    "draw_crops",
+    "pixel_bounds",
+    "quantise_boxes",
+]
+
 LOG_RATIO = (math.log(3 / 4), math.log(4 / 3))
 BOX_LEVELS = 65535  # box coordinates are stored as uint16 q, x = q / BOX_LEVELS
 

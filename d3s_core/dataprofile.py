@@ -15,6 +15,16 @@ import numpy as np
 import torch
 
 # Image modes that hold one channel (alpha dropped): decoded as greyscale.
+__all__ = [
+    "CROP_RATIO_IMAGENET",
+    "GREY_MODES",
+    "HeaderSummary",
+    "PixelMoments",
+    "infer_channels",
+    "infer_size",
+    "profile_rows",
+]
+
 GREY_MODES = frozenset({"1", "L", "LA"})
 CROP_RATIO_IMAGENET = 8 / 7
 

@@ -20,6 +20,11 @@ from .loss import kl_layers
 from .stats import SuffStats
 from .synthesis import MeasuredTeacher
 
+__all__ = [
+    "SetMatch",
+    "set_match",
+]
+
 
 @dataclass(frozen=True)
 class SetMatch:

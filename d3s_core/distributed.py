@@ -24,6 +24,14 @@ import torch.nn.functional as F
 from .precision import autocast_off
 from .stats import CovMatmul, as_samples, at_least_float32, centred_gram, moments_grad
 
+__all__ = [
+    "World",
+    "gather_rows",
+    "label_loss_across",
+    "moments_across",
+    "sum_across",
+]
+
 
 @dataclass(frozen=True)
 class World:

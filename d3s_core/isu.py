@@ -18,6 +18,13 @@ from typing import Literal
 
 import torch
 
+__all__ = [
+    "RunningStats",
+    "isu_mix",
+    "isu_weight",
+    "teacher_for_batch",
+]
+
 IsuMode = Literal["off", "paper", "exact"]
 TeacherChoice = Literal["per_batch", "per_iteration", "single"]
 

@@ -17,6 +17,16 @@ from torch import nn
 
 from .augment import apply_crops, draw_crops, quantise_boxes
 
+__all__ = [
+    "EpochLabels",
+    "batch_rows",
+    "derive_seed",
+    "ensemble_logits",
+    "epoch_batches",
+    "label_batches",
+    "label_epoch",
+]
+
 
 def derive_seed(*parts: int) -> int:
     """A 63-bit seed from integers (run seed, epoch, stream, ...), independent per tuple."""

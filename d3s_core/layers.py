@@ -9,6 +9,12 @@ from typing import Any
 import torch
 from torch import nn
 
+__all__ = [
+    "FeatureHooks",
+    "default_measured_layers",
+    "select_layers",
+]
+
 
 def default_measured_layers(model: nn.Module) -> list[str]:
     """Every convolution of the main path: all nn.Conv2d except residual shortcuts.

@@ -21,6 +21,21 @@ import torch.nn.functional as F
 
 from .stats import at_least_float32
 
+__all__ = [
+    "cholesky_with_ridge",
+    "DEFAULT_RIDGE",
+    "GaussianTarget",
+    "TargetGroup",
+    "diagonal_kl_layers",
+    "gaussian_kl",
+    "kl_layers",
+    "kl_layers_unchecked",
+    "label_loss",
+    "moment_matching_layers",
+    "prepare_target",
+    "stack_targets",
+]
+
 DEFAULT_RIDGE = 1e-4
 
 
@@ -52,7 +67,7 @@ class GaussianTarget:
         )
 
 
-def _cholesky_with_ridge(cov: torch.Tensor, ridge: float) -> tuple[torch.Tensor, float]:
+def cholesky_with_ridge(cov: torch.Tensor, ridge: float) -> tuple[torch.Tensor, float]:
     """Lower Cholesky factor of cov + ridge*I; the ridge grows tenfold (up to 1e4 times) if the
     matrix is not numerically positive definite, so a 50-hour run does not die on one bad batch.
     Returns the factor and the ridge used."""
@@ -81,7 +96,7 @@ def prepare_target(
     cov = cov.detach().double()
     if cov.shape != (mean.shape[0], mean.shape[0]):
         raise ValueError(f"mean {tuple(mean.shape)} and covariance {tuple(cov.shape)} disagree")
-    chol, used = _cholesky_with_ridge(0.5 * (cov + cov.T), ridge)
+    chol, used = cholesky_with_ridge(0.5 * (cov + cov.T), ridge)
     logdet = 2.0 * torch.log(torch.diagonal(chol)).sum()
     return GaussianTarget(mean, cov, chol, logdet, used)
 
@@ -150,7 +165,7 @@ def kl_layers(
     ridges_used: a list the caller passes to learn the ridge each layer's batch covariance got;
     its contents are replaced by one float per layer (layers of a group share their group's):
     `ridge` (the target's where None) or the larger one escalation needed, as
-    `_cholesky_with_ridge` returned it. Free: the escalation's sync made it a host value.
+    `cholesky_with_ridge` returned it. Free: the escalation's sync made it a host value.
     """
     kl, _, used = _kl_groups(means, covs, targets, ridge, check=True)
     if ridges_used is not None:
@@ -196,7 +211,7 @@ def _kl_groups(
         sig_s = torch.stack([covs[i] for i in idx]).double()  # (G, C, C)
         sym = 0.5 * (sig_s + sig_s.transpose(-1, -2))
         if check:
-            chol_s, r = _cholesky_with_ridge(sym, r)
+            chol_s, r = cholesky_with_ridge(sym, r)
         else:
             eye = torch.eye(dim, dtype=sym.dtype, device=sym.device)
             chol_s, info = torch.linalg.cholesky_ex(sym + r * eye)

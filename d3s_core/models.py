@@ -6,6 +6,14 @@ from __future__ import annotations
 from torch import nn
 from torchvision.models import resnet as tv_resnet
 
+__all__ = [
+    "SmallResNet",
+    "TORCHVISION_RESNETS",
+    "build_model",
+    "check_arch",
+    "freeze",
+]
+
 TORCHVISION_RESNETS = {
     "resnet18": tv_resnet.resnet18,
     "resnet34": tv_resnet.resnet34,

@@ -8,6 +8,12 @@ from typing import Literal
 
 import torch
 
+__all__ = [
+    "lr_factor",
+    "make_optimizer",
+    "make_scheduler",
+]
+
 OptimizerName = Literal["sgd", "adamw"]
 ScheduleName = Literal["cosine", "step", "onecycle", "constant"]
 

@@ -15,6 +15,14 @@ from typing import Literal
 import torch
 from torch import nn
 
+__all__ = [
+    "CompiledForward",
+    "autocast_off",
+    "enable_cudnn_autotune",
+    "network_autocast",
+    "to_channels_last",
+]
+
 AutocastMode = Literal["off", "bf16"]
 
 

@@ -8,6 +8,23 @@ from .optim import OptimizerName, ScheduleName
 from .synthesis import IMAGENET_MEAN, IMAGENET_STD, SynthesisConfig
 from .teachers import TeacherTrainConfig, check_bool, check_choice, check_range
 
+__all__ = [
+    "DEMO_MNIST",
+    "DataShape",
+    "IMAGENET_1K",
+    "IMAGENET_21K",
+    "LabelConfig",
+    "MNIST_MEAN",
+    "MNIST_STD",
+    "PRESETS",
+    "Preset",
+    "SCALE_21K",
+    "StudentConfig",
+    "TINY_IMAGENET",
+    "fit_to_data",
+    "get_preset",
+]
+
 MNIST_MEAN = (0.1307,)
 MNIST_STD = (0.3081,)
 
@@ -154,203 +171,140 @@ def _synthesis(
     return SynthesisConfig(iterations=iterations, lr=lr, mean=mean, std=std, flip=flip)
 
 
+# ImageNet-1K (Tables 8-10): the base every other recipe is derived from, field by field.
+IMAGENET_1K = Preset(
+    name="imagenet-1k",
+    num_classes=1000,
+    image_size=224,
+    in_chans=3,
+    arch="resnet18",
+    low_res=False,
+    width=64,
+    teachers=5,
+    ipc=10,
+    synthesis_batch=200,
+    mean=IMAGENET_MEAN,
+    std=IMAGENET_STD,
+    teacher=TeacherTrainConfig(
+        optimizer="sgd",
+        lr=0.1,
+        momentum=0.9,
+        weight_decay=1e-4,
+        batch_size=256,
+        epochs=90,
+        schedule="step",
+        step_every_epochs=30,
+        gamma=0.1,
+    ),
+    synthesis=_synthesis(0.25, 1000, IMAGENET_MEAN, IMAGENET_STD),
+    labels=LabelConfig(epochs=300, batch_size=128),
+    student=StudentConfig(
+        optimizer="adamw",
+        lr=1e-3,
+        weight_decay=1e-4,
+        batch_size=128,
+        epochs=300,
+        schedule="cosine",
+    ),
+    dataset="imagenet-1k",
+    train_images=1281167,
+)
+
+# Tiny-ImageNet: 64 px with the low-resolution stem (App. D.2), SGD throughout.
+TINY_IMAGENET = replace(
+    IMAGENET_1K,
+    name="tiny-imagenet",
+    num_classes=200,
+    image_size=64,
+    low_res=True,
+    ipc=50,
+    teacher=replace(IMAGENET_1K.teacher, lr=0.2, epochs=50, schedule="cosine", warmup_epochs=5),
+    synthesis=replace(IMAGENET_1K.synthesis, lr=0.4, iterations=4000),
+    labels=LabelConfig(epochs=100, batch_size=64),
+    student=replace(
+        IMAGENET_1K.student, optimizer="sgd", lr=0.2, momentum=0.9, batch_size=64, epochs=100
+    ),
+    dataset="tiny-imagenet",
+    train_images=100000,
+)
+
+# ImageNet-21K (winter 21, 10,450 classes). Teachers start from ImageNet-1K weights
+# (Table 8), imported rather than trained.
+IMAGENET_21K = replace(
+    IMAGENET_1K,
+    name="imagenet-21k",
+    num_classes=10450,
+    teacher=TeacherTrainConfig(
+        optimizer="adamw",
+        lr=3e-4,
+        weight_decay=1e-4,
+        batch_size=1024,
+        epochs=80,
+        schedule="onecycle",
+    ),
+    synthesis=replace(IMAGENET_1K.synthesis, lr=0.05),
+    student=replace(IMAGENET_1K.student, lr=2e-3, students=3),
+    dataset="imagenet-21k",
+    train_images=11060223,
+)
+
+# CPU demo on the real MNIST-5k digits: a width-16 ResNet-18 layout with a 3x3 stem.
+# Horizontal flip is off: it does not preserve digit labels.
+DEMO_MNIST = replace(
+    IMAGENET_1K,
+    name="demo-mnist",
+    num_classes=10,
+    image_size=28,
+    in_chans=1,
+    arch="small_resnet",
+    low_res=True,
+    width=16,
+    teachers=2,
+    synthesis_batch=50,
+    mean=MNIST_MEAN,
+    std=MNIST_STD,
+    teacher=replace(
+        TINY_IMAGENET.teacher,
+        lr=0.05,
+        weight_decay=5e-4,
+        batch_size=128,
+        epochs=4,
+        warmup_epochs=0,
+        min_crop_scale=0.5,
+        flip=False,
+    ),
+    synthesis=replace(_synthesis(0.1, 200, MNIST_MEAN, MNIST_STD, flip=False), min_crop_scale=0.5),
+    labels=LabelConfig(epochs=30, batch_size=50, min_crop_scale=0.5, flip=False),
+    student=replace(
+        IMAGENET_1K.student, arch="small_resnet", lr=2e-3, batch_size=50, epochs=100, students=2
+    ),
+    dataset="mnist5k",
+    train_images=4000,
+)
+
+# ImageNet-21K's shape (10,450 classes, IPC 10: 104,500 images in 523 batches of 200,
+# 300 label epochs) at 16 px with a width-4 network: the pipeline's own costs (memory,
+# I/O, per-unit overhead) at the real class count and set size, in seconds of compute
+# (tests/test_scale.py, bench/bench_scale.py). Not a recipe for real data.
+SCALE_21K = replace(
+    IMAGENET_21K,
+    name="scale-21k",
+    image_size=16,
+    arch="small_resnet",
+    low_res=True,
+    width=4,
+    teachers=1,
+    teacher=replace(
+        IMAGENET_1K.teacher, batch_size=1024, epochs=1, schedule="cosine", warmup_epochs=0
+    ),
+    synthesis=replace(IMAGENET_21K.synthesis, iterations=2),
+    student=replace(IMAGENET_1K.student, arch="small_resnet", students=1),
+    dataset="synthetic",
+    train_images=104500,
+)
+
 PRESETS: dict[str, Preset] = {
-    "tiny-imagenet": Preset(
-        name="tiny-imagenet",
-        dataset="tiny-imagenet",
-        train_images=100000,
-        num_classes=200,
-        image_size=64,
-        in_chans=3,
-        arch="resnet18",
-        low_res=True,
-        width=64,
-        teachers=5,
-        ipc=50,
-        synthesis_batch=200,
-        mean=IMAGENET_MEAN,
-        std=IMAGENET_STD,
-        teacher=TeacherTrainConfig(
-            optimizer="sgd",
-            lr=0.2,
-            momentum=0.9,
-            weight_decay=1e-4,
-            batch_size=256,
-            epochs=50,
-            schedule="cosine",
-            warmup_epochs=5,
-        ),
-        synthesis=_synthesis(0.4, 4000, IMAGENET_MEAN, IMAGENET_STD),
-        labels=LabelConfig(epochs=100, batch_size=64),
-        student=StudentConfig(
-            optimizer="sgd",
-            lr=0.2,
-            momentum=0.9,
-            weight_decay=1e-4,
-            batch_size=64,
-            epochs=100,
-            schedule="cosine",
-        ),
-    ),
-    "imagenet-1k": Preset(
-        name="imagenet-1k",
-        dataset="imagenet-1k",
-        train_images=1281167,
-        num_classes=1000,
-        image_size=224,
-        in_chans=3,
-        arch="resnet18",
-        low_res=False,
-        width=64,
-        teachers=5,
-        ipc=10,
-        synthesis_batch=200,
-        mean=IMAGENET_MEAN,
-        std=IMAGENET_STD,
-        teacher=TeacherTrainConfig(
-            optimizer="sgd",
-            lr=0.1,
-            momentum=0.9,
-            weight_decay=1e-4,
-            batch_size=256,
-            epochs=90,
-            schedule="step",
-            step_every_epochs=30,
-            gamma=0.1,
-        ),
-        synthesis=_synthesis(0.25, 1000, IMAGENET_MEAN, IMAGENET_STD),
-        labels=LabelConfig(epochs=300, batch_size=128),
-        student=StudentConfig(
-            optimizer="adamw",
-            lr=1e-3,
-            weight_decay=1e-4,
-            batch_size=128,
-            epochs=300,
-            schedule="cosine",
-        ),
-    ),
-    "imagenet-21k": Preset(
-        # Teachers start from ImageNet-1K weights (Table 8), imported rather than trained.
-        name="imagenet-21k",
-        dataset="imagenet-21k",
-        train_images=11060223,
-        num_classes=10450,
-        image_size=224,
-        in_chans=3,
-        arch="resnet18",
-        low_res=False,
-        width=64,
-        teachers=5,
-        ipc=10,
-        synthesis_batch=200,
-        mean=IMAGENET_MEAN,
-        std=IMAGENET_STD,
-        teacher=TeacherTrainConfig(
-            optimizer="adamw",
-            lr=3e-4,
-            weight_decay=1e-4,
-            batch_size=1024,
-            epochs=80,
-            schedule="onecycle",
-        ),
-        synthesis=_synthesis(0.05, 1000, IMAGENET_MEAN, IMAGENET_STD),
-        labels=LabelConfig(epochs=300, batch_size=128),
-        student=StudentConfig(
-            optimizer="adamw",
-            lr=2e-3,
-            weight_decay=1e-4,
-            batch_size=128,
-            epochs=300,
-            schedule="cosine",
-            students=3,
-        ),
-    ),
-    # CPU demo on the real MNIST-5k digits: a width-16 ResNet-18 layout with a 3x3 stem.
-    # Horizontal flip is off: it does not preserve digit labels.
-    "demo-mnist": Preset(
-        name="demo-mnist",
-        dataset="mnist5k",
-        train_images=4000,
-        num_classes=10,
-        image_size=28,
-        in_chans=1,
-        arch="small_resnet",
-        low_res=True,
-        width=16,
-        teachers=2,
-        ipc=10,
-        synthesis_batch=50,
-        mean=MNIST_MEAN,
-        std=MNIST_STD,
-        teacher=TeacherTrainConfig(
-            optimizer="sgd",
-            lr=0.05,
-            momentum=0.9,
-            weight_decay=5e-4,
-            batch_size=128,
-            epochs=4,
-            schedule="cosine",
-            warmup_epochs=0,
-            min_crop_scale=0.5,
-            flip=False,
-        ),
-        synthesis=replace(
-            _synthesis(0.1, 200, MNIST_MEAN, MNIST_STD, flip=False), min_crop_scale=0.5
-        ),
-        labels=LabelConfig(epochs=30, batch_size=50, min_crop_scale=0.5, flip=False),
-        student=StudentConfig(
-            arch="small_resnet",
-            optimizer="adamw",
-            lr=2e-3,
-            weight_decay=1e-4,
-            batch_size=50,
-            epochs=100,
-            schedule="cosine",
-            students=2,
-        ),
-    ),
-    # ImageNet-21K's shape (10,450 classes, IPC 10: 104,500 images in 523 batches of 200,
-    # 300 label epochs) at 16 px with a width-4 network: the pipeline's own costs (memory,
-    # I/O, per-unit overhead) at the real class count and set size, in seconds of compute
-    # (tests/test_scale.py, bench/bench_scale.py). Not a recipe for real data.
-    "scale-21k": Preset(
-        name="scale-21k",
-        dataset="synthetic",
-        train_images=104500,
-        num_classes=10450,
-        image_size=16,
-        in_chans=3,
-        arch="small_resnet",
-        low_res=True,
-        width=4,
-        teachers=1,
-        ipc=10,
-        synthesis_batch=200,
-        mean=IMAGENET_MEAN,
-        std=IMAGENET_STD,
-        teacher=TeacherTrainConfig(
-            optimizer="sgd",
-            lr=0.1,
-            momentum=0.9,
-            weight_decay=1e-4,
-            batch_size=1024,
-            epochs=1,
-            schedule="cosine",
-            warmup_epochs=0,
-        ),
-        synthesis=_synthesis(0.05, 2, IMAGENET_MEAN, IMAGENET_STD),
-        labels=LabelConfig(epochs=300, batch_size=128),
-        student=StudentConfig(
-            arch="small_resnet",
-            optimizer="adamw",
-            lr=1e-3,
-            weight_decay=1e-4,
-            batch_size=128,
-            epochs=300,
-            schedule="cosine",
-            students=1,
-        ),
-    ),
+    p.name: p for p in (TINY_IMAGENET, IMAGENET_1K, IMAGENET_21K, DEMO_MNIST, SCALE_21K)
 }
 
 

@@ -16,6 +16,20 @@ import torch
 
 from .precision import autocast_off
 
+__all__ = [
+    "Moments",
+    "round_to_tf32",
+    "SuffStats",
+    "T",
+    "as_samples",
+    "at_least_float32",
+    "batch_moments",
+    "centred_gram",
+    "merge_all",
+    "merge_tree",
+    "moments_grad",
+]
+
 Precision = Literal["float64", "mixed"]
 
 
@@ -132,7 +146,7 @@ def merge_all(parts: Iterable[SuffStats]) -> SuffStats:
 CovMatmul = Literal["full", "tf32", "bf16"]
 
 
-def _round_to_tf32(x: torch.Tensor) -> torch.Tensor:
+def round_to_tf32(x: torch.Tensor) -> torch.Tensor:
     """float32 -> the nearest value with TF32's 10 mantissa bits (round half to even), still
     stored as float32: what a tensor core reads of an fp32 input in TF32 mode."""
     bits = x.contiguous().view(torch.int32)
@@ -169,12 +183,12 @@ def centred_gram(c: torch.Tensor, mode: CovMatmul = "full") -> torch.Tensor:
                 return c.T @ c
             finally:
                 torch.backends.cuda.matmul.allow_tf32 = before
-        r = _round_to_tf32(c)
+        r = round_to_tf32(c)
         return r.T @ r
     raise ValueError(f"unknown covariance GEMM mode {mode!r}; expected 'full', 'tf32' or 'bf16'")
 
 
-class _Moments(torch.autograd.Function):
+class Moments(torch.autograd.Function):
     """(mean, population covariance) of an activation with one GEMM forward and one backward.
 
     The activation is saved for backward in its own dtype (a bfloat16 activation stays bf16:
@@ -252,4 +266,4 @@ def batch_moments(x: torch.Tensor, mode: CovMatmul = "full") -> tuple[torch.Tens
     float32 copy of a bf16 activation is kept for backward.
     """
     with autocast_off(x.device.type):
-        return _Moments.apply(x, mode)
+        return Moments.apply(x, mode)

@@ -12,6 +12,14 @@ from torch import nn
 from .augment import apply_crops
 from .labelling import EpochLabels
 
+__all__ = [
+    "epoch_schedule",
+    "evaluate_top1",
+    "kd_loss",
+    "train_student_batches",
+    "train_student_epoch",
+]
+
 
 def kd_loss(
     student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 20.0

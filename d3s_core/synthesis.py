@@ -39,6 +39,25 @@ from .models import freeze
 from .precision import AutocastMode, CompiledForward, network_autocast, to_channels_last
 from .stats import CovMatmul, at_least_float32, batch_moments
 
+__all__ = [
+    "DTYPES",
+    "IMAGENET_MEAN",
+    "IMAGENET_STD",
+    "MeasuredTeacher",
+    "RidgeLog",
+    "StepMetrics",
+    "SynthesisConfig",
+    "SynthesisState",
+    "adam_update",
+    "cosine_lr",
+    "finish_batch",
+    "gather_state",
+    "init_state",
+    "run_iterations",
+    "shard_state",
+    "synthesis_loss",
+]
+
 LossKind = Literal["kl", "kl_diag", "bn", "bn_full"]
 SynthesisDtype = Literal["float32", "float64"]
 DTYPES = {"float32": torch.float32, "float64": torch.float64}

@@ -20,6 +20,16 @@ from torch import nn
 from .augment import apply_crops, draw_crops
 from .optim import OptimizerName, ScheduleName, make_optimizer, make_scheduler
 
+__all__ = [
+    "TeacherState",
+    "TeacherTrainConfig",
+    "TeacherTrainer",
+    "check_bool",
+    "check_choice",
+    "check_numbers",
+    "check_range",
+]
+
 
 @dataclass(frozen=True)
 class TeacherTrainConfig:

@@ -31,7 +31,7 @@ from d3s_core.augment import apply_crops, curriculum_scale, draw_crops
 from d3s_core.distributed import World, gather_rows, label_loss_across, moments_across
 from d3s_core.isu import RunningStats, isu_weight
 from d3s_core.loss import label_loss
-from d3s_core.stats import _Moments
+from d3s_core.stats import Moments
 from d3s_core.synthesis import (
     finish_batch,
     gather_state,
@@ -132,7 +132,7 @@ def _moments_rank(world):
 def test_all_reduced_moments_and_gradients_equal_single_process(tmp_path, threads):
     x4, x2, logits, labels = _activations()
     inputs = [t.clone().requires_grad_(True) for t in (x4, x2, logits)]
-    moments = [_Moments.apply(x) for x in inputs[:2]]
+    moments = [Moments.apply(x) for x in inputs[:2]]
     ce = label_loss(inputs[2], labels)
     loss = _loss(moments, ce)
     grads = torch.autograd.grad(loss, inputs)

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from d3s_core.isu import RunningStats
 from d3s_core.layers import default_measured_layers
 from d3s_core.precision import network_autocast
-from d3s_core.stats import SuffStats, _round_to_tf32, batch_moments, centred_gram
+from d3s_core.stats import SuffStats, batch_moments, centred_gram, round_to_tf32
 from d3s_core.synthesis import (
     SynthesisConfig,
     finish_batch,
@@ -113,7 +113,7 @@ def test_channels_last_synthesis_equals_nchw():
         nhwc.configure(channels_last=True), cl, state.images, state.labels
     )
     assert nhwc.model.conv1.weight.is_contiguous(memory_format=torch.channels_last)
-    _, acts = nhwc(state.images)  # NHWC activations: _Moments' (N, C) views need no copy
+    _, acts = nhwc(state.images)  # NHWC activations: Moments' (N, C) views need no copy
     assert all(a.is_contiguous(memory_format=torch.channels_last) for a in acts)
     # float32 summation order only (measured: loss 1.4e-6, gradient 3.1e-5 relative; the
     # gradient goes through Sigma_T^-1, which amplifies rounding).
@@ -281,7 +281,7 @@ def test_tf32_rounding_keeps_ten_mantissa_bits():
     x = torch.tensor([1.0 + 2.0**-10, 1.0 + 2.0**-11, 1.0 + 3 * 2.0**-11, -(1.0 + 2.0**-12)])
     # representable; a tie to even (down); a tie to even (up); below half an ulp
     expect = torch.tensor([1.0 + 2.0**-10, 1.0, 1.0 + 2.0**-9, -1.0])
-    assert torch.equal(_round_to_tf32(x), expect)
+    assert torch.equal(round_to_tf32(x), expect)
 
 
 def test_bf16_activation_is_saved_for_backward_as_bf16():

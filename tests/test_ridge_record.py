@@ -12,7 +12,7 @@ import torch
 import d3s_core.synthesis as synthesis_mod
 import tasks.stages.synthesis as syn
 from d3s_core.isu import RunningStats
-from d3s_core.loss import _cholesky_with_ridge, kl_layers, kl_layers_unchecked, prepare_target
+from d3s_core.loss import cholesky_with_ridge, kl_layers, kl_layers_unchecked, prepare_target
 from d3s_core.synthesis import RidgeLog, run_iterations
 from storage.run import open_run, syn_commit
 from tasks.report import batch_records, batches_markdown, ridge_cell, ridge_summary
@@ -57,9 +57,9 @@ def test_kl_layers_returns_the_escalated_ridge_per_layer():
     used: list[float] = [123.0]  # replaced, not appended to
     kl = kl_layers(means, covs, targets, RIDGE, ridges_used=used)
     assert torch.equal(kl, plain)  # what it returns is unchanged
-    expected = _cholesky_with_ridge(_sym(covs[0]), RIDGE)[1]
+    expected = cholesky_with_ridge(_sym(covs[0]), RIDGE)[1]
     assert expected > RIDGE
-    assert _cholesky_with_ridge(torch.stack([_sym(covs[0]), _sym(covs[2])]), RIDGE)[1] == expected
+    assert cholesky_with_ridge(torch.stack([_sym(covs[0]), _sym(covs[2])]), RIDGE)[1] == expected
     assert used == [expected, RIDGE, expected]  # layer 2 shares layer 0's batched Cholesky
     # The KL of the escalated group is the one at the escalated ridge.
     at = kl_layers(means, covs, targets, expected)
@@ -92,7 +92,7 @@ def test_a_positive_definite_batch_uses_the_configured_ridge():
 def shifted_kl(monkeypatch, seen: list[float], when=lambda: True):
     """Make layer 0's (ISU-mixed) batch covariance indefinite at the configured ridge in the
     synthesis loss, checked and unchecked, while `when()`; `seen` gets the ridge
-    `_cholesky_with_ridge` gives each checked step's shifted covariance."""
+    `cholesky_with_ridge` gives each checked step's shifted covariance."""
     checked, unchecked = synthesis_mod.kl_layers, synthesis_mod.kl_layers_unchecked
 
     def shift(covs, ridge, record):
@@ -100,7 +100,7 @@ def shifted_kl(monkeypatch, seen: list[float], when=lambda: True):
             return covs
         covs = [indefinite(covs[0]), *covs[1:]]
         if record:
-            seen.append(_cholesky_with_ridge(_sym(covs[0]), ridge)[1])
+            seen.append(cholesky_with_ridge(_sym(covs[0]), ridge)[1])
         return covs
 
     def kl(means, covs, targets, ridge=None, **kw):
@@ -153,7 +153,7 @@ def test_targets_that_needed_a_larger_ridge_are_noted():
     teacher = measured(0)
     cov = teacher.targets[1].cov
     shifted = prepare_target(teacher.targets[1].mean, indefinite(cov), RIDGE)
-    assert shifted.ridge == _cholesky_with_ridge(_sym(indefinite(cov)), RIDGE)[1] > RIDGE
+    assert shifted.ridge == cholesky_with_ridge(_sym(indefinite(cov)), RIDGE)[1] > RIDGE
     teacher.targets = [teacher.targets[0], shifted, *teacher.targets[2:]]
     log = RidgeLog.start(CFG, [teacher])
     assert log.escalated_targets == {f"0/{teacher.layers[1]}": shifted.ridge}

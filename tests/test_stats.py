@@ -151,10 +151,10 @@ def test_batch_moments_gradient_matches_autograd(layout):
         torch.randn(5, generator=g, dtype=torch.float64),
         torch.randn(5, 5, generator=g, dtype=torch.float64),
     )
-    from d3s_core.stats import _Moments
+    from d3s_core.stats import Moments
 
     xa = x.detach().clone().requires_grad_(True)
-    mu, cov = _Moments.apply(xa)
+    mu, cov = Moments.apply(xa)
     (ours,) = torch.autograd.grad((mu * w1).sum() + (cov * w2).sum(), xa)
     xb = x.detach().clone().requires_grad_(True)
     mu_r, cov_r = reference_moments(xb)
@@ -163,7 +163,7 @@ def test_batch_moments_gradient_matches_autograd(layout):
     assert torch.allclose(ours, ref, rtol=1e-10, atol=1e-12)
     assert ours.stride() == x.stride()  # gradient in the activation's own layout
     # mean-only and covariance-only paths
-    (g_mu,) = torch.autograd.grad(_Moments.apply(xa)[0].sum(), xa)
+    (g_mu,) = torch.autograd.grad(Moments.apply(xa)[0].sum(), xa)
     (g_mu_r,) = torch.autograd.grad(reference_moments(xb)[0].sum(), xb)
     assert torch.allclose(g_mu, g_mu_r)
 
