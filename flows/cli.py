@@ -16,29 +16,40 @@ d3s teachers|stats|synthesis|labels|validation CONFIG --root URI
 
 from __future__ import annotations
 
+# Nothing heavy at import time or while building the parser: `d3s --help` and every
+# subcommand's --help answer without importing torch, Prefect or zarr (storage.config,
+# storage.run, storage.states and tasks.* import torch through d3s_core). Each command imports
+# what it needs when it runs; tests/test_cli_help.py checks sys.modules after --help.
 import argparse
 import json
 import sys
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from flows.errors import report_os_error
-from storage.config import RunConfig, load_config, parse_config
-from storage.fs import RunFS
-from storage.manifest import Manifest
-from storage.run import (
-    SYN_CHECKPOINT,
-    labels_epoch,
-    open_run,
-    student_dir,
-    summary_of,
-    teacher_weights,
+
+if TYPE_CHECKING:
+    from storage.config import RunConfig
+    from storage.fs import RunFS
+
+# The per-stage subcommands: the keys of tasks.stages.STAGES, in order, written out so that
+# building the parser imports no stage (tests/test_cli_help.py checks they are the same).
+STAGE_NAMES = ("teachers", "stats", "synthesis", "labels", "validation")
+
+CONFIG_HELP = (
+    "the run's JSON config (a dataset, a preset and its settings; see docs/datasets.md and "
+    "the example configs/demo-mnist.json); omitted: the preset's defaults"
 )
-from storage.states import has_state, load_state, state_meta
-from tasks.credentials import storage_options
-from tasks.terminal import TerminalProgress, bars_enabled
+PRESET_HELP = (
+    "the preset (recipe) to use, e.g. demo-mnist (d3s_core/presets.py); overrides the "
+    "config's \"preset\" (default: the config's, else demo-mnist)"
+)
+REPORT = "report/report.md"  # tasks.report.REPORT (not imported: matplotlib, torch)
+ROOT_HELP = "the run's directory: a local path or an fsspec URL such as s3://bucket/runs/x"
 
 
 def _config(path: str | None, preset: str | None) -> RunConfig:
+    from storage.config import parse_config
+
     if path:
         try:
             with open(path) as f:
@@ -80,13 +91,21 @@ def _plan(args: argparse.Namespace) -> int:
     return 0
 
 
-def verify(root: str, quick: bool) -> int:
-    """A table of every artifact of the manifest and its state; 1 if any is damaged."""
-    from storage.integrity import check_one
+def _open_fs(root: str) -> RunFS:
+    from storage.fs import RunFS
 
     fs = RunFS(root)
     if not fs.exists("config.json"):
         raise SystemExit(f"d3s: {fs.url()} is not a run (no config.json)")
+    return fs
+
+
+def verify(root: str, quick: bool) -> int:
+    """A table of every artifact of the manifest and its state; 1 if any is damaged."""
+    from storage.integrity import check_one
+    from storage.manifest import Manifest
+
+    fs = _open_fs(root)
     entries = Manifest(fs).entries()
     bad = 0
     print(f"{'artifact':<52} {'stage':<11} state")
@@ -104,11 +123,12 @@ def verify(root: str, quick: bool) -> int:
 
 def repair_cmd(root: str, dry_run: bool) -> int:
     """Forget damaged or missing artifacts and everything computed from them (full check)."""
+    from storage.config import load_config
     from storage.integrity import check, plan_repair, repair
+    from storage.run import open_run
+    from tasks.credentials import storage_options
 
-    fs = RunFS(root)
-    if not fs.exists("config.json"):
-        raise SystemExit(f"d3s: {fs.url()} is not a run (no config.json)")
+    fs = _open_fs(root)
     cfg = load_config(fs)
     with open_run(root, cfg, **storage_options(cfg)) as run:
         problems, _ = check(run.fs, quick=False)
@@ -129,15 +149,48 @@ def repair_cmd(root: str, dry_run: bool) -> int:
     return 0
 
 
+def _epochs_done(meta: dict[str, Any], key: str) -> int | None:
+    """Epochs finished at a checkpoint, from its marker's metadata: `key` if the stage wrote
+    it, else the per-epoch loss list (one loss per epoch done; teachers and students write it)."""
+    if key in meta:
+        return int(meta[key])
+    if isinstance(meta.get("losses"), list):
+        return len(meta["losses"])
+    return None
+
+
+def _in_progress(fs: RunFS, rel: str, what: str, of: int, epochs: int) -> str:
+    """ ", teacher 1 of 2, epoch 3 of 4 done" for a checkpoint marker at `rel` (1-based, for
+    people); "" when there is none. Reads the JSON marker only, never the weights."""
+    from storage.states import has_state, state_meta
+
+    if not has_state(fs, rel):
+        return ""
+    done = _epochs_done(state_meta(fs, rel), "epoch")
+    return f", {what} of {of}, " + (
+        f"epoch {done} of {epochs} done" if done is not None else "in progress"
+    )
+
+
 def status(root: str) -> dict[str, Any]:
-    """A summary of a run's progress, read from its manifest and checkpoints."""
-    fs = RunFS(root)
-    if not fs.exists("config.json"):
-        raise SystemExit(f"d3s: {fs.url()} is not a run (no config.json)")
+    """A summary of a run's progress, read from its manifest and checkpoint markers (never
+    the checkpoints' tensors). Numbers meant for people (teacher, batch, student) are 1-based."""
+    from storage.config import load_config
+    from storage.manifest import Manifest
+    from storage.profile import describe_profile, describe_recipe, read_profile
+    from storage.run import (
+        SYN_CHECKPOINT,
+        labels_epoch,
+        student_dir,
+        summary_of,
+        teacher_checkpoint,
+        teacher_weights,
+    )
+    from storage.states import has_state, load_state, state_meta
+
+    fs = _open_fs(root)
     cfg = load_config(fs)
     done = Manifest(fs).entries()
-    from storage.profile import describe_profile, describe_recipe, read_profile
-
     profile = read_profile(fs)
     k = profile["values"]["num_classes"] if profile else cfg.dataset.num_classes
     if k is None and cfg.dataset.kind in ("synthetic", "mnist5k"):
@@ -153,12 +206,34 @@ def status(root: str) -> dict[str, Any]:
             iteration = len(meta["losses"])
         else:
             iteration = int(load_state(fs, SYN_CHECKPOINT)[0]["iteration"])
-        in_batch = {"batch": meta.get("batch"), "iteration": iteration}
-    students = [
-        s
-        for s in range(cfg.validation.students)
-        if f"{student_dir(cfg.student_arch(), s)}/metrics.json" in done
-    ]
+        batch = meta.get("batch")
+        in_batch = {"batch": int(batch) + 1 if batch is not None else "?", "iteration": iteration}
+
+    count = cfg.teachers.count
+    teachers_done = [teacher_weights(m) in done for m in range(count)]
+    # Teachers train one after another; the one in progress has a checkpoint marker (removed
+    # when it finishes). Its metadata holds one training loss per epoch done.
+    teacher_epochs = cfg.teacher_train().epochs
+    teacher_now = "".join(
+        _in_progress(fs, teacher_checkpoint(m), f"teacher {m + 1}", count, teacher_epochs)
+        for m in range(count)
+        if not teachers_done[m]
+    )
+    shards = "".join(
+        f", teacher {m + 1}: {n} shards on disk"
+        for m in range(count)
+        if (n := len([f for f in fs.listdir(f"stats_shards/teacher_{m}") if f.endswith(".json")]))
+    )
+    arch, n_students = cfg.student_arch(), cfg.validation.students
+    students = [s for s in range(n_students) if f"{student_dir(arch, s)}/metrics.json" in done]
+    student_epochs = cfg.student_cfg().epochs
+    student_now = "".join(
+        _in_progress(
+            fs, f"{student_dir(arch, s)}/checkpoint", f"student {s + 1}", n_students, student_epochs
+        )
+        for s in range(n_students)
+        if s not in students
+    )
     return {
         "run": cfg.name,
         "root": fs.url(),
@@ -166,19 +241,8 @@ def status(root: str) -> dict[str, Any]:
         "data": describe_profile(profile) if profile else "not profiled yet (the first stage does)",
         "recipe": describe_recipe(cfg).removeprefix("recipe: "),
         "warnings": profile.get("warnings", []) if profile else [],
-        "teachers": f"{sum(teacher_weights(m) in done for m in range(cfg.teachers.count))}"
-        f"/{cfg.teachers.count}",
-        "stats": f"{sum(f'stats.zarr/teacher_{m}' in done for m in range(cfg.teachers.count))}"
-        f"/{cfg.teachers.count}"
-        + "".join(
-            f", teacher {m}: {n} shards on disk"
-            for m in range(cfg.teachers.count)
-            if (
-                n := len(
-                    [f for f in fs.listdir(f"stats_shards/teacher_{m}") if f.endswith(".json")]
-                )
-            )
-        ),
+        "teachers": f"{sum(teachers_done)}/{count}" + teacher_now,
+        "stats": f"{sum(f'stats.zarr/teacher_{m}' in done for m in range(count))}/{count}" + shards,
         "synthesis": f"{committed}/{n_batches} batches"
         + (
             f", batch {in_batch['batch']} at iteration {in_batch['iteration']}/"
@@ -189,50 +253,105 @@ def status(root: str) -> dict[str, Any]:
         + (" (done)" if "synthesis/images.zarr" in done else ""),
         "labels": f"{sum(labels_epoch(e) in done for e in range(cfg.labels.epochs))}"
         f"/{cfg.labels.epochs} epochs",
-        "validation": f"{len(students)}/{cfg.validation.students} students"
+        "validation": f"{len(students)}/{n_students} students"
+        + student_now
         + (" (done)" if summary_of() in done else ""),
     }
 
 
-def main(argv: list[str] | None = None) -> int:
+def _mean_std(summary: dict[str, Any]) -> str:
+    """ "85.3 ± 1.2 % (n = 2)", or "85.3 % (n = 1)": one student has no spread."""
+    n = summary["students"]
+    spread = f" ± {100 * summary['std']:.1f}" if n > 1 else ""
+    return f"{100 * summary['mean']:.1f}{spread} % (n = {n})"
+
+
+def headline(root: str, cfg: RunConfig) -> list[str]:
+    """What `d3s run` prints when it ends: the report's path and the run's numbers."""
+    from storage.fs import RunFS
+    from storage.run import read_results
+    from tasks.credentials import storage_options
+
+    fs = RunFS(root, **storage_options(cfg))
+    results = read_results(fs, cfg.teachers.count)
+    accs = [t["held_out_top1"] for t in results["teachers"]]
+    summary, base = results["summary"], results["baseline"]
+    lines = [
+        f"report      {fs.url(REPORT)}",
+        f"teachers    held-out top-1 {100 * sum(accs) / len(accs):.1f} % "
+        f"(mean of {len(accs)} teacher{'s' if len(accs) != 1 else ''})",
+        f"students    held-out top-1 {_mean_std(summary)}, on "
+        f"{summary['distilled_images']} distilled images",
+    ]
+    if base is not None:
+        lines.append(
+            f"baseline    held-out top-1 {_mean_std(base)}, on a random real subset of "
+            f"{base['distilled_images']} images"
+        )
+    return lines
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The `d3s` parser, every argument with its help; imports nothing heavy."""
     ap = argparse.ArgumentParser(
         prog="d3s", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    sub = ap.add_subparsers(dest="cmd", required=True)
-    run = sub.add_parser("run", help="run or resume the whole flow")
-    run.add_argument("config", nargs="?")
-    run.add_argument("--preset")
-    run.add_argument("--root")
+    sub = ap.add_subparsers(dest="cmd", required=True, metavar="COMMAND")
+    run = sub.add_parser(
+        "run",
+        help="run or resume the whole flow (Prefect)",
+        description="Run or resume every stage of one run (Prefect flow); prints the report's "
+        "path and the held-out accuracies when it ends.",
+    )
+    run.add_argument("config", nargs="?", help=CONFIG_HELP)
+    run.add_argument("--preset", help=PRESET_HELP)
+    run.add_argument("--root", help=ROOT_HELP + " (default: runs/<the config's name>)")
     run.add_argument(
         "--repair",
         action="store_true",
         help="forget damaged artifacts (and what depends on them) and recompute them",
     )
+    st = sub.add_parser(
+        "status",
+        help="progress of a run",
+        description="What is done, and how far the stage in progress is (teacher and epoch, "
+        "statistics shards, synthesis batch and iteration, label epochs, student and epoch).",
+    )
+    st.add_argument("root", help=ROOT_HELP)
     ve = sub.add_parser("verify", help="check every artifact of a run against its manifest")
-    ve.add_argument("root")
-    ve.add_argument("--quick", action="store_true", help="stat, hash only what changed")
+    ve.add_argument("root", help=ROOT_HELP)
+    ve.add_argument(
+        "--quick",
+        action="store_true",
+        help="compare each artifact's file count, bytes and modification time with the "
+        "manifest; hash only those that differ (default: hash every byte)",
+    )
     rp = sub.add_parser("repair", help="forget damaged artifacts so the next run redoes them")
-    rp.add_argument("root")
-    rp.add_argument("--dry-run", action="store_true", help="list what would be forgotten")
+    rp.add_argument("root", help=ROOT_HELP)
+    rp.add_argument(
+        "--dry-run", action="store_true", help="list what would be forgotten, forget nothing"
+    )
     sd = sub.add_parser("study", help="run or resume a study of variants (storage/study.py)")
-    sd.add_argument("config")
-    sd.add_argument("--root")
-    st = sub.add_parser("status", help="progress of a run")
-    st.add_argument("root")
+    sd.add_argument(
+        "config", help="the study's JSON file (docs/study.md; e.g. configs/study-mnist.json)"
+    )
+    sd.add_argument("--root", help=ROOT_HELP + " (default: runs/<the study's name>)")
     pl = sub.add_parser("plan", help="counts, disk, peak memory and estimated hours of a run")
-    pl.add_argument("config", nargs="?")
-    pl.add_argument("--preset")
+    pl.add_argument("config", nargs="?", help=CONFIG_HELP)
+    pl.add_argument("--preset", help=PRESET_HELP)
     pl.add_argument("--train-images", type=int, help="training images (else known or counted)")
     pl.add_argument("--throughput", help="throughput table (default bench/throughput/cpu.json)")
     pl.add_argument("--json", action="store_true", help="the whole plan as JSON")
-    from tasks.stages import STAGES
-
-    for name in STAGES:
+    for name in STAGE_NAMES:
         sp = sub.add_parser(name, help=f"the {name} stage alone, without Prefect")
-        sp.add_argument("config", nargs="?")
-        sp.add_argument("--preset")
-        sp.add_argument("--root", required=True)
-    args = ap.parse_args(argv)
+        sp.add_argument("config", nargs="?", help=CONFIG_HELP)
+        sp.add_argument("--preset", help=PRESET_HELP)
+        sp.add_argument("--root", required=True, help=ROOT_HELP)
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     try:
         if args.cmd == "status":
             for k, v in status(args.root).items():
@@ -254,8 +373,14 @@ def main(argv: list[str] | None = None) -> int:
         if args.cmd == "run":
             from flows.distill import distill
 
-            print(distill(root=root, config=cfg, repair=args.repair))
+            distill(root=root, config=cfg, repair=args.repair)  # the summary's URI
+            print("\n".join(headline(root, cfg)))
             return 0
+        from storage.run import open_run
+        from tasks.credentials import storage_options
+        from tasks.stages import STAGES
+        from tasks.terminal import TerminalProgress, bars_enabled
+
         bars = TerminalProgress() if bars_enabled() else None
         try:
             with open_run(root, cfg, **storage_options(cfg)) as r:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import math
 import weakref
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -26,6 +25,7 @@ from storage.dataset_index import (
 )
 from storage.datasets import NormalisedImages, PixelItems, normalise, open_splits
 from storage.imagefolder import ImageFolderDataset
+from storage.records import read_teacher_meta, write_teacher_meta
 from storage.run import Run, teacher_meta, teacher_weights
 from storage.states import weights_blob
 from storage.webdataset import TarShardDataset
@@ -229,7 +229,7 @@ def data_splits(run: Run, dec: Decode | None = None) -> tuple[Dataset, Dataset, 
 def save_teacher(run: Run, m: int, model: torch.nn.Module, meta: dict[str, Any]) -> None:
     """Weights (safetensors), then metadata; both recorded in the manifest."""
     run.fs.write_bytes(teacher_weights(m), weights_blob(model.state_dict()))
-    run.fs.write_bytes(teacher_meta(m), json.dumps(meta, indent=1).encode())
+    write_teacher_meta(run.fs, m, meta)
     run.manifest.record(teacher_weights(m), "teachers")
     run.manifest.record(teacher_meta(m), "teachers")
 
@@ -246,7 +246,7 @@ def load_teacher(run: Run, m: int) -> torch.nn.Module:
     p = recipe(run)
     run.manifest.verify(teacher_weights(m))
     run.manifest.verify(teacher_meta(m))
-    meta = json.loads(run.fs.read_bytes(teacher_meta(m)))
+    meta = read_teacher_meta(run.fs, m)
     if meta["num_classes"] != p.num_classes:
         raise ValueError(
             f"{run.fs.url(teacher_meta(m))}: teacher has {meta['num_classes']} "

@@ -4,7 +4,6 @@ only: the run's teachers and statistics must be finished."""
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
 from d3s_core.diagnostics import set_match
@@ -12,6 +11,7 @@ from d3s_core.synthesis import MeasuredTeacher
 from storage.arrays import image_chunks
 from storage.fs import RunFS
 from storage.manifest import Manifest
+from storage.records import read_match, write_match
 from storage.run import BASELINE, Run, images_of
 
 from .common import data_splits, load_teachers
@@ -63,7 +63,6 @@ def match_unless_known(
     return match_images(run, images, rel)
 
 
-MATCH = "report/match.json"
 SETS = (("distilled", ""), ("random_real", BASELINE))
 
 
@@ -72,12 +71,12 @@ def match_run(run: Run) -> dict[str, Any]:
     kept in report/match.json with each set's manifest checksum: measured again only when the
     images change (nothing is read when they have not). Needs the run's teachers and
     statistics."""
-    known = json.loads(run.fs.read_bytes(MATCH)) if run.fs.exists(MATCH) else {}
+    known = read_match(run.fs) or {}
     out = {}
     for name, prefix in SETS:
         rel = images_of(prefix)
         if not run.manifest.is_recorded(rel):
             continue
         out[name] = match_unless_known(run, run.fs, rel, known.get(name))
-    run.fs.write_bytes(MATCH, json.dumps(out, indent=1).encode())
+    write_match(run.fs, out)
     return out
