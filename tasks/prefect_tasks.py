@@ -13,8 +13,9 @@ where they differ) and fails naming each damaged file and the remedy, or with `r
 forgets them and what was computed from them so the stages recompute exactly that. The cache
 key itself is None (no cache) when one of the stage's inputs or outputs fails that check.
 
-Progress goes to a Prefect progress artifact that moves while the stage runs, and to the run
-logger.
+Progress goes to a Prefect progress artifact, created at 0 % as the stage's task starts and
+moving while the stage runs (every count in it 1-based: "teacher 1 of 2, epoch 3 of 4"), and to
+the run logger.
 """
 
 from __future__ import annotations
@@ -41,11 +42,12 @@ from storage.integrity import check, plan_repair, refresh_fingerprints, repair
 from storage.manifest import REMEDY, CorruptArtifact, Manifest
 from storage.run import attach_run, open_run, read_results
 from tasks.report import (
+    KL_TABLE_BATCHES,
     REPORT,
     batch_records,
     inline_images,
-    ridge_cell,
-    shown_batches,
+    layer_kl_rows,
+    layer_names,
     write_report,
 )
 
@@ -113,31 +115,38 @@ def stage_cache_key(stage: str):
 
 
 class PrefectProgress:
-    """Stage progress callback: a progress artifact (updated at most every `every` seconds)
-    and a log line at every tenth of the way."""
+    """Stage progress callback: a progress artifact, created at 0 % ("<stage>: starting") as
+    the stage task starts and updated at most every `every` seconds, and a log line at every
+    tenth of the way. `finish` moves it to 100 % where the stage had nothing left to report
+    (everything resumed, or run elsewhere)."""
 
     def __init__(self, stage: str, every: float = 2.0):
         self.stage, self.every = stage, every
         self.terminal = TerminalProgress() if bars_enabled() else None
-        self.artifact = None
-        self.last_update = 0.0
-        self.last_tenth = -1
         self.logger = get_run_logger()
+        self.fraction = 0.0
+        self.artifact = create_progress_artifact(0.0, description=f"{stage}: starting")
+        self.last_update = time.time()
+        self.last_tenth = -1
 
     def __call__(self, stage: str, fraction: float, info: dict[str, Any]) -> None:
         if self.terminal is not None:
             self.terminal(stage, fraction, info)
         now = time.time()
         desc = describe(info)
-        if self.artifact is None:
-            self.artifact = create_progress_artifact(100 * fraction, description=f"{stage}: {desc}")
-            self.last_update = now
-        elif now - self.last_update >= self.every or fraction >= 1.0:
+        first = self.last_tenth < 0  # the stage's first report (its unit) is shown at once
+        if first or now - self.last_update >= self.every or fraction >= 1.0:
             update_progress_artifact(self.artifact, 100 * fraction, description=f"{stage}: {desc}")
             self.last_update = now
+        self.fraction = fraction
         if int(fraction * 10) > self.last_tenth:
             self.last_tenth = int(fraction * 10)
             self.logger.info("%s %.0f%% (%s)", stage, 100 * fraction, desc)
+
+    def finish(self) -> None:
+        if self.fraction < 1.0:
+            update_progress_artifact(self.artifact, 100.0, description=f"{self.stage}: done")
+            self.fraction = 1.0
 
 
 def read_results_teachers(run: Any) -> list[dict[str, Any]]:
@@ -171,7 +180,9 @@ def _run_stage(stage: str, root: str, config: dict[str, Any]) -> Any:
                 log_provenance(run, progress.logger)
             if stage == "synthesis" and cfg.distributed.ranks > 1:
                 # torchrun job on this machine; it attaches to the run this process has locked
-                return launch_distributed(root, cfg, progress.logger.info)
+                result = launch_distributed(root, cfg, progress.logger.info)
+                progress.finish()
+                return result
             result = {**STAGES, **EXTRA_STAGES}[stage](run, progress)
             if stage == "teachers":
                 from .stages.profile import recipe, teacher_warnings
@@ -179,6 +190,7 @@ def _run_stage(stage: str, root: str, config: dict[str, Any]) -> Any:
                 metas = read_results_teachers(run)
                 for w in teacher_warnings(metas, recipe(run).num_classes):
                     progress.logger.warning("recipe: %s", w)
+            progress.finish()
             return result
     finally:
         if progress.terminal is not None:
@@ -212,6 +224,21 @@ validation_task = _stage_task("validation")
 baseline_task = _stage_task("baseline")
 
 
+def validation_rows(groups: list[tuple[str, dict[str, Any]]]) -> list[dict[str, Any]]:
+    """The `validation` table: a row per student group ("student": the distilled set; any
+    other name: the random real subset). One student has no spread: its std is "—", not 0."""
+    return [
+        {
+            "students on": "distilled images" if name == "student" else "random real subset",
+            "images": summary["distilled_images"],
+            "n": summary["students"],
+            "mean top1 %": round(100 * summary["mean"], 2),
+            "std": round(100 * summary["std"], 2) if summary["students"] > 1 else "—",
+        }
+        for name, summary in groups
+    ]
+
+
 def publish_report(root: str, config: RunConfig) -> str:
     """The run's report (report/report.md + PNGs beside the artifacts) and its Prefect UI
     view: accuracy and per-layer KL tables, and the report as markdown with its images inline."""
@@ -243,34 +270,19 @@ def publish_report(root: str, config: RunConfig) -> str:
             )
     create_table_artifact(rows, key="accuracy", description="held-out top-1")
     create_table_artifact(
-        [
-            {
-                "students on": "distilled images" if name == "student" else "random real subset",
-                "images": summary["distilled_images"],
-                "n": summary["students"],
-                "mean top1 %": round(100 * summary["mean"], 2),
-                "std": round(100 * summary["std"], 2),
-            }
-            for name, summary in groups
-        ],
+        validation_rows(groups),
         key="validation",
-        description="validation: held-out top-1 of the students, mean ± std",
+        description="validation: held-out top-1 of the students, mean ± std (std — for n = 1)",
     )
-    kl_rows = [
-        {
-            "batch": rec["batch"],
-            "teacher": rec["teacher"],
-            "loss": round(rec["final_loss"], 3),
-            **{f"L{i}": round(v, 3) for i, v in enumerate(rec["layer_kl"])},
-            "ridge used": ridge_cell(rec, bold=False),
-        }
-        for rec in shown_batches(batch_records(fs))
-    ]
+    kl_rows = layer_kl_rows(batch_records(fs), layer_names(fs, config.teachers.count))
     if kl_rows:
         create_table_artifact(
             kl_rows,
             key="synthesis-layer-kl",
-            description="per-layer loss at the end of each synthesis batch",
+            description=(
+                "per-layer loss at the end of a synthesis batch: one row per measured layer, "
+                f"at most {KL_TABLE_BATCHES} batches (first, last, a spread, the highest loss)"
+            ),
         )
     markdown = fs.read_bytes(REPORT).decode()
     create_markdown_artifact(

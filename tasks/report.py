@@ -19,7 +19,7 @@ from matplotlib.figure import Figure
 from storage.config import RunConfig
 from storage.fs import RunFS
 from storage.profile import describe_profile, describe_recipe, read_profile
-from storage.run import BASELINE, read_results, student_dir
+from storage.run import BASELINE, STATS, read_results, student_dir
 from tasks.stages.synthesis import GRID_CLASSES, GRID_IMAGES
 
 REPORT = "report/report.md"
@@ -48,6 +48,79 @@ def shown_batches(
     picked = {round(i * (len(records) - 1) / (limit - 2)) for i in range(limit - 1)}
     worst = max(range(len(records)), key=lambda i: records[i]["final_loss"] or 0.0)
     return [records[i] for i in sorted(picked | {worst})]
+
+
+KL_TABLE_BATCHES = 7  # batch columns of a per-layer table: with the layer column, 8 fit a page
+
+
+def layer_names(fs: RunFS, teachers: int) -> dict[int, list[str]]:
+    """Each teacher's measured layers (module names), from the attributes of stats.zarr's
+    per-teacher groups (no array is read); teachers without statistics are left out."""
+    import zarr
+
+    if not fs.exists(STATS):
+        return {}
+    opts = None if fs.local else fs.storage_options or None
+    root = zarr.open_group(fs.url(STATS), mode="r", storage_options=opts)  # type: ignore[arg-type]
+    out = {}
+    for m in range(teachers):
+        try:
+            out[m] = [str(n) for n in root[f"teacher_{m}"].attrs["layers"]]  # type: ignore[union-attr]
+        except KeyError:
+            continue
+    return out
+
+
+def layer_kl_rows(
+    records: list[dict[str, Any]],
+    names: dict[int, list[str]],
+    limit: int = KL_TABLE_BATCHES,
+) -> list[dict[str, Any]]:
+    """The per-layer loss at the end of each synthesis batch as a table a person reads: one
+    row per measured layer, named by its module (the batch's teacher's layers from
+    stats.zarr; "layer i", 1-based, where they are unknown), one column per batch of a
+    bounded selection (`shown_batches`, at most `limit`: first, last, a spread and the highest
+    final loss), so the table stays `limit` + 1 columns wide whatever the model's depth or the
+    batch count. The first rows: the batch's teacher, its final loss and the ridge used."""
+    shown = [rec for rec in shown_batches(records, limit) if rec.get("layer_kl")]
+    if not shown:
+        return []
+    cols = [f"batch {rec['batch']}" for rec in shown]
+    rows: dict[str, dict[str, Any]] = {
+        "teacher": {"layer": "teacher"},
+        "final loss": {"layer": "final loss"},
+        "ridge used": {"layer": "ridge used"},
+    }
+    for col, rec in zip(cols, shown, strict=True):
+        rows["teacher"][col] = rec["teacher"]
+        loss = rec.get("final_loss")
+        rows["final loss"][col] = "—" if loss is None else round(loss, 3)
+        rows["ridge used"][col] = ridge_cell(rec, bold=False)
+        known = names.get(rec["teacher"], [])
+        for i, v in enumerate(rec["layer_kl"]):
+            name = known[i] if i < len(known) else f"layer {i + 1}"
+            rows.setdefault(name, {"layer": name})[col] = round(v, 3)
+    return [{"layer": r["layer"], **{c: r.get(c, "—") for c in cols}} for r in rows.values()]
+
+
+def layer_kl_markdown(records: list[dict[str, Any]], names: dict[int, list[str]]) -> list[str]:
+    """`layer_kl_rows` as a markdown section."""
+    rows = layer_kl_rows(records, names)
+    if not rows:
+        return []
+    cols = list(rows[0])
+    lines = [
+        "### Per-layer loss at the end of a batch",
+        "",
+        f"At most {KL_TABLE_BATCHES} batches (first, last, a spread and the highest final "
+        "loss); one row per measured layer of the batch's teacher; every record is in "
+        "`synthesis/batches/`.",
+        "",
+        "| " + " | ".join(cols) + " |",
+        "|" + "---|" * len(cols),
+    ]
+    lines += ["| " + " | ".join(str(r[c]) for c in cols) + " |" for r in rows]
+    return lines + [""]
 
 
 def _student_metrics(fs: RunFS, cfg: RunConfig, prefix: str) -> list[dict[str, Any]]:
@@ -105,6 +178,12 @@ def curves_png(
 
 def _pct(x: float) -> str:
     return f"{100 * x:.1f}"
+
+
+def spread(mean: float, std: float, n: int) -> str:
+    """Mean top-1 % of n students for a person: "93.5 ± 0.4"; with one student, which has no
+    spread, "93.5 (n = 1)"."""
+    return f"{_pct(mean)} ± {_pct(std)}" if n > 1 else f"{_pct(mean)} (n = {n})"
 
 
 def match_markdown(match: dict[str, Any]) -> list[str]:
@@ -253,6 +332,7 @@ def report_markdown(
     batches: list[dict[str, Any]],
     label_bytes: int,
     match: dict[str, Any] | None = None,
+    layers: dict[int, list[str]] | None = None,
 ) -> str:
     summary, base = results["summary"], results["baseline"]
     lines = [
@@ -278,23 +358,26 @@ def report_markdown(
     arch = cfg.student_arch()
     lines.append(
         f"| students on {summary['distilled_images']} distilled images (n = "
-        f"{summary['students']}) | {arch} | D3S | **{_pct(summary['mean'])} ± "
-        f"{_pct(summary['std'])}** | |"
+        f"{summary['students']}) | {arch} | D3S | "
+        f"**{spread(summary['mean'], summary['std'], summary['students'])}** | |"
     )
     if base is not None:
         lines.append(
             f"| students on a random real subset, {base['distilled_images']} images, same "
             f"ensemble labels (n = {base['students']}) | {arch} | baseline | "
-            f"**{_pct(base['mean'])} ± {_pct(base['std'])}** | |"
+            f"**{spread(base['mean'], base['std'], base['students'])}** | |"
         )
     lines.append("")
     if base is not None:
         diff = 100 * (summary["mean"] - base["mean"])
         verdict = "above" if diff > 0 else "below" if diff < 0 else "equal to"
+        groups = (("D3S", summary), ("random real", base))
+        spreads = [f"{name} {_pct(s['std'])}" for name, s in groups if s["students"] > 1]
         lines += [
             f"Measured: D3S is {abs(diff):.1f} points {verdict} the random real subset "
-            f"(means of {summary['students']} and {base['students']} students; standard "
-            f"deviations {_pct(summary['std'])} and {_pct(base['std'])}).",
+            f"(means of {summary['students']} and {base['students']} students"
+            + (f"; standard deviations {', '.join(spreads)}" if spreads else "")
+            + ").",
             "",
         ]
     teacher_mean = statistics.mean(m["held_out_top1"] for m in results["teachers"])
@@ -320,6 +403,7 @@ def report_markdown(
         "",
     ]
     lines += batches_markdown(batches)
+    lines += layer_kl_markdown(batches, layers or {})
     lines += [
         "## Labels",
         "",
@@ -340,7 +424,8 @@ def write_report(fs: RunFS, cfg: RunConfig) -> str:
     fs.write_bytes(GRID, fs.read_bytes("synthesis/png/grid.png"))
     fs.write_bytes(CURVES, curves_png(results["teachers"], batches, students, baseline))
     match = json.loads(fs.read_bytes(MATCH)) if fs.exists(MATCH) else None
-    md = report_markdown(cfg, fs, results, batches, fs.tree_bytes("labels"), match)
+    layers = layer_names(fs, cfg.teachers.count)
+    md = report_markdown(cfg, fs, results, batches, fs.tree_bytes("labels"), match, layers)
     fs.write_bytes(REPORT, md.encode())
     return fs.url(REPORT)
 

@@ -193,6 +193,11 @@ def _pct(x: float | None, sign: bool = False) -> str:
     return f"{100 * x:+.1f}" if sign else f"{100 * x:.1f}"
 
 
+def _spread(mean: float, std: float, n: int) -> str:
+    """Mean top-1 % of n students: "93.5 ± 0.4"; one student has no spread: "93.5 (n = 1)"."""
+    return f"{_pct(mean)} ± {_pct(std)}" if n > 1 else f"{_pct(mean)} (n = {n})"
+
+
 def study_markdown(spec: StudySpec, plan: StudyPlan, data: dict[str, Any], root_url: str) -> str:
     ref = plan.reference
     teachers = ", ".join(f"{_pct(t)} %" for t in data["teachers_top1"])
@@ -214,7 +219,7 @@ def study_markdown(spec: StudySpec, plan: StudyPlan, data: dict[str, Any], root_
         name = r["variant"] if r["cell"] == r["variant"] else f"{r['variant']} (= {r['cell']})"
         lines.append(
             f"| {name} | {r['kind']} | {r['images']} | {r['n']} | "
-            f"{_pct(r['mean'])} ± {_pct(r['std'])} | {_pct(r['delta_vs_reference'], True)} | "
+            f"{_spread(r['mean'], r['std'], r['n'])} | {_pct(r['delta_vs_reference'], True)} | "
             f"{_pct(r['delta_vs_random_real'], True)} | {_num(r['kl_to_data'], '.1f')} | "
             f"{_pct(r['teacher_top1'])} |"
         )
@@ -248,7 +253,7 @@ def study_markdown(spec: StudySpec, plan: StudyPlan, data: dict[str, Any], root_
         for p in points:
             lines.append(
                 f"| {p['label_epochs']} | {p['student_epochs']} | {p['n']} | "
-                f"{_pct(p['mean'])} ± {_pct(p['std'])} | `{p['cell']}` |"
+                f"{_spread(p['mean'], p['std'], p['n'])} | `{p['cell']}` |"
             )
         lines.append("")
     lines += ["![Fig. 4](fig4.png)", "", "## Runs and what they reuse", ""]

@@ -6,13 +6,26 @@ from __future__ import annotations
 
 import os
 import sys
-from typing import Any
+from typing import Any, NamedTuple
 
 from tqdm import tqdm
 
 
+class Count(NamedTuple):
+    """A position shown to people, 1-based: "epoch 3 of 30" is the third epoch (done, or
+    under way for an outer unit such as "teacher 1 of 2"); "epoch 0 of 30" is before the
+    first. Every number a person reads counts this way; file names keep their own (0-based)
+    numbering (labels/epoch=0, teachers/teacher_0)."""
+
+    done: int
+    total: int
+
+    def __str__(self) -> str:
+        return f"{self.done} of {self.total}"
+
+
 def describe(info: dict[str, Any]) -> str:
-    """Progress details as one line: "batch 2, iteration 150, loss 41.2"."""
+    """Progress details as one line: "batch 2 of 523, iteration 150 of 1000, loss 41.2"."""
     return ", ".join(
         f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in info.items()
     )
@@ -43,12 +56,7 @@ class TerminalProgress:
                 dynamic_ncols=True,
                 bar_format="{desc} {percentage:5.1f}%|{bar}| [{elapsed}<{remaining}]{postfix}",
             )
-        bar.set_postfix_str(
-            ", ".join(
-                f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in info.items()
-            ),
-            refresh=False,
-        )
+        bar.set_postfix_str(describe(info), refresh=False)
         bar.update(100 * fraction - bar.n)
         if fraction >= 1.0:
             self.close(stage)

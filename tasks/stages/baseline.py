@@ -91,7 +91,24 @@ def train_indices(fs: RunFS, rel: str) -> torch.Tensor:
     return torch.tensor(g.attrs[TRAIN_INDICES], dtype=torch.int64)  # type: ignore[arg-type]
 
 
+BASELINE_NAME = "random-real baseline"  # how its progress is labelled (not as the real stages)
+
+
+def baseline_progress(progress: Progress) -> Progress:
+    """The labels and validation code's progress, reported as the baseline's: stage
+    "baseline", its labelling the first half of the way and its students the second, each
+    named "random-real baseline labels" / "random-real baseline students"."""
+    parts = {"labels": (0, "labels"), "validation": (1, "students")}
+
+    def relabel(stage: str, fraction: float, info: dict) -> None:
+        half, part = parts.get(stage, (0, stage))
+        progress("baseline", (half + fraction) / 2, {BASELINE_NAME: part, **info})
+
+    return relabel
+
+
 def baseline_real(run: Run, progress: Progress = no_progress) -> str:
+    progress("baseline", 0.0, {BASELINE_NAME: "images"})
     random_real_subset(run)
-    label_run(run, progress, BASELINE)
-    return validate(run, progress, BASELINE)
+    label_run(run, baseline_progress(progress), BASELINE)
+    return validate(run, baseline_progress(progress), BASELINE)

@@ -15,6 +15,7 @@ from storage.arrays import image_count, row_batches
 from storage.labels import read_epoch_batches, write_epoch_batches, write_schema
 from storage.run import Run, images_of, labels_epoch
 
+from ..terminal import Count
 from .common import Progress, load_teachers, no_progress
 from .profile import recipe
 
@@ -79,6 +80,8 @@ def label_run(run: Run, progress: Progress = no_progress, prefix: str = "") -> s
     run.manifest.verify(images_of(prefix))
     if not all(run.manifest.is_recorded(labels_epoch(e, prefix)) for e in range(lc.epochs)):
         write_schema(run.fs, lc.format, p.num_classes, lc.topk, prefix)
+    done = sum(run.manifest.is_recorded(labels_epoch(e, prefix)) for e in range(lc.epochs))
+    progress("labels", done / lc.epochs, {"epoch": Count(done, lc.epochs)})
     teachers = None
     for e in range(lc.epochs):
         rel = labels_epoch(e, prefix)
@@ -93,5 +96,6 @@ def label_run(run: Run, progress: Progress = no_progress, prefix: str = "") -> s
                 teachers = load_teachers(run)
             write_one_epoch(run, None, teachers, e, prefix)
         run.manifest.record(rel, "labels", epoch=e)
-        progress("labels", (e + 1) / lc.epochs, {"epoch": e})
+        done += 1  # epoch e, 1-based e + 1 (its file keeps epoch=e)
+        progress("labels", done / lc.epochs, {"epoch": Count(e + 1, lc.epochs)})
     return run.fs.url(f"{prefix}labels")

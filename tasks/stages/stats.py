@@ -25,6 +25,7 @@ from storage.arrays import read_teacher_stats, write_teacher_stats
 from storage.run import STATS, Run, teacher_weights
 from storage.states import has_state, load_state, save_state
 
+from ..terminal import Count
 from .common import Progress, data_splits, load_teacher, no_progress, sequential_batches
 
 
@@ -159,12 +160,14 @@ def compute_stats(run: Run, progress: Progress = no_progress) -> str:
         model = load_teacher(run, m)
         teachers[m] = (model, select_layers(model, cfg.stats.layers))
     n_batches = math.ceil(len(train) / cfg.stats.batch_size)
+    progress("stats", 0.0, {"batch": Count(0, n_batches), "teachers": len(unfinished)})
 
     def report(b: int, s: int) -> None:
-        progress("stats", (b + 1) / n_batches, {"batch": b + 1, "shard": s, "teachers": todo[s]})
+        info = {"batch": Count(b + 1, n_batches), "shard": Count(s + 1, n_shards)}
+        progress("stats", (b + 1) / n_batches, {**info, "teachers": len(todo[s])})
 
     compute_shards(run, teachers, train, todo, report)
-    progress("stats", 1.0, {"batch": n_batches, "teachers": unfinished})
+    progress("stats", 1.0, {"batch": Count(n_batches, n_batches), "teachers": len(unfinished)})
     for m in unfinished:
         names = teachers[m][1]
         # Shards are read one at a time into the tree merge: O(log shards) held, not all.

@@ -54,6 +54,7 @@ from storage.states import (
     state_meta,
 )
 
+from ..terminal import Count
 from .common import ClassRows, Progress, class_rows, data_splits, load_teachers, no_progress
 from .profile import recipe
 from .stats import load_targets
@@ -253,6 +254,11 @@ def synthesize(run: Run, progress: Progress = no_progress, world: World | None =
                 world,
                 scfg.torch_dtype,
             )
+        progress(  # the batch's start (or resumed iteration), in the stage's unit
+            "synthesis",
+            (b - 1 + state.iteration / k) / n_batches,
+            {"batch": Count(b, n_batches), "iteration": Count(state.iteration, k)},
+        )
         history = []
         last_save = time.monotonic()
         while state.iteration < k:
@@ -278,7 +284,11 @@ def synthesize(run: Run, progress: Progress = no_progress, world: World | None =
             progress(
                 "synthesis",
                 (b - 1 + state.iteration / k) / n_batches,
-                {"batch": b, "iteration": state.iteration, "loss": curve[-1]},
+                {
+                    "batch": Count(b, n_batches),
+                    "iteration": Count(state.iteration, k),
+                    "loss": curve[-1],
+                },
             )
         running = finish_batch(state, teachers, running, scfg, world)
         whole = state if world is None else gather_state(state, world)

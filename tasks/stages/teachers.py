@@ -14,6 +14,7 @@ from storage.checkpoints import load_into, read_state_dict
 from storage.run import Run, teacher_checkpoint, teacher_weights
 from storage.states import has_state, load_state, remove_state, save_state
 
+from ..terminal import Count
 from .common import (
     Progress,
     batches,
@@ -52,6 +53,7 @@ def train_teachers(run: Run, progress: Progress = no_progress) -> list[str]:
         }
         if cfg.teachers.import_from:
             url = cfg.teachers.import_from[m]
+            progress("teachers", m / count, {"teacher": Count(m + 1, count), "importing": url})
             load_into(model, read_state_dict(url), url)
             model = model.to(cfg.device)
             meta |= {"source": "imported", "imported_from": url, "epochs": None}
@@ -77,6 +79,12 @@ def _train(run: Run, m: int, model: torch.nn.Module, train, steps: int, progress
         state, saved = load_state(run.fs, ckpt)
         trainer.load(TeacherState(**state))
         losses = list(saved.get("losses", []))[: trainer.epoch]
+    count = cfg.teachers.count
+    progress(  # the teacher's start (or resumed epoch), in the stage's unit
+        "teachers",
+        (m + trainer.epoch / tcfg.epochs) / count,
+        {"teacher": Count(m + 1, count), "epoch": Count(trainer.epoch, tcfg.epochs)},
+    )
     while trainer.epoch < tcfg.epochs:
         order = torch.Generator().manual_seed(derive_seed(cfg.seed, m, trainer.epoch, 102))
         loss = trainer.train_epoch(batches(run, train, tcfg.batch_size, order))
@@ -85,7 +93,11 @@ def _train(run: Run, m: int, model: torch.nn.Module, train, steps: int, progress
             save_state(run.fs, ckpt, asdict(trainer.state()), {"teacher": m, "losses": losses})
         progress(
             "teachers",
-            (m + trainer.epoch / tcfg.epochs) / cfg.teachers.count,
-            {"teacher": m, "epoch": trainer.epoch, "loss": loss},
+            (m + trainer.epoch / tcfg.epochs) / count,
+            {
+                "teacher": Count(m + 1, count),
+                "epoch": Count(trainer.epoch, tcfg.epochs),
+                "loss": float(loss),
+            },
         )
     return trainer.model, losses

@@ -19,6 +19,7 @@ from storage.labels import epoch_image_batches, read_epoch_batches
 from storage.run import Run, images_of, labels_epoch, student_dir, summary_of
 from storage.states import has_state, load_state, remove_state, save_state, weights_blob
 
+from ..terminal import Count
 from .common import Progress, data_splits, held_out_top1, new_model, no_progress
 from .profile import recipe
 
@@ -89,6 +90,12 @@ def _train_one(run: Run, plan: StudentPlan, n: int, held, progress: Progress, pr
         torch.set_rng_state(state["torch_rng"])
         done = state["epochs_done"]
         losses = list(saved.get("losses", []))[:done]
+    students = run.config.validation.students
+    progress(  # the student's start (or resumed epoch), in the stage's unit
+        "validation",
+        (plan.seed + done / plan.epochs) / students,
+        {"student": Count(plan.seed + 1, students), "epoch": Count(done, plan.epochs)},
+    )
     for i in range(done, plan.epochs):
         loss = _student_epoch(run, student, opt, sched, sc.temperature, order[i], prefix)
         losses.append(float(loss))
@@ -107,8 +114,12 @@ def _train_one(run: Run, plan: StudentPlan, n: int, held, progress: Progress, pr
             )
         progress(
             "validation",
-            (plan.seed + (i + 1) / plan.epochs) / run.config.validation.students,
-            {"student": plan.seed, "epoch": i + 1, "loss": loss},
+            (plan.seed + (i + 1) / plan.epochs) / students,
+            {
+                "student": Count(plan.seed + 1, students),
+                "epoch": Count(i + 1, plan.epochs),
+                "loss": float(loss),
+            },
         )
     acc = held_out_top1(run, student, held)
     run.fs.write_bytes(f"{d}/weights.safetensors", weights_blob(student.state_dict()))
