@@ -5,7 +5,6 @@ See docs/artifacts.md for every file's schema.
 
 from __future__ import annotations
 
-import json
 import os
 import threading
 from dataclasses import dataclass
@@ -98,11 +97,12 @@ def _drop_lock(fs: RunFS) -> None:
 def read_results(fs: RunFS, teachers: int) -> dict[str, Any]:
     """A finished run's accuracies: {"teachers": [teacher metadata], "summary": validation
     summary, "baseline": the random-real baseline's summary or None}."""
-    base = summary_of(BASELINE)
+    from .records import read_record, read_summary, read_teacher_metas  # records imports run
+
     return {
-        "teachers": [json.loads(fs.read_bytes(teacher_meta(m))) for m in range(teachers)],
-        "summary": json.loads(fs.read_bytes(summary_of())),
-        "baseline": json.loads(fs.read_bytes(base)) if fs.exists(base) else None,
+        "teachers": read_teacher_metas(fs, teachers),
+        "summary": read_record(fs, summary_of()),
+        "baseline": read_summary(fs, BASELINE),
     }
 
 

@@ -21,7 +21,6 @@ the run logger.
 from __future__ import annotations
 
 import hashlib
-import json
 import time
 from typing import Any
 
@@ -150,11 +149,9 @@ class PrefectProgress:
 
 
 def read_results_teachers(run: Any) -> list[dict[str, Any]]:
-    from storage.run import teacher_meta
+    from storage.records import read_teacher_metas
 
-    return [
-        json.loads(run.fs.read_bytes(teacher_meta(m))) for m in range(run.config.teachers.count)
-    ]
+    return read_teacher_metas(run.fs, run.config.teachers.count)
 
 
 def log_provenance(run: Any, logger: Any) -> None:

@@ -8,7 +8,6 @@ The report is derived: it is rewritten after every flow run and is not in the ma
 from __future__ import annotations
 
 import io
-import json
 import re
 import statistics
 import time
@@ -19,6 +18,7 @@ from matplotlib.figure import Figure
 from storage.config import RunConfig
 from storage.fs import RunFS
 from storage.profile import describe_profile, describe_recipe, read_profile
+from storage.records import read_match, read_record
 from storage.run import BASELINE, STATS, read_results, student_dir
 from tasks.stages.synthesis import GRID_CLASSES, GRID_IMAGES
 
@@ -31,7 +31,7 @@ CURVES = "report/curves.png"
 def batch_records(fs: RunFS) -> list[dict[str, Any]]:
     """The synthesis batches' commit records, in batch order."""
     names = sorted(n for n in fs.listdir("synthesis/batches") if n.endswith(".json"))
-    return [json.loads(fs.read_bytes(f"synthesis/batches/{n}")) for n in names]
+    return [read_record(fs, f"synthesis/batches/{n}") for n in names]
 
 
 TABLE_BATCHES = 20  # synthesis batches listed in the report and the Prefect table
@@ -128,7 +128,7 @@ def _student_metrics(fs: RunFS, cfg: RunConfig, prefix: str) -> list[dict[str, A
     for s in range(cfg.validation.students):
         rel = f"{student_dir(cfg.student_arch(), s, prefix)}/metrics.json"
         if fs.exists(rel):
-            out.append(json.loads(fs.read_bytes(rel)))
+            out.append(read_record(fs, rel))
     return out
 
 
@@ -423,7 +423,7 @@ def write_report(fs: RunFS, cfg: RunConfig) -> str:
     baseline = _student_metrics(fs, cfg, BASELINE) if results["baseline"] else []
     fs.write_bytes(GRID, fs.read_bytes("synthesis/png/grid.png"))
     fs.write_bytes(CURVES, curves_png(results["teachers"], batches, students, baseline))
-    match = json.loads(fs.read_bytes(MATCH)) if fs.exists(MATCH) else None
+    match = read_match(fs)
     layers = layer_names(fs, cfg.teachers.count)
     md = report_markdown(cfg, fs, results, batches, fs.tree_bytes("labels"), match, layers)
     fs.write_bytes(REPORT, md.encode())

@@ -7,13 +7,13 @@ the cells' run roots; nothing is recomputed.
 from __future__ import annotations
 
 import io
-import json
 import time
 from typing import Any
 
 from matplotlib.figure import Figure
 
 from storage.fs import RunFS
+from storage.records import read_record, write_record
 from storage.run import BASELINE, summary_of, teacher_meta
 from storage.study import SHARED, StudyPlan, StudySpec, read_match, student_epochs
 
@@ -27,14 +27,14 @@ MATCH_PNG = "report/match.png"
 def _summary(fs: RunFS, plan: StudyPlan, cell: str) -> dict[str, Any]:
     c = plan.cell(cell)
     prefix = BASELINE if c.kind == "random-real" else ""
-    return json.loads(fs.read_bytes(f"{c.root}/{summary_of(prefix)}"))
+    return read_record(fs, f"{c.root}/{summary_of(prefix)}")
 
 
 def collect(fs: RunFS, plan: StudyPlan) -> dict[str, Any]:
     """Every variant's and sweep point's validation summary, keyed by name, from `fs` (the
     study root)."""
     teachers = [
-        json.loads(fs.read_bytes(f"{SHARED}/{teacher_meta(m)}"))["held_out_top1"]
+        read_record(fs, f"{SHARED}/{teacher_meta(m)}")["held_out_top1"]
         for m in range(plan.shared.teachers.count)
     ]
     rows = []
@@ -274,6 +274,6 @@ def write_study_report(fs: RunFS, spec: StudySpec, plan: StudyPlan) -> dict[str,
     png = match_png(data["variants"], plan.reference)
     if png is not None:
         fs.write_bytes(MATCH_PNG, png)
-    fs.write_bytes(STUDY_JSON, json.dumps(data, indent=1).encode())
+    write_record(fs, STUDY_JSON, data)
     fs.write_bytes(STUDY_MD, study_markdown(spec, plan, data, fs.url()).encode())
     return data

@@ -100,7 +100,7 @@ def _report(root: str, config: dict[str, Any]) -> str:
                 "images": r["images"],
                 "n": r["n"],
                 "mean top1 %": round(100 * r["mean"], 2),
-                "std": round(100 * r["std"], 2),
+                "std": round(100 * r["std"], 2) if r["n"] > 1 else "—",
                 f"delta vs {plan.reference}": round(100 * r["delta_vs_reference"], 2),
                 "delta vs random real": None
                 if r["delta_vs_random_real"] is None

@@ -15,7 +15,6 @@ as a single process writes, so either can resume the other's checkpoint.
 
 from __future__ import annotations
 
-import json
 import re
 import time
 
@@ -44,6 +43,7 @@ from storage.arrays import (
     write_image_batch,
 )
 from storage.manifest import REMEDY, CorruptArtifact
+from storage.records import read_batch_record, write_batch_record, write_grid_meta
 from storage.run import SYN_CHECKPOINT, SYN_IMAGES, Run, syn_commit, syn_isu
 from storage.states import (
     BackgroundSaver,
@@ -126,7 +126,7 @@ def _running_after(
     running = _load_running(run, first) if first else RunningStats.zeros(channels, device)
     scfg, bsz = recipe(run).synthesis, run.config.synthesis.batch_size
     for a in range(first + 1, b + 1):
-        record = json.loads(run.fs.read_bytes(syn_commit(a)))
+        record = read_batch_record(run.fs, a)
         rows = read_image_rows(
             run.fs, SYN_IMAGES, record["start"], record["start"] + record["count"]
         )
@@ -143,7 +143,7 @@ def _running_after(
 
 def _verify_batch(run: Run, b: int, images: torch.Tensor | None = None) -> dict:
     """Batch b's stored rows (or `images`) against its commit record; the record."""
-    record = json.loads(run.fs.read_bytes(syn_commit(b)))
+    record = read_batch_record(run.fs, b)
     start, stop = record["start"], record["start"] + record["count"]
     if images is None:
         images = read_image_rows(run.fs, SYN_IMAGES, start, stop)
@@ -313,7 +313,7 @@ def synthesize(run: Run, progress: Progress = no_progress, world: World | None =
             "loss_curve": curve,
             "ridge": ridges.as_dict(),
         }
-        run.fs.write_bytes(syn_commit(b), json.dumps(record, indent=1).encode())
+        write_batch_record(run.fs, b, record)
         _prune_isu(run, b)  # after the commit: a crash before it still finds batch b-1's state
         _barrier(world)
     if not writer:
@@ -361,4 +361,4 @@ def export_png(run: Run, classes: torch.Tensor | None = None) -> None:
     with run.fs.atomic_local_path("synthesis/png/grid.png") as tmp:
         torchvision.utils.save_image(pix, tmp, nrow=min(ipc, GRID_IMAGES), format="png")
     meta = {"classes": picked, "rows": rows, "images_per_class": min(ipc, GRID_IMAGES)}
-    run.fs.write_bytes("synthesis/png/grid.json", json.dumps(meta).encode())
+    write_grid_meta(run.fs, meta)

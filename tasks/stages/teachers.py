@@ -90,7 +90,12 @@ def _train(run: Run, m: int, model: torch.nn.Module, train, steps: int, progress
         loss = trainer.train_epoch(batches(run, train, tcfg.batch_size, order))
         losses.append(float(loss))
         if trainer.epoch % cfg.teachers.checkpoint_every_epochs == 0:
-            save_state(run.fs, ckpt, asdict(trainer.state()), {"teacher": m, "losses": losses})
+            save_state(
+                run.fs,
+                ckpt,
+                asdict(trainer.state()),
+                {"teacher": m, "losses": losses, "epoch": trainer.epoch},
+            )
         progress(
             "teachers",
             (m + trainer.epoch / tcfg.epochs) / count,

@@ -4,7 +4,6 @@ top-1 on held-out real data, mean +- std over students. Each student checkpoints
 
 from __future__ import annotations
 
-import json
 import statistics
 from dataclasses import dataclass
 
@@ -16,6 +15,7 @@ from d3s_core.precision import enable_cudnn_autotune
 from d3s_core.students import epoch_schedule, train_student_batches
 from storage.arrays import image_count, row_batches
 from storage.labels import epoch_image_batches, read_epoch_batches
+from storage.records import read_student_metrics, write_student_metrics, write_summary
 from storage.run import Run, images_of, labels_epoch, student_dir, summary_of
 from storage.states import has_state, load_state, remove_state, save_state, weights_blob
 
@@ -110,7 +110,7 @@ def _train_one(run: Run, plan: StudentPlan, n: int, held, progress: Progress, pr
                     "torch_rng": torch.get_rng_state(),
                     "epochs_done": i + 1,
                 },
-                {"losses": losses},
+                {"losses": losses, "epoch": i + 1},
             )
         progress(
             "validation",
@@ -132,7 +132,7 @@ def _train_one(run: Run, plan: StudentPlan, n: int, held, progress: Progress, pr
         "test_images": len(held),
         "train_loss": losses,
     }
-    run.fs.write_bytes(f"{d}/metrics.json", json.dumps(metrics, indent=1).encode())
+    write_student_metrics(run.fs, plan.arch, plan.seed, metrics, prefix)
     run.manifest.record(f"{d}/weights.safetensors", "validation")
     run.manifest.record(f"{d}/metrics.json", "validation")
     remove_state(run.fs, f"{d}/checkpoint")
@@ -157,7 +157,7 @@ def validate(run: Run, progress: Progress = no_progress, prefix: str = "") -> st
         d = student_dir(plan.arch, plan.seed, prefix)
         if run.manifest.is_recorded(f"{d}/metrics.json"):
             run.manifest.verify(f"{d}/metrics.json")
-            accs.append(json.loads(run.fs.read_bytes(f"{d}/metrics.json"))["top1"])
+            accs.append(read_student_metrics(run.fs, plan.arch, plan.seed, prefix)["top1"])
             continue
         if not labels_verified:  # once per stage run, not per student (E files, each whole)
             for e in range(cfg.labels.epochs):
@@ -171,6 +171,6 @@ def validate(run: Run, progress: Progress = no_progress, prefix: str = "") -> st
         "std": statistics.stdev(accs) if len(accs) > 1 else 0.0,
         "distilled_images": n,
     }
-    run.fs.write_bytes(summary_rel, json.dumps(summary, indent=1).encode())
+    write_summary(run.fs, summary, prefix)
     run.manifest.record(summary_rel, "validation")
     return run.fs.url(summary_rel)
