@@ -18,9 +18,9 @@ import uuid
 from dataclasses import asdict, fields, is_dataclass
 from typing import Any, Literal, get_args, get_origin, get_type_hints
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from d3s_core.presets import LabelConfig, Preset, StudentConfig, get_preset
+from d3s_core.presets import PRESETS, LabelConfig, Preset, StudentConfig, get_preset
 from d3s_core.synthesis import SynthesisConfig
 from d3s_core.teachers import TeacherTrainConfig, check_range
 
@@ -200,6 +200,12 @@ class RunConfig(Strict):
     dask: DaskSpec | None = None
     distributed: DistributedSpec = Field(default_factory=DistributedSpec)
 
+    @model_validator(mode="before")
+    @classmethod
+    def _fill_from_preset(cls, data: Any) -> Any:
+        # Every way in (parse_config, a Prefect parameter, model_validate) fills the same keys.
+        return fill_recipe(data) if isinstance(data, dict) else data
+
     # -- resolved pieces -----------------------------------------------------------------
     def preset_obj(self) -> Preset:
         return get_preset(self.preset)
@@ -301,14 +307,14 @@ def fill_recipe(data: dict[str, Any]) -> dict[str, Any]:
     """`data` with every unset `RECIPE_KEYS` key set to the preset's value. Sections that are
     not objects are left for validation to refuse."""
     name = data.get("preset", RunConfig.model_fields["preset"].default)
-    if not isinstance(name, str):
-        return data
-    p = get_preset(name)
+    if not isinstance(name, str) or name not in PRESETS:
+        return data  # validation names the bad preset
+    p = PRESETS[name]
     out = dict(data)
     for key, value in RECIPE_KEYS.items():
         section, field_name = key.split(".")
         sec = out.get(section, {})
-        if isinstance(sec, dict) and field_name not in sec:
+        if isinstance(sec, dict) and sec.get(field_name) is None:
             out[section] = {**sec, field_name: value(p)}
     return out
 
