@@ -9,6 +9,7 @@ from __future__ import annotations
 from prefect import flow
 from prefect.runtime import flow_run
 
+from flows.hygiene import crash_leftovers
 from storage.config import RunConfig
 from storage.run import open_run
 from tasks.credentials import storage_options
@@ -50,6 +51,9 @@ def distill(
     First every finished artifact is checked against the manifest: damage fails the run
     naming the files, or with `repair` is forgotten with what was computed from it, and
     recomputed."""
+    # A retry of a crashed run (same flow run id): the earlier attempt's task runs that never
+    # ended are marked Crashed and their progress artifacts superseded (flows/hygiene.py).
+    crash_leftovers()
     c = config.model_dump(mode="json")
     # The flow holds the run's writer lock for its whole life (the tasks share it), and the
     # run exists before the first cache key is computed.
