@@ -248,7 +248,7 @@ def publish_report(root: str, config: RunConfig) -> str:
     for m, meta in enumerate(results["teachers"]):
         rows.append(
             {
-                "model": f"teacher {m}",
+                "model": f"teacher {m + 1}",  # people count from 1; files from 0
                 "arch": meta["arch"],
                 "top1 %": round(100 * meta["held_out_top1"], 2),
             }
@@ -260,7 +260,7 @@ def publish_report(root: str, config: RunConfig) -> str:
         for i, acc in enumerate(summary["top1"]):
             rows.append(
                 {
-                    "model": f"{name} {i}",
+                    "model": f"{name} {i + 1}",
                     "arch": config.student_arch(),
                     "top1 %": round(100 * acc, 2),
                 }

@@ -92,7 +92,7 @@ def layer_kl_rows(
         "ridge used": {"layer": "ridge used"},
     }
     for col, rec in zip(cols, shown, strict=True):
-        rows["teacher"][col] = rec["teacher"]
+        rows["teacher"][col] = rec["teacher"] + 1  # 1-based for people
         loss = rec.get("final_loss")
         rows["final loss"][col] = "—" if loss is None else round(loss, 3)
         rows["ridge used"][col] = ridge_cell(rec, bold=False)
@@ -145,7 +145,7 @@ def curves_png(
     for m, meta in enumerate(teachers):
         if meta.get("train_loss"):
             xs = range(1, len(meta["train_loss"]) + 1)
-            ax_t.plot(xs, meta["train_loss"], marker="o", label=f"teacher {m}")
+            ax_t.plot(xs, meta["train_loss"], marker="o", label=f"teacher {m + 1}")
     ax_t.set(title="teachers: training loss", xlabel="epoch", ylabel="cross-entropy")
     for rec in batches:
         if rec.get("loss_curve"):
@@ -163,7 +163,7 @@ def curves_png(
                     met["train_loss"],
                     style,
                     marker="o" if len(xs) < 20 else None,
-                    label=f"{name} student {met['seed']}",
+                    label=f"{name} student {met['seed'] + 1}",
                 )
     ax_v.set(title="students: KD loss", xlabel="epoch", ylabel="loss")
     for ax in (ax_t, ax_s, ax_v):
@@ -197,7 +197,7 @@ def match_markdown(match: dict[str, Any]) -> list[str]:
         "## Distribution match",
         "",
         "| images | n | "
-        + " | ".join(f"KL to data, teacher {m}" for m in range(teachers))
+        + " | ".join(f"KL to data, teacher {m + 1}" for m in range(teachers))
         + " | teachers' top-1 on set % | confidence |",
         "|---|---|" + "---|" * teachers + "---|---|",
     ]
@@ -290,7 +290,7 @@ def batches_markdown(batches: list[dict[str, Any]]) -> list[str]:
     for rec in shown:
         resumed = rec.get("resumed_from_iteration")
         lines.append(
-            f"| {rec['batch']} | {rec['teacher']} | {rec['count']} | "
+            f"| {rec['batch']} | {rec['teacher'] + 1} | {rec['count']} | "
             f"{rec['final_loss']:.4g} | {'-' if resumed is None else resumed} | "
             f"{ridge_cell(rec)} |"
         )
@@ -352,7 +352,7 @@ def report_markdown(
     for m, meta in enumerate(results["teachers"]):
         losses = meta.get("train_loss") or []
         lines.append(
-            f"| teacher {m} | {meta['arch']} | {meta.get('source', '')} | "
+            f"| teacher {m + 1} | {meta['arch']} | {meta.get('source', '')} | "
             f"{_pct(meta['held_out_top1'])} | {f'{losses[-1]:.3f}' if losses else '—'} |"
         )
     arch = cfg.student_arch()

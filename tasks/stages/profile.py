@@ -303,13 +303,13 @@ def teacher_warnings(metas: list[dict[str, Any]], num_classes: int) -> list[str]
         losses = meta.get("train_loss") or []
         if len(losses) >= 2 and losses[-1] < 0.9 * losses[-2]:
             out.append(
-                f"teacher {m}: the last epoch lowered the training loss by "
+                f"teacher {m + 1}: the last epoch lowered the training loss by "
                 f"{100 * (1 - losses[-1] / losses[-2]):.0f} % ({losses[-2]:.3f} -> "
                 f"{losses[-1]:.3f}): far from converged; raise teachers.train.epochs"
             )
         elif losses and losses[-1] > 0.5 * chance:
             out.append(
-                f"teacher {m}: final training loss {losses[-1]:.3f} is above half of chance's "
+                f"teacher {m + 1}: final training loss {losses[-1]:.3f} is above half of chance's "
                 f"ln({num_classes}) = {chance:.3f}: far from converged; raise "
                 "teachers.train.epochs"
             )
