@@ -55,7 +55,7 @@ from .distributed_synthesis import launch as launch_distributed
 from .retry import retry_on_transient_io
 from .stages import EXTRA_STAGES, STAGES
 from .stages.match import match_run
-from .terminal import TerminalProgress, bars_enabled, describe
+from .terminal import TerminalProgress, bars_enabled, card_line, describe
 
 # Bump when a stage's code changes what it writes: cached results of older versions are ignored.
 STAGE_VERSION = {
@@ -135,7 +135,8 @@ class PrefectProgress:
         desc = describe(info)
         first = self.last_tenth < 0  # the stage's first report (its unit) is shown at once
         if first or now - self.last_update >= self.every or fraction >= 1.0:
-            update_progress_artifact(self.artifact, 100 * fraction, description=f"{stage}: {desc}")
+            card = card_line(stage, info)
+            update_progress_artifact(self.artifact, 100 * fraction, description=card)
             self.last_update = now
         self.fraction = fraction
         if int(fraction * 10) > self.last_tenth:

@@ -31,6 +31,29 @@ def describe(info: dict[str, Any]) -> str:
     )
 
 
+CARD_WORDS = {"iteration": "iter"}  # shorter words on a card
+
+
+def card_text(info: dict[str, Any]) -> str:
+    """The short form for a progress card (Prefect's v2 UI shows one line, about 46 characters
+    at 1440 px): counts as "k/N" and names ("batch 523/523, iter 1000/1000", "random-real
+    baseline labels, epoch 2/30"); losses and other numbers stay in the log line
+    (`describe`)."""
+    parts = [
+        f"{CARD_WORDS.get(k, k)} {v.done}/{v.total}" if isinstance(v, Count) else f"{k} {v}"
+        for k, v in info.items()
+        if isinstance(v, Count | str)
+    ]
+    return ", ".join(parts)
+
+
+def card_line(stage: str, info: dict[str, Any]) -> str:
+    """A progress card's line: "synthesis: batch 3/523, iter 120/1000"; the baseline's names
+    itself ("random-real baseline labels, epoch 2/30")."""
+    text = card_text(info)
+    return text if stage == "baseline" and text.startswith("random-real") else f"{stage}: {text}"
+
+
 def bars_enabled() -> bool:
     mode = os.environ.get("D3S_PROGRESS", "auto")
     if mode in ("off", "0", "no"):

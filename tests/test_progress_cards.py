@@ -139,8 +139,9 @@ def test_prefect_progress_artifact_exists_at_zero_and_shows_the_unit(monkeypatch
     art = FakeArtifacts(monkeypatch)
     progress = pt.PrefectProgress("teachers", every=3600)
     assert art.events == [("create", 0.0, "teachers: starting")]  # before any callback
-    progress("teachers", 0.0, {"teacher": Count(1, 2), "epoch": Count(0, 4)})
-    assert art.events[-1] == ("update", 0.0, "teachers: teacher 1 of 2, epoch 0 of 4")
+    progress("teachers", 0.0, {"teacher": Count(1, 2), "epoch": Count(0, 4), "loss": 2.5})
+    # The card's one line (about 38 characters in the v2 UI): counts as k/N, no loss.
+    assert art.events[-1] == ("update", 0.0, "teachers: teacher 1/2, epoch 0/4")
     progress("teachers", 0.1, {"teacher": Count(1, 2), "epoch": Count(1, 4)})
     assert len(art.events) == 2  # throttled
     progress.finish()  # the stage returned short of 100 %
@@ -152,7 +153,23 @@ def test_prefect_progress_finish_keeps_the_last_text_at_100(monkeypatch):
     progress = pt.PrefectProgress("labels")
     progress("labels", 1.0, {"epoch": Count(2, 2)})
     progress.finish()
-    assert art.events[-1] == ("update", 100.0, "labels: epoch 2 of 2")
+    assert art.events[-1] == ("update", 100.0, "labels: epoch 2/2")
+
+
+def test_card_text_fits_the_v2_card_at_the_paper_scale():
+    from tasks.terminal import card_line, card_text
+
+    cards = {
+        "teachers": {"teacher": Count(5, 5), "epoch": Count(90, 90), "loss": 1.23456},
+        "stats": {"batch": Count(5005, 5005), "shard": Count(101, 101), "teachers": 5},
+        "labels": {"epoch": Count(300, 300), "loss": 0.5},
+        "validation": {"student": Count(5, 5), "epoch": Count(300, 300), "loss": 0.5},
+        "synthesis": {"batch": Count(523, 523), "iteration": Count(1000, 1000), "loss": 9.9},
+        "baseline": {"random-real baseline": "students", "student": Count(5, 5)},
+    }
+    for stage, info in cards.items():  # the v2 card showed 46-49 characters at 1440 px
+        assert len(card_line(stage, info)) <= 44, (stage, card_line(stage, info))
+        assert "loss" not in card_text(info)
 
 
 def _summary(top1):

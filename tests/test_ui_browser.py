@@ -176,7 +176,7 @@ def test_tables_render_every_row(shots, ui):
         assert len(page.tables) == 1, (key, page.tables)
         table = page.tables[0]
         assert list(data[0]) == table["headers"], (key, table["headers"])
-        shown = data[:PAGE_ROWS]  # v2 pages tables by 10 rows
+        shown = data[:PAGE_ROWS] if ui == "v2" else data  # v2 pages tables by 10 rows
         assert len(table["rows"]) == len(shown), (key, table["rows"])
         assert [r[0] for r in table["rows"]] == [str(row[table["headers"][0]]) for row in shown]
     accuracy = shots["pages"][f"{ui}-artifact-accuracy"].tables[0]
