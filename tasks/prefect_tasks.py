@@ -270,17 +270,15 @@ def publish_report(root: str, config: RunConfig) -> str:
     create_table_artifact(
         validation_rows(groups),
         key="validation",
-        description="validation: held-out top-1 of the students, mean ± std (std — for n = 1)",
+        description="students' held-out top-1, mean ± std",  # one card line
     )
     kl_rows = layer_kl_rows(batch_records(fs), layer_names(fs, config.teachers.count))
     if kl_rows:
         create_table_artifact(
             kl_rows,
             key="synthesis-layer-kl",
-            description=(
-                "per-layer loss at the end of a synthesis batch: one row per measured layer, "
-                f"at most {KL_TABLE_BATCHES} batches (first, last, a spread, the highest loss)"
-            ),
+            # One card line; the report's section says which batches are shown and why.
+            description=f"per-layer loss at a batch's end, ≤ {KL_TABLE_BATCHES} batches",
         )
     markdown = fs.read_bytes(REPORT).decode()
     create_markdown_artifact(

@@ -109,7 +109,7 @@ def _report(root: str, config: dict[str, Any]) -> str:
             for r in data["variants"]
         ],
         key="study-variants",
-        description="held-out top-1 of the students per variant, mean ± std",
+        description="students' top-1 per variant, mean ± std",
     )
     create_markdown_artifact(
         inline_images(fs, fs.read_bytes(STUDY_MD).decode())
