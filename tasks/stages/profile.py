@@ -275,7 +275,7 @@ def data_warnings(run: Run, profile: dict[str, Any], headers: HeaderSummary | No
         tuned = p.teacher.epochs * math.ceil(p.train_images / p.teacher.batch_size)
         if steps < tuned / 2:
             out.append(
-                f"teachers: {steps:,} optimizer steps ({t.epochs} epochs of "
+                f"teachers: {steps:,} optimizer steps ({t.epochs} epoch(s) of "
                 f"{math.ceil(n / t.batch_size):,} batches of {t.batch_size} over {n:,} images), "
                 f"against the {tuned:,} that preset {p.name!r}'s recipe was tuned to make on "
                 f"its {p.train_images:,} images; the teachers may end far from converged: "
@@ -309,8 +309,8 @@ def teacher_warnings(metas: list[dict[str, Any]], num_classes: int) -> list[str]
             )
         elif losses and losses[-1] > 0.5 * chance:
             out.append(
-                f"teacher {m + 1}: final training loss {losses[-1]:.3f} is above half of chance's "
-                f"ln({num_classes}) = {chance:.3f}: far from converged; raise "
-                "teachers.train.epochs"
+                f"teacher {m + 1}: final training loss {losses[-1]:.3f} is above "
+                f"{0.5 * chance:.3f}, half of chance's ln({num_classes}) = {chance:.3f}: far "
+                "from converged; raise teachers.train.epochs"
             )
     return out
