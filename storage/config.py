@@ -20,7 +20,15 @@ from typing import Any, Literal, get_args, get_origin, get_type_hints
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from d3s_core.presets import PRESETS, LabelConfig, Preset, StudentConfig, get_preset
+from d3s_core.presets import (
+    PRESETS,
+    DataShape,
+    LabelConfig,
+    Preset,
+    StudentConfig,
+    fit_to_data,
+    get_preset,
+)
 from d3s_core.synthesis import SynthesisConfig
 from d3s_core.teachers import TeacherTrainConfig, check_range
 
@@ -235,6 +243,24 @@ class RunConfig(Strict):
             a, b = getattr(p.student, name), getattr(sc, name)
             out[f"validation.{name}"] = (b, "preset" if a == b else "config")
         return out
+
+    def fitted(self, shape: DataShape) -> Preset:
+        """The recipe fitted to data of `shape`: the preset with this config's model and recipe
+        fields (d3s_core.presets.fit_to_data)."""
+        assert self.model.arch is not None and self.model.width is not None  # filled
+        return fit_to_data(
+            self.preset_obj(),
+            shape,
+            arch=self.model.arch,
+            width=self.model.width,
+            low_res=bool(self.model.low_res),
+            teachers=self.teachers.count,
+            ipc=self.synthesis.ipc,
+            synthesis_batch=self.synthesis.batch_size,
+            synthesis=self.synthesis_cfg(),
+            labels=self.label_cfg(),
+            student=self.student_cfg(),
+        )
 
     def label_cfg(self) -> LabelConfig:
         """The label recipe: the preset's, with labels.epochs, labels.batch_size and

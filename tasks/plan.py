@@ -252,7 +252,7 @@ def planned_recipe(cfg: RunConfig):
     """The recipe the run will use, fitted to the data's shape as far as it is known without
     reading images: the declared `dataset.*` values, the class folders of a local ImageFolder
     tree, else the preset's (a run finds the rest from the data: docs/datasets.md)."""
-    from d3s_core.presets import DataShape, fit_to_data
+    from d3s_core.presets import DataShape
 
     p, d = cfg.preset_obj(), cfg.dataset
     k = d.num_classes
@@ -266,20 +266,7 @@ def planned_recipe(cfg: RunConfig):
         chans, size = d.channels or p.in_chans, d.image_size or p.image_size
     mean = tuple(d.mean) if d.mean else (p.mean if len(p.mean) == chans else (0.5,) * chans)
     std = tuple(d.std) if d.std else (p.std if len(p.std) == chans else (0.25,) * chans)
-    assert cfg.model.arch is not None and cfg.model.width is not None
-    return fit_to_data(
-        p,
-        DataShape(k or p.num_classes, chans, size, mean, std),
-        arch=cfg.model.arch,
-        width=cfg.model.width,
-        low_res=bool(cfg.model.low_res),
-        teachers=cfg.teachers.count,
-        ipc=cfg.synthesis.ipc,
-        synthesis_batch=cfg.synthesis.batch_size,
-        synthesis=cfg.synthesis_cfg(),
-        labels=cfg.label_cfg(),
-        student=cfg.student_cfg(),
-    )
+    return cfg.fitted(DataShape(k or p.num_classes, chans, size, mean, std))
 
 
 def facts_for(cfg: RunConfig, arch: str) -> ModelFacts:

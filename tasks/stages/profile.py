@@ -31,7 +31,7 @@ from d3s_core.dataprofile import (
     infer_size,
     profile_rows,
 )
-from d3s_core.presets import DataShape, Preset, fit_to_data
+from d3s_core.presets import DataShape, Preset
 from storage.datasets import NormalisedImages
 from storage.imagefolder import ImageFolderDataset
 from storage.profile import describe_profile, describe_recipe, read_profile, write_profile
@@ -59,20 +59,7 @@ def recipe(run: Run) -> Preset:
         std=tuple(v["std"]),
         crop_ratio=float(v["crop_ratio"]),
     )
-    assert cfg.model.arch is not None and cfg.model.width is not None
-    r = fit_to_data(
-        cfg.preset_obj(),
-        shape,
-        arch=cfg.model.arch,
-        width=cfg.model.width,
-        low_res=bool(cfg.model.low_res),
-        teachers=cfg.teachers.count,
-        ipc=cfg.synthesis.ipc,
-        synthesis_batch=cfg.synthesis.batch_size,
-        synthesis=cfg.synthesis_cfg(),
-        labels=cfg.label_cfg(),
-        student=cfg.student_cfg(),
-    )
+    r = cfg.fitted(shape)
     run.__dict__["_recipe"] = r
     return r
 
