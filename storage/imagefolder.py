@@ -19,17 +19,17 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from torchvision.transforms import functional as TF
 
+from d3s_core.dataprofile import CROP_RATIO_IMAGENET, GREY_MODES
+
 if TYPE_CHECKING:
     from .dataset_index import FolderListing
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".ppm", ".pgm"}
 RGB_CONVERTIBLE = {"RGB", "L", "P", "CMYK", "RGBA", "LA", "YCbCr"}
-# Modes read as one channel without a choice to make (alpha dropped).
-GREY_MODES = {"1", "L", "LA"}
 MIN_SIDE = 8
 # ImageNet's evaluation transform: the short side resized to size * 8/7 (256 for 224), then a
 # centre crop. A run whose images already share one short side uses 1.0 (no resampling).
-CROP_RATIO = 8 / 7
+CROP_RATIO = CROP_RATIO_IMAGENET
 
 
 def class_folders(root: str | os.PathLike[str]) -> list[str]:

@@ -158,14 +158,11 @@ def read_results_teachers(run: Any) -> list[dict[str, Any]]:
 def log_provenance(run: Any, logger: Any) -> None:
     """What the run takes from its data, its config and its preset (the data profile, found
     here by the first stage), and the warnings where the recipe looks off for the data."""
-    from storage.profile import describe_recipe
+    from .stages.profile import data_profile, provenance_lines
 
-    from .stages.profile import data_profile, describe_profile
-
-    profile = data_profile(run)
-    for line in describe_profile(profile) + [describe_recipe(run.config)]:
+    for line in provenance_lines(run):
         logger.info("data: %s", line)
-    for w in profile.get("warnings", []):
+    for w in data_profile(run).get("warnings", []):
         logger.warning("recipe: %s", w)
 
 

@@ -18,20 +18,13 @@ from matplotlib.figure import Figure
 from storage.config import RunConfig
 from storage.fs import RunFS
 from storage.profile import describe_profile, describe_recipe, read_profile
-from storage.records import read_match, read_record
-from storage.run import BASELINE, STATS, read_results, student_dir
+from storage.records import batch_records, read_match, student_metrics
+from storage.run import BASELINE, STATS, read_results
 from tasks.stages.synthesis import GRID_CLASSES, GRID_IMAGES
 
 REPORT = "report/report.md"
-MATCH = "report/match.json"  # written by tasks/stages/match.py (match_run) before the report
 GRID = "report/grid.png"
 CURVES = "report/curves.png"
-
-
-def batch_records(fs: RunFS) -> list[dict[str, Any]]:
-    """The synthesis batches' commit records, in batch order."""
-    names = sorted(n for n in fs.listdir("synthesis/batches") if n.endswith(".json"))
-    return [read_record(fs, f"synthesis/batches/{n}") for n in names]
 
 
 TABLE_BATCHES = 20  # synthesis batches listed in the report and the Prefect table
@@ -124,12 +117,7 @@ def layer_kl_markdown(records: list[dict[str, Any]], names: dict[int, list[str]]
 
 
 def _student_metrics(fs: RunFS, cfg: RunConfig, prefix: str) -> list[dict[str, Any]]:
-    out = []
-    for s in range(cfg.validation.students):
-        rel = f"{student_dir(cfg.student_arch(), s, prefix)}/metrics.json"
-        if fs.exists(rel):
-            out.append(read_record(fs, rel))
-    return out
+    return student_metrics(fs, cfg.student_arch(), cfg.validation.students, prefix)
 
 
 def curves_png(
