@@ -144,12 +144,34 @@ class LabelsSpec(Strict):
     teachers: Literal["ensemble", "single"] = "ensemble"
 
 
+Protocol = Literal["soft", "hard"]
+CoresetMethod = Literal["herding", "k-center"]
+
+
 class ValidationSpec(Strict):
-    """random_real_baseline: also validate a random real subset of IPC images per class,
-    labelled the same way (the baseline every distillation method must beat)."""
+    """How image sets are validated, and against which baselines (docs/study.md, "Scores").
+
+    protocols: "soft" trains students by knowledge distillation on the stored ensemble labels
+    (the paper's protocol); "hard" trains the same students on the same images with their
+    class labels and cross-entropy, under the same random-resized-crop and flip (drawn per
+    epoch, seeded). Every image set of the run (the distilled set and each baseline) is
+    validated under each listed protocol.
+    random_real_baseline: also validate a random real subset of IPC images per class,
+    labelled the same way (the baseline every distillation method must beat).
+    coresets: also validate coreset selections of IPC real images per class, chosen in
+    teacher `coreset_teacher`'s penultimate feature space (herding; k-center greedy).
+    full_data: also train `full_data_students` students on the whole training set under the
+    hard protocol, for `full_data_epochs` epochs (default: the teachers' recipe's), the
+    denominator of hard-label recovery. Cheap at demo size; hours at ImageNet size."""
 
     students: int = Field(2, ge=1)
+    protocols: list[Protocol] = Field(default_factory=lambda: ["soft"], min_length=1)
     random_real_baseline: bool = False
+    coresets: list[CoresetMethod] = []
+    coreset_teacher: int = Field(0, ge=0)
+    full_data: bool = False
+    full_data_students: int = Field(1, ge=1)
+    full_data_epochs: int | None = Field(None, ge=1)
     arch: str | None = None
     epochs: int | None = Field(None, ge=1)
     checkpoint_every_epochs: int = Field(10, ge=1)
@@ -399,6 +421,15 @@ def _check(cfg: RunConfig) -> None:
                 raise ValueError(f"{section}.{k}: set {own[k]} instead")
     cfg.label_cfg()
     cfg.student_cfg()
+    v = cfg.validation
+    for name, items in (("protocols", v.protocols), ("coresets", v.coresets)):
+        if len(set(items)) != len(items):
+            raise ValueError(f"validation.{name}: {items} lists an entry twice")
+    if v.coreset_teacher >= t.count:
+        raise ValueError(
+            f"validation.coreset_teacher: {v.coreset_teacher}, but the run has {t.count} "
+            f"teacher(s) (0..{t.count - 1})"
+        )
     d = cfg.dataset
     if (d.mean is None) != (d.std is None):
         raise ValueError("dataset.mean and dataset.std are declared together (or neither)")

@@ -81,39 +81,50 @@ def write_grid_meta(fs: RunFS, meta: dict[str, Any]) -> None:
 
 
 # -- validation -----------------------------------------------------------------------------
-def student_metrics_path(arch: str, seed: int, prefix: str = "") -> str:
-    return f"{student_dir(arch, seed, prefix)}/metrics.json"
+def student_metrics_path(arch: str, seed: int, prefix: str = "", protocol: str = "soft") -> str:
+    return f"{student_dir(arch, seed, prefix, protocol)}/metrics.json"
 
 
 def write_student_metrics(
-    fs: RunFS, arch: str, seed: int, metrics: dict[str, Any], prefix: str = ""
+    fs: RunFS,
+    arch: str,
+    seed: int,
+    metrics: dict[str, Any],
+    prefix: str = "",
+    protocol: str = "soft",
 ) -> str:
-    rel = student_metrics_path(arch, seed, prefix)
+    rel = student_metrics_path(arch, seed, prefix, protocol)
     write_record(fs, rel, metrics)
     return rel
 
 
-def read_student_metrics(fs: RunFS, arch: str, seed: int, prefix: str = "") -> dict[str, Any]:
-    return read_record(fs, student_metrics_path(arch, seed, prefix))
+def read_student_metrics(
+    fs: RunFS, arch: str, seed: int, prefix: str = "", protocol: str = "soft"
+) -> dict[str, Any]:
+    return read_record(fs, student_metrics_path(arch, seed, prefix, protocol))
 
 
-def student_metrics(fs: RunFS, arch: str, seeds: int, prefix: str = "") -> list[dict[str, Any]]:
+def student_metrics(
+    fs: RunFS, arch: str, seeds: int, prefix: str = "", protocol: str = "soft"
+) -> list[dict[str, Any]]:
     """The metrics of the students that finished (of seeds 0..seeds-1)."""
     return [
-        read_student_metrics(fs, arch, s, prefix)
+        read_student_metrics(fs, arch, s, prefix, protocol)
         for s in range(seeds)
-        if fs.exists(student_metrics_path(arch, s, prefix))
+        if fs.exists(student_metrics_path(arch, s, prefix, protocol))
     ]
 
 
-def write_summary(fs: RunFS, summary: dict[str, Any], prefix: str = "") -> str:
-    write_record(fs, summary_of(prefix), summary)
-    return summary_of(prefix)
+def write_summary(
+    fs: RunFS, summary: dict[str, Any], prefix: str = "", protocol: str = "soft"
+) -> str:
+    write_record(fs, summary_of(prefix, protocol), summary)
+    return summary_of(prefix, protocol)
 
 
-def read_summary(fs: RunFS, prefix: str = "") -> dict[str, Any] | None:
-    """The validation summary under `prefix`, or None where there is none."""
-    rel = summary_of(prefix)
+def read_summary(fs: RunFS, prefix: str = "", protocol: str = "soft") -> dict[str, Any] | None:
+    """The validation summary of `protocol` under `prefix`, or None where there is none."""
+    rel = summary_of(prefix, protocol)
     return read_record(fs, rel) if fs.exists(rel) else None
 
 
