@@ -52,20 +52,42 @@ def random_real_subset(run: Run) -> str:
     train, _, _ = data_splits(run)
     classes = distilled_classes(p.num_classes, cfg.synthesis.ipc)
     order = draw_real(class_rows(run, train), classes, p.num_classes, cfg.synthesis.ipc, cfg.seed)
+    return write_real_set(run, rel, order, classes, "random real subset", "baseline")
+
+
+def write_real_set(
+    run: Run,
+    rel: str,
+    order: torch.Tensor,
+    classes: torch.Tensor,
+    kind: str,
+    stage: str,
+    attrs: dict | None = None,
+) -> str:
+    """Write an image store of real training images: row r is training sample order[r], of
+    class classes[r] (the distilled set's class order), with its `train_indices`; read one
+    synthesis-batch-sized chunk at a time through the run's DataLoader path (memory: one
+    chunk), then recorded in the manifest under `stage`. `attrs`: more store attributes."""
+    cfg, p = run.config, recipe(run)
+    train, _, _ = data_splits(run)
     bsz = cfg.synthesis.batch_size
     shape = (p.in_chans, p.image_size, p.image_size)
     attrs = {
         "mean": list(p.mean),
         "std": list(p.std),
         "space": "normalised",
-        "kind": "random real subset",
+        "kind": kind,
+        **(attrs or {}),
     }
     create_images(run.fs, rel, len(classes), shape, bsz, classes, attrs)
     _write_train_indices(run.fs, rel, order)
     chunks = [chunk.tolist() for chunk in order.split(bsz)]
-    for k, (x, _) in enumerate(index_batches(run, train, chunks)):
+    for k, (x, y) in enumerate(index_batches(run, train, chunks)):
+        want = classes[k * bsz : k * bsz + len(y)].to(y.device)
+        if not torch.equal(y, want):
+            raise ValueError(f"{run.fs.url(rel)}: rows {k * bsz}.. are not of their classes")
         write_image_batch(run.fs, rel, k * bsz, x)
-    run.manifest.record(rel, "baseline")
+    run.manifest.record(rel, stage)
     return run.fs.url(rel)
 
 
