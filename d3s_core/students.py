@@ -9,13 +9,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .augment import apply_crops
+from .augment import apply_crops, draw_crops
 from .labelling import EpochLabels
 
 __all__ = [
     "epoch_schedule",
     "evaluate_top1",
     "kd_loss",
+    "train_hard_batches",
     "train_student_batches",
     "train_student_epoch",
 ]
@@ -83,6 +84,40 @@ def train_student_batches(
             scheduler.step()
         total += loss.detach().double() * len(labels)
         count += len(labels)
+    return float(total) / max(1, count)
+
+
+def train_hard_batches(
+    student: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
+    generator: torch.Generator,
+    min_crop_scale: float,
+    flip: bool,
+    scheduler: torch.optim.lr_scheduler.LRScheduler | None = None,
+) -> float:
+    """One epoch of the hard-label protocol (DD-Ranking's HLR setting): each batch of images
+    (B, C, H, W) on the student's device with their classes (B,) is augmented by the same
+    random-resized-crop and flip as the soft protocol's labels (`draw_crops` with area in
+    [min_crop_scale, 1], drawn from the CPU `generator`, so a seed replays the epoch on every
+    device) and fitted by cross-entropy to the class labels. Returns the mean loss (one
+    host-device sync per epoch)."""
+    student.train()
+    device = next(student.parameters()).device
+    total, count = torch.zeros((), dtype=torch.float64, device=device), 0
+    for images, classes in batches:
+        if len(images) != len(classes):
+            raise ValueError(f"{len(images)} images for {len(classes)} class labels")
+        boxes, flips = draw_crops(len(images), generator, (min_crop_scale, 1.0), flip)
+        x = apply_crops(images, boxes.to(images.device), flips.to(images.device))
+        loss = F.cross_entropy(student(x), classes.to(device))
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        if scheduler is not None:
+            scheduler.step()
+        total += loss.detach().double() * len(images)
+        count += len(images)
     return float(total) / max(1, count)
 
 

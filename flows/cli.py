@@ -34,6 +34,8 @@ if TYPE_CHECKING:
 # The per-stage subcommands: the keys of tasks.stages.STAGES, in order, written out so that
 # building the parser imports no stage (tests/test_cli_help.py checks they are the same).
 STAGE_NAMES = ("teachers", "stats", "synthesis", "labels", "validation")
+# The optional stages (tasks.stages.EXTRA_STAGES): the hard protocol and the baselines.
+EXTRA_STAGE_NAMES = ("validation-hard", "baseline", "coresets", "full-data")
 
 CONFIG_HELP = (
     "the run's JSON config (a dataset, a preset and its settings; see docs/datasets.md and "
@@ -234,7 +236,7 @@ def status(root: str) -> dict[str, Any]:
         for s in range(n_students)
         if s not in students
     )
-    return {
+    out = {
         "run": cfg.name,
         "root": fs.url(),
         "preset": cfg.preset,
@@ -257,6 +259,36 @@ def status(root: str) -> dict[str, Any]:
         + student_now
         + (" (done)" if summary_of() in done else ""),
     }
+    return out | _baselines_status(cfg, done)
+
+
+def _baselines_status(cfg: Any, done: dict[str, Any]) -> dict[str, str]:
+    """The hard protocol's students and each configured baseline: which protocols are done."""
+    from storage.run import BASELINE_KINDS, FULL_DATA, baseline_prefix, student_dir, summary_of
+
+    v, arch = cfg.validation, cfg.student_arch()
+    out = {}
+    if "hard" in v.protocols:
+        hard = [student_dir(arch, s, "", "hard") for s in range(v.students)]
+        n = sum(f"{d}/metrics.json" in done for d in hard)
+        out["validation-hard"] = f"{n}/{v.students} students" + (
+            " (done)" if summary_of("", "hard") in done else ""
+        )
+    wanted = {
+        "random-real": v.random_real_baseline,
+        "herding": "herding" in v.coresets,
+        "k-center": "k-center" in v.coresets,
+        "full-data": v.full_data,
+    }
+    for kind in BASELINE_KINDS:
+        if not wanted[kind]:
+            continue
+        prefix = baseline_prefix(kind)
+        protocols = ["hard"] if prefix == FULL_DATA else v.protocols
+        parts = [f"{p} {'done' if summary_of(prefix, p) in done else 'to do'}" for p in protocols]
+        images = "" if prefix == FULL_DATA or f"{prefix}images.zarr" not in done else "images, "
+        out[f"baseline {kind}"] = images + ", ".join(parts)
+    return out
 
 
 def _mean_std(summary: dict[str, Any]) -> str:
@@ -342,7 +374,7 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--train-images", type=int, help="training images (else known or counted)")
     pl.add_argument("--throughput", help="throughput table (default bench/throughput/cpu.json)")
     pl.add_argument("--json", action="store_true", help="the whole plan as JSON")
-    for name in STAGE_NAMES:
+    for name in (*STAGE_NAMES, *EXTRA_STAGE_NAMES):
         sp = sub.add_parser(name, help=f"the {name} stage alone, without Prefect")
         sp.add_argument("config", nargs="?", help=CONFIG_HELP)
         sp.add_argument("--preset", help=PRESET_HELP)
@@ -358,7 +390,7 @@ def main(argv: list[str] | None = None) -> int:
                 if isinstance(v, list):  # one line each, indented under the key
                     print(f"{k:<11} " + ("\n" + " " * 12).join(v) if v else f"{k:<11} none")
                 else:
-                    print(f"{k:<11} {v}")
+                    print(f"{k:<11} {v}" if len(k) < 12 else f"{k}: {v}")
             return 0
         if args.cmd == "verify":
             return verify(args.root, args.quick)
@@ -378,13 +410,14 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         from storage.run import open_run
         from tasks.credentials import storage_options
-        from tasks.stages import STAGES
+        from tasks.stages import EXTRA_STAGES, STAGES
         from tasks.terminal import TerminalProgress, bars_enabled
 
         bars = TerminalProgress() if bars_enabled() else None
+        run_stage = {**STAGES, **EXTRA_STAGES}[args.cmd]
         try:
             with open_run(root, cfg, **storage_options(cfg)) as r:
-                result = STAGES[args.cmd](r, bars) if bars else STAGES[args.cmd](r)
+                result = run_stage(r, bars) if bars else run_stage(r)
         finally:
             if bars:
                 bars.close()

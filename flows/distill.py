@@ -23,11 +23,14 @@ from tasks.dask_stages import (
 from tasks.prefect_tasks import (
     baseline_task,
     check_task,
+    coresets_task,
+    full_data_task,
     labels_task,
     report_task,
     stats_task,
     synthesis_task,
     teachers_task,
+    validation_hard_task,
     validation_task,
 )
 
@@ -46,7 +49,8 @@ def distill(
     config: RunConfig = RunConfig(),  # noqa: B008
     repair: bool = False,
 ) -> str:
-    """Run (or resume) every D3S stage of one run. Returns the validation summary's URI.
+    """Run (or resume) every D3S stage of one run, and the baselines the config asks for.
+    Returns the URI of the distilled set's validation summary (its first protocol's).
 
     First every finished artifact is checked against the manifest: damage fails the run
     naming the files, or with `repair` is forgotten with what was computed from it, and
@@ -66,13 +70,24 @@ def distill(
                 on_dask(stats_shards_flow, config.dask)(root, c, todo)
         s = stats_task(root, c, wait_for=[t])
         syn = synthesis_task(root, c, wait_for=[s])
-        if config.dask is not None:  # label epochs on the Dask cluster, recorded below
-            epochs = labels_plan_task(root, c, wait_for=[syn])
-            if epochs:
-                on_dask(label_epochs_flow, config.dask)(root, c, epochs)
-        lab = labels_task(root, c, wait_for=[syn])
-        summary_uri = validation_task(root, c, wait_for=[lab])
-        if config.validation.random_real_baseline:
+        v = config.validation
+        summaries = []
+        if "soft" in v.protocols:  # the paper's protocol: ensemble labels, then KD students
+            if config.dask is not None:  # label epochs on the Dask cluster, recorded below
+                epochs = labels_plan_task(root, c, wait_for=[syn])
+                if epochs:
+                    on_dask(label_epochs_flow, config.dask)(root, c, epochs)
+            lab = labels_task(root, c, wait_for=[syn])
+            summaries.append(validation_task(root, c, wait_for=[lab]))
+        if "hard" in v.protocols:  # the same students on the class labels
+            summaries.append(validation_hard_task(root, c, wait_for=[syn]))
+        # The baselines need only the teachers (or not even them): any order after them.
+        if v.random_real_baseline:
             baseline_task(root, c, wait_for=[t])
+        if v.coresets:
+            coresets_task(root, c, wait_for=[t])
+        if v.full_data:
+            full_data_task(root, c, wait_for=[t])
         report_task(root, c)
+        summary_uri = summaries[0]
     return summary_uri

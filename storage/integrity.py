@@ -94,7 +94,10 @@ def refresh_fingerprints(fs: RunFS, fresh: dict[str, dict[str, Any]]) -> None:
 
 _TEACHER = re.compile(r"^teachers/teacher_(\d+)\.")
 _STATS = re.compile(r"^stats\.zarr/teacher_(\d+)$")
-_STUDENT = re.compile(r"^((?:baselines/[^/]+/)?)validation/([^/]+)/")
+_STUDENT = re.compile(r"^((?:baselines/[^/]+/)?)(validation(?:-hard)?)/([^/]+)/")
+_BASELINE = re.compile(r"^(baselines/[^/]+/)")
+# Baselines whose images are chosen with a teacher (coresets in its feature space).
+_TEACHER_CHOSEN = ("baselines/herding/", "baselines/k-center/", "baselines/coresets/")
 
 
 def dependents(rel: str) -> list[str]:
@@ -107,22 +110,25 @@ def dependents(rel: str) -> list[str]:
             "synthesis/",
             "labels/",
             "validation/",
+            "validation-hard/",
             "baselines/random-real/labels/",
             "baselines/random-real/validation/",
+            *_TEACHER_CHOSEN,
         ]
     if _STATS.match(rel):  # the images are synthesised against every teacher's statistics
-        return [rel, "synthesis/", "labels/", "validation/"]
+        return [rel, "synthesis/", "labels/", "validation/", "validation-hard/"]
     if rel.startswith("synthesis/"):
-        return [rel, "labels/", "validation/"]
-    for prefix in ("", "baselines/random-real/"):
-        if rel == f"{prefix}images.zarr" and prefix:
-            return [rel, f"{prefix}labels/", f"{prefix}validation/"]
-        if rel.startswith(f"{prefix}labels/"):  # every student replays every epoch
-            return [rel, f"{prefix}validation/"]
+        return [rel, "labels/", "validation/", "validation-hard/"]
+    b = _BASELINE.match(rel)
+    prefix = b.group(1) if b else ""
+    if prefix and rel == f"{prefix}images.zarr":
+        return [rel, f"{prefix}labels/", f"{prefix}validation/", f"{prefix}validation-hard/"]
+    if rel.startswith(f"{prefix}labels/"):  # every student replays every epoch
+        return [rel, f"{prefix}validation/"]
     m = _STUDENT.match(rel)
     if m:  # one student: its files and the summary over students
-        prefix, student = m.group(1), m.group(2)
-        return [f"{prefix}validation/{student}/", f"{prefix}validation/summary.json"]
+        prefix, vdir, student = m.group(1), m.group(2), m.group(3)
+        return [f"{prefix}{vdir}/{student}/", f"{prefix}{vdir}/summary.json"]
     return [rel]
 
 

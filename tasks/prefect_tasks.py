@@ -64,7 +64,10 @@ STAGE_VERSION = {
     "synthesis": 1,
     "labels": 2,  # 2: label schema v2 (uint16 boxes, labelled on the quantised box)
     "validation": 1,
-    "baseline": 2,  # 2: it writes its own labels/, label schema v2
+    "validation-hard": 1,
+    "baseline": 3,  # 2: it writes its own labels/, label schema v2; 3: validation.protocols
+    "coresets": 1,
+    "full-data": 1,
 }
 # Artifacts (manifest prefixes) each stage reads.
 STAGE_INPUTS = {
@@ -73,7 +76,10 @@ STAGE_INPUTS = {
     "synthesis": ["teachers/", "stats.zarr"],
     "labels": ["teachers/", "synthesis/images.zarr"],
     "validation": ["synthesis/images.zarr", "labels/"],
+    "validation-hard": ["synthesis/images.zarr"],
     "baseline": ["teachers/"],
+    "coresets": ["teachers/"],
+    "full-data": [],
 }
 # Artifacts (manifest prefixes) each stage writes.
 STAGE_OUTPUTS = {
@@ -82,7 +88,10 @@ STAGE_OUTPUTS = {
     "synthesis": ["synthesis/"],
     "labels": ["labels/"],
     "validation": ["validation/"],
-    "baseline": ["baselines/"],
+    "validation-hard": ["validation-hard/"],
+    "baseline": ["baselines/random-real/"],
+    "coresets": ["baselines/herding/", "baselines/k-center/"],
+    "full-data": ["baselines/full-data/"],
 }
 
 
@@ -196,7 +205,7 @@ def _stage_task(stage: str):
     def fn(root: str, config: dict[str, Any]) -> Any:
         return _run_stage(stage, root, config)
 
-    fn.__name__ = f"{stage}_task"
+    fn.__name__ = f"{stage.replace('-', '_')}_task"
     return task(
         fn,
         name=stage,
@@ -216,7 +225,10 @@ stats_task = _stage_task("stats")
 synthesis_task = _stage_task("synthesis")
 labels_task = _stage_task("labels")
 validation_task = _stage_task("validation")
+validation_hard_task = _stage_task("validation-hard")
 baseline_task = _stage_task("baseline")
+coresets_task = _stage_task("coresets")
+full_data_task = _stage_task("full-data")
 
 
 def validation_rows(groups: list[tuple[str, dict[str, Any]]]) -> list[dict[str, Any]]:

@@ -11,7 +11,7 @@ import zarr
 from d3s_core.labelling import derive_seed
 from storage.arrays import create_images, write_image_batch
 from storage.fs import RunFS
-from storage.run import BASELINE, Run, images_of
+from storage.run import BASELINE, FULL_DATA, Run, baseline_prefix, images_of
 
 from .common import ClassRows, Progress, class_rows, data_splits, index_batches, no_progress
 from .labels import label_run
@@ -116,21 +116,79 @@ def train_indices(fs: RunFS, rel: str) -> torch.Tensor:
 BASELINE_NAME = "random-real baseline"  # how its progress is labelled (not as the real stages)
 
 
-def baseline_progress(progress: Progress) -> Progress:
-    """The labels and validation code's progress, reported as the baseline's: stage
-    "baseline", its labelling the first half of the way and its students the second, each
-    named "random-real baseline labels" / "random-real baseline students"."""
-    parts = {"labels": (0, "labels"), "validation": (1, "students")}
+def baseline_progress(
+    progress: Progress,
+    what: str,
+    stage: str = "baseline",
+    name: str = BASELINE_NAME,
+    span: tuple[float, float] = (0.0, 1.0),
+) -> Progress:
+    """The labels or validation code's progress, reported as a baseline's: stage `stage`, its
+    fraction mapped into `span` of the stage's way, named "<name> <what>" ("random-real
+    baseline labels, epoch 2/30"), never as the distilled set's labels or validation."""
+    lo, hi = span
 
-    def relabel(stage: str, fraction: float, info: dict) -> None:
-        half, part = parts.get(stage, (0, stage))
-        progress("baseline", (half + fraction) / 2, {BASELINE_NAME: part, **info})
+    def relabel(_stage: str, fraction: float, info: dict) -> None:
+        progress(stage, min(1.0, lo + (hi - lo) * fraction), {name: what, **info})
 
     return relabel
 
 
+def validate_set(
+    run: Run,
+    progress: Progress,
+    prefix: str,
+    stage: str = "baseline",
+    name: str = BASELINE_NAME,
+    span: tuple[float, float] = (0.0, 1.0),
+) -> dict[str, str]:
+    """A baseline image set under each of the run's protocols: soft labels it (the ensemble,
+    the same augmentation seeds as the distilled set) and trains students on the labels; hard
+    trains them on its class labels. Progress in equal parts of `span`. Returns {protocol:
+    summary URL}."""
+    protocols = run.config.validation.protocols
+    steps = [("labels", None)] if "soft" in protocols else []
+    steps += [("students" if p == "soft" else "hard-label students", p) for p in protocols]
+    lo, width = span[0], (span[1] - span[0]) / len(steps)
+    out = {}
+    for k, (what, protocol) in enumerate(steps):
+        part = (lo + k * width, lo + (k + 1) * width)
+        relabelled = baseline_progress(progress, what, stage, name, part)
+        if protocol is None:
+            label_run(run, relabelled, prefix)
+        else:
+            out[protocol] = validate(run, relabelled, prefix, protocol)
+    return out
+
+
 def baseline_real(run: Run, progress: Progress = no_progress) -> str:
+    """The random-real baseline: its images, then each protocol's students."""
     progress("baseline", 0.0, {BASELINE_NAME: "images"})
     random_real_subset(run)
-    label_run(run, baseline_progress(progress), BASELINE)
-    return validate(run, baseline_progress(progress), BASELINE)
+    return next(iter(validate_set(run, progress, BASELINE).values()))
+
+
+def baseline_coresets(run: Run, progress: Progress = no_progress) -> list[str]:
+    """The coreset baselines (`validation.coresets`): one pass over the training set selects
+    every method's images (tasks/stages/coreset.py; the stage's first tenth), then each set's
+    students under each protocol."""
+    from .coreset import select_coresets
+
+    def selecting(stage: str, fraction: float, info: dict) -> None:
+        progress("coresets", 0.1 * fraction, {"selection": "teacher features", **info})
+
+    select_coresets(run, selecting)
+    methods = run.config.validation.coresets
+    urls: list[str] = []
+    for i, method in enumerate(methods):
+        span = (0.1 + 0.9 * i / len(methods), 0.1 + 0.9 * (i + 1) / len(methods))
+        got = validate_set(run, progress, baseline_prefix(method), "coresets", method, span)
+        urls += got.values()
+    return urls
+
+
+def full_data_reference(run: Run, progress: Progress = no_progress) -> str:
+    """The full-data reference: students trained on every training image under the hard
+    protocol (the denominator of hard-label recovery)."""
+    relabelled = baseline_progress(progress, "hard-label students", "full-data", "full data")
+    return validate(run, relabelled, FULL_DATA, "hard")

@@ -1,10 +1,19 @@
-"""Stage 5: students trained by knowledge distillation on the stored labels (Alg. 4, App. D.7),
-top-1 on held-out real data, mean +- std over students. Each student checkpoints every
-`checkpoint_every_epochs` epochs."""
+"""Stage 5: students trained on an image set, top-1 on held-out real data, mean +- std over
+students, under one of two protocols (docs/study.md, "Scores"):
+
+- soft (the paper's, Alg. 4, App. D.7): knowledge distillation on the stored ensemble labels,
+  each step replaying its label batch's recorded crops and flips;
+- hard (DD-Ranking's hard-label setting): the same students, optimiser, schedule, epochs and
+  batch size, trained with cross-entropy on the images' class labels, under the same
+  random-resized-crop and flip drawn afresh each epoch (seeded). Needs no labels, so it also
+  trains the full-data reference (`FULL_DATA`: every training image, streamed).
+
+Each student checkpoints every `checkpoint_every_epochs` epochs."""
 
 from __future__ import annotations
 
 import statistics
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -12,15 +21,15 @@ import torch
 from d3s_core.labelling import derive_seed
 from d3s_core.optim import make_optimizer, make_scheduler
 from d3s_core.precision import enable_cudnn_autotune
-from d3s_core.students import epoch_schedule, train_student_batches
-from storage.arrays import image_count, row_batches
+from d3s_core.students import epoch_schedule, train_hard_batches, train_student_batches
+from storage.arrays import image_count, read_classes, row_batches
 from storage.labels import epoch_image_batches, read_epoch_batches
 from storage.records import read_student_metrics, write_student_metrics, write_summary
-from storage.run import Run, images_of, labels_epoch, student_dir, summary_of
+from storage.run import FULL_DATA, Run, images_of, labels_epoch, student_dir, summary_of
 from storage.states import has_state, load_state, remove_state, save_state, weights_blob
 
 from ..terminal import Count
-from .common import Progress, data_splits, held_out_top1, new_model, no_progress
+from .common import Progress, batches, data_splits, held_out_top1, new_model, no_progress
 from .profile import recipe
 
 
@@ -31,11 +40,47 @@ class StudentPlan:
     seed: int
 
 
-def _plans(run: Run) -> list[StudentPlan]:
+def _plans(run: Run, prefix: str = "") -> list[StudentPlan]:
+    """The students of an image set: `validation.students` of the student recipe's epochs;
+    the full-data reference: `validation.full_data_students` of `full_data_epochs` (default:
+    the teachers' recipe's epochs, which is what it was tuned to train on the full set)."""
     cfg, p = run.config, recipe(run)
-    arch = cfg.student_arch()
-    epochs = cfg.validation.epochs or p.student.epochs
-    return [StudentPlan(arch, epochs, s) for s in range(cfg.validation.students)]
+    arch, v = cfg.student_arch(), cfg.validation
+    if prefix == FULL_DATA:
+        epochs = v.full_data_epochs or cfg.teacher_train().epochs
+        return [StudentPlan(arch, epochs, s) for s in range(v.full_data_students)]
+    epochs = v.epochs or p.student.epochs
+    return [StudentPlan(arch, epochs, s) for s in range(v.students)]
+
+
+def _hard_epoch(
+    run: Run,
+    student: torch.nn.Module,
+    opt: torch.optim.Optimizer,
+    sched: torch.optim.lr_scheduler.LRScheduler | None,
+    seed: int,
+    e: int,
+    prefix: str,
+    train=None,
+) -> float:
+    """One hard-protocol epoch: a seeded shuffle of the set (the full-data reference: of the
+    training set, through the run's DataLoader path) in batches of `labels.batch_size`, the
+    soft protocol's batch size, each augmented and fitted by cross-entropy. Memory: a few
+    batches of images, never the set."""
+    cfg, lc = run.config, run.config.label_cfg()
+    order = torch.Generator().manual_seed(derive_seed(cfg.seed, seed, e, 310))
+    crops = torch.Generator().manual_seed(derive_seed(cfg.seed, seed, e, 311))
+    bsz = lc.batch_size
+    data: Iterator[tuple[torch.Tensor, torch.Tensor]]
+    if prefix == FULL_DATA:
+        data = batches(run, train, bsz, order)
+    else:
+        rel = images_of(prefix)
+        classes = read_classes(run.fs, rel)  # 8 bytes an image
+        rows = torch.randperm(len(classes), generator=order).split(bsz)
+        images = row_batches(run.fs, rel, (r.tolist() for r in rows), cfg.device, cfg.stats.workers)
+        data = zip(images, (classes[r] for r in rows), strict=True)
+    return train_hard_batches(student, opt, data, crops, lc.min_crop_scale, lc.flip, sched)
 
 
 def _student_epoch(
@@ -58,12 +103,22 @@ def _student_epoch(
     return train_student_batches(student, opt, batches, temperature, sched)
 
 
-def _train_one(run: Run, plan: StudentPlan, n: int, held, progress: Progress, prefix: str) -> float:
-    """One student on the n distilled images; the label epochs were verified by `validate`."""
+def _train_one(
+    run: Run,
+    plan: StudentPlan,
+    n: int,
+    held,
+    progress: Progress,
+    prefix: str,
+    protocol: str = "soft",
+    train=None,
+) -> float:
+    """One student on the n images of the set under `protocol`; the label epochs (soft) were
+    verified by `validate`. The same seed gives the same initial weights under both protocols."""
     cfg, p = run.config, recipe(run)
     sc = p.student
     label_epochs = cfg.labels.epochs
-    d = student_dir(plan.arch, plan.seed, prefix)
+    d = student_dir(plan.arch, plan.seed, prefix, protocol)
     torch.manual_seed(derive_seed(cfg.seed, plan.seed, 300))
     student = new_model(p, plan.arch).to(cfg.device)
     steps_per_epoch = -(-n // cfg.labels.batch_size)
@@ -81,7 +136,7 @@ def _train_one(run: Run, plan: StudentPlan, n: int, held, progress: Progress, pr
         torch.Generator().manual_seed(derive_seed(cfg.seed, plan.seed, 301)),
     )
     done = 0
-    losses: list[float] = []  # mean KD loss per epoch (the report's curve)
+    losses: list[float] = []  # mean KD (soft) or CE (hard) loss per epoch (the report's curve)
     if has_state(run.fs, f"{d}/checkpoint"):
         state, saved = load_state(run.fs, f"{d}/checkpoint")
         student.load_state_dict(state["model"])
@@ -90,14 +145,17 @@ def _train_one(run: Run, plan: StudentPlan, n: int, held, progress: Progress, pr
         torch.set_rng_state(state["torch_rng"])
         done = state["epochs_done"]
         losses = list(saved.get("losses", []))[:done]
-    students = run.config.validation.students
+    students = len(_plans(run, prefix))
     progress(  # the student's start (or resumed epoch), in the stage's unit
         "validation",
         (plan.seed + done / plan.epochs) / students,
         {"student": Count(plan.seed + 1, students), "epoch": Count(done, plan.epochs)},
     )
     for i in range(done, plan.epochs):
-        loss = _student_epoch(run, student, opt, sched, sc.temperature, order[i], prefix)
+        if protocol == "hard":
+            loss = _hard_epoch(run, student, opt, sched, plan.seed, i, prefix, train)
+        else:
+            loss = _student_epoch(run, student, opt, sched, sc.temperature, order[i], prefix)
         losses.append(float(loss))
         if (i + 1) % cfg.validation.checkpoint_every_epochs == 0 and i + 1 < plan.epochs:
             save_state(
@@ -126,51 +184,71 @@ def _train_one(run: Run, plan: StudentPlan, n: int, held, progress: Progress, pr
     metrics = {
         "arch": plan.arch,
         "seed": plan.seed,
+        "protocol": protocol,
         "epochs": plan.epochs,
-        "label_epochs": label_epochs,
+        "label_epochs": label_epochs if protocol == "soft" else None,
         "top1": acc,
         "test_images": len(held),
+        "train_images": n,
         "train_loss": losses,
     }
-    write_student_metrics(run.fs, plan.arch, plan.seed, metrics, prefix)
+    write_student_metrics(run.fs, plan.arch, plan.seed, metrics, prefix, protocol)
     run.manifest.record(f"{d}/weights.safetensors", "validation")
     run.manifest.record(f"{d}/metrics.json", "validation")
     remove_state(run.fs, f"{d}/checkpoint")
     return acc
 
 
-def validate(run: Run, progress: Progress = no_progress, prefix: str = "") -> str:
-    """Students on the distilled set (prefix "") or on another labelled image set."""
+def validate(
+    run: Run, progress: Progress = no_progress, prefix: str = "", protocol: str = "soft"
+) -> str:
+    """Students on the distilled set (prefix ""), on a baseline's image set, or (hard only) on
+    the full training set (prefix `FULL_DATA`), under `protocol` ("soft" | "hard")."""
     cfg = run.config
-    summary_rel = summary_of(prefix)
+    summary_rel = summary_of(prefix, protocol)
     if run.manifest.is_recorded(summary_rel):
         run.manifest.verify(summary_rel)
         return run.fs.url(summary_rel)
-    run.manifest.verify(images_of(prefix))
-    n = image_count(run.fs, images_of(prefix))
+    if protocol not in ("soft", "hard"):
+        raise ValueError(f"unknown protocol {protocol!r}; expected 'soft' or 'hard'")
     enable_cudnn_autotune(cfg.device)
-    _, held, _ = data_splits(run)
+    train, held, _ = data_splits(run)
+    if prefix == FULL_DATA:
+        if protocol != "hard":
+            raise ValueError("the full-data reference is validated under the hard protocol only")
+        n = len(train)  # type: ignore[arg-type]
+    else:
+        run.manifest.verify(images_of(prefix))
+        n = image_count(run.fs, images_of(prefix))
 
     accs = []
-    labels_verified = False
-    for plan in _plans(run):
-        d = student_dir(plan.arch, plan.seed, prefix)
+    labels_verified = protocol == "hard"  # the hard protocol reads no labels
+    for plan in _plans(run, prefix):
+        d = student_dir(plan.arch, plan.seed, prefix, protocol)
         if run.manifest.is_recorded(f"{d}/metrics.json"):
             run.manifest.verify(f"{d}/metrics.json")
-            accs.append(read_student_metrics(run.fs, plan.arch, plan.seed, prefix)["top1"])
+            accs.append(
+                read_student_metrics(run.fs, plan.arch, plan.seed, prefix, protocol)["top1"]
+            )
             continue
         if not labels_verified:  # once per stage run, not per student (E files, each whole)
             for e in range(cfg.labels.epochs):
                 run.manifest.verify(labels_epoch(e, prefix))
             labels_verified = True
-        accs.append(_train_one(run, plan, n, held, progress, prefix))
+        accs.append(_train_one(run, plan, n, held, progress, prefix, protocol, train))
     summary = {
+        "protocol": protocol,
         "students": len(accs),
         "top1": accs,
         "mean": statistics.mean(accs),
         "std": statistics.stdev(accs) if len(accs) > 1 else 0.0,
-        "distilled_images": n,
+        "distilled_images": n,  # the set's size (the full-data reference: the training set's)
     }
-    write_summary(run.fs, summary, prefix)
+    write_summary(run.fs, summary, prefix, protocol)
     run.manifest.record(summary_rel, "validation")
     return run.fs.url(summary_rel)
+
+
+def validate_hard(run: Run, progress: Progress = no_progress) -> str:
+    """The distilled set under the hard protocol (the `validation-hard` stage)."""
+    return validate(run, progress, "", "hard")
