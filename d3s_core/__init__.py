@@ -15,6 +15,7 @@ from typing import Any
 
 SUBMODULES = (
     "augment",
+    "coresets",
     "dataprofile",
     "diagnostics",
     "distributed",
@@ -44,6 +45,9 @@ _OWNER = {
     "draw_crops": "augment",
     "pixel_bounds": "augment",
     "quantise_boxes": "augment",
+    "herding": "coresets",
+    "k_center_greedy": "coresets",
+    "penultimate_features": "coresets",
     "CROP_RATIO_IMAGENET": "dataprofile",
     "GREY_MODES": "dataprofile",
     "HeaderSummary": "dataprofile",

@@ -320,6 +320,16 @@ def headline(root: str, cfg: RunConfig) -> list[str]:
             f"baseline    held-out top-1 {_mean_std(base)}, on a random real subset of "
             f"{base['distilled_images']} images"
         )
+    from tasks.scores import pct, run_accuracies, score_rows
+
+    rows = score_rows(run_accuracies(fs))
+    if len(rows) > 2:  # more than the distilled set and the random subset under one protocol
+        lines.append("scores      top-1 / IOR vs random / HLR (hard protocol), mean ± std:")
+        for r in rows:
+            extra = "".join(
+                f", {key} {pct(r[key], True)}" for key in ("ior", "hlr") if r[key] is not None
+            )
+            lines.append(f"  {r['set']:<18} {r['protocol']:<4} {pct(r['top1'])} %{extra}")
     return lines
 
 

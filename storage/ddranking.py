@@ -151,7 +151,9 @@ def export_ddranking(
     out = Path(out)
     if out.exists() and not overwrite:
         raise FileExistsError(f"{out}: exists (pass overwrite=True / --overwrite to replace it)")
-    group = zarr.open_group(fs.url(rel), mode="r", storage_options=None if fs.local else fs.storage_options or None)  # type: ignore[arg-type]
+    group = zarr.open_group(
+        fs.url(rel), mode="r", storage_options=None if fs.local else fs.storage_options or None
+    )  # type: ignore[arg-type]
     attrs = dict(group.attrs)
     mean, std = [float(v) for v in attrs["mean"]], [float(v) for v in attrs["std"]]
     n, shape = image_count(fs, rel), tuple(group["images"].shape[1:])  # type: ignore[union-attr]

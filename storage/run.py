@@ -114,14 +114,16 @@ def _drop_lock(fs: RunFS) -> None:
 
 
 def read_results(fs: RunFS, teachers: int) -> dict[str, Any]:
-    """A finished run's accuracies: {"teachers": [teacher metadata], "summary": validation
-    summary, "baseline": the random-real baseline's summary or None}."""
+    """A finished run's accuracies: {"teachers": [teacher metadata], "summary": the distilled
+    set's validation summary (soft protocol; hard where the run validates only that),
+    "baseline": the random-real baseline's summary (same protocol) or None}."""
     from .records import read_record, read_summary, read_teacher_metas  # records imports run
 
+    protocol = "soft" if fs.exists(summary_of()) else "hard"
     return {
         "teachers": read_teacher_metas(fs, teachers),
-        "summary": read_record(fs, summary_of()),
-        "baseline": read_summary(fs, BASELINE),
+        "summary": read_record(fs, summary_of("", protocol)),
+        "baseline": read_summary(fs, BASELINE, protocol),
     }
 
 

@@ -281,6 +281,15 @@ def publish_report(root: str, config: RunConfig) -> str:
         key="validation",
         description="students' held-out top-1, mean ± std",  # one card line
     )
+    from tasks.scores import run_accuracies, score_rows, table_rows
+
+    scores = table_rows(score_rows(run_accuracies(fs)))
+    if len(scores) > 1:
+        create_table_artifact(
+            scores,
+            key="scores",
+            description="image sets × protocols: top-1, IOR, HLR, LRS",  # one card line
+        )
     kl_rows = layer_kl_rows(batch_records(fs), layer_names(fs, config.teachers.count))
     if kl_rows:
         create_table_artifact(

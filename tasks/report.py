@@ -313,6 +313,36 @@ def data_markdown(fs: RunFS, cfg: RunConfig, teachers: list[dict[str, Any]]) -> 
     return lines
 
 
+def scores_markdown(cfg: RunConfig, fs: RunFS) -> list[str]:
+    """The "Scores" section: every image set the run validated under every protocol, with
+    DD-Ranking's scores (tasks/scores.py); empty when the run validated only its distilled set
+    under one protocol."""
+    from tasks.scores import FULL, RANDOM, markdown_table, run_accuracies, score_rows
+
+    accs = run_accuracies(fs)
+    if sum(len(v) for v in accs.values()) < 2:
+        return []
+    lines = [
+        "## Scores (DD-Ranking)",
+        "",
+        "Students' held-out top-1 per image set and protocol, mean ± std over students "
+        "(soft: knowledge distillation on the ensemble labels, the paper's protocol; hard: the "
+        "same students on the class labels with cross-entropy). IOR: the set minus the random "
+        "real subset, same protocol; HLR: the full-data reference minus the set, hard protocol "
+        "(lower is better); LRS: DD-Ranking's label-robust score from both, in [0, 1]. Scores "
+        "pair students by seed; differences in percentage points. Formulas and source: "
+        'docs/study.md, "Scores".',
+        "",
+        *markdown_table(score_rows(accs)),
+        "",
+    ]
+    if RANDOM not in accs:
+        lines += ["IOR needs the random real subset: `validation.random_real_baseline: true`.", ""]
+    if FULL not in accs and "hard" in cfg.validation.protocols:
+        lines += ["HLR and LRS need the full-data reference: `validation.full_data: true`.", ""]
+    return lines
+
+
 def report_markdown(
     cfg: RunConfig,
     fs: RunFS,
@@ -374,6 +404,7 @@ def report_markdown(
         f"{100 * summary['mean'] / teacher_mean:.0f} % of it.",
         "",
     ]
+    lines += scores_markdown(cfg, fs)
     lines += match_markdown(match or {})
     lines += [
         "## Distilled images",
