@@ -1,21 +1,31 @@
-"""A study: one base run config, variants of it (ablation switches), the Fig. 4 sweeps, and
-the plan that runs them with teachers and statistics computed once.
+"""A study: one base run config, variants of it (ablation switches and baselines), the Fig. 4
+sweeps, and the plan that runs them with teachers and statistics computed once.
 
 Study config (JSON):
 
     {"name": "mnist-ablation", "base": {<run config>}, "students": 3, "reference": "d3s",
      "variants": {"d3s": {}, "diag": {"synthesis": {"params": {"loss": "kl_diag"}}},
-                  "random-real": {"kind": "random-real"}},
+                  "random-real": {"kind": "random-real"}, "herding": {"kind": "herding"},
+                  "full-data": {"kind": "full-data"}},
      "label_epochs": [5, 10, 30], "student_epochs": [25, 50, 100]}
 
 Each variant is the base deep-merged with its overrides and validated as a run config. A
 variant may not override what the variants share (dataset, teachers, statistics, seed, preset).
-`kind` "random-real" is the baseline: a random real subset of IPC images per class, no
-synthesis, labelled and validated like the others. The Fig. 4 sweeps train the reference
-variant's students on `label_epochs` labelled epochs (student epochs fixed) and for
-`student_epochs` epochs (labelled epochs fixed). Layout under the study root: `shared/` (a run
-root of the base config holding teachers and statistics), `variants/<cell>/` (a run root per
-distinct config), `report/`.
+Its `kind` (default "d3s", distilled images) may name a baseline instead, which has no synthesis
+to override: "random-real" (a seeded random real subset of IPC images per class), "herding" or
+"k-center" (a coreset of IPC real images per class chosen in teacher
+`validation.coreset_teacher`'s feature space), each labelled and validated like the distilled
+sets under every protocol of `validation.protocols` ("soft": the ensemble's labels, "hard": class
+labels); "full-data" (`validation.full_data_students` students on the whole training set,
+hard protocol only: the denominator of DD-Ranking's hard-label recovery). A cell runs only its
+own kind's image set: the run-level baseline switches (`validation.random_real_baseline`,
+`coresets`, `full_data`) are set by the plan, never by the variant. The study report scores
+every variant under every protocol against the random-real and full-data variants
+(docs/study.md, "Scores"). The Fig. 4 sweeps train the reference variant's students on
+`label_epochs` labelled epochs (student epochs fixed) and for `student_epochs` epochs (labelled
+epochs fixed). Layout under the study root: `shared/` (a run root of the base config holding
+teachers and statistics), `variants/<cell>/` (a run root per distinct config and kind),
+`report/`.
 """
 
 from __future__ import annotations
@@ -31,10 +41,15 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from .config import RunConfig, canonical_json, parse_config
 from .fs import RunFS
+from .run import baseline_prefix
 
 SHARED_KEYS = ("dataset", "teachers", "stats", "seed", "preset")
 SHARED = "shared"
-Kind = Literal["d3s", "random-real"]
+Kind = Literal["d3s", "random-real", "herding", "k-center", "full-data"]
+KINDS: tuple[Kind, ...] = ("d3s", "random-real", "herding", "k-center", "full-data")
+BASELINES = KINDS[1:]  # kinds without synthesis (storage/run.py BASELINE_KINDS)
+# What a cell's config says about the run-level baselines: none, then its own kind's.
+NO_BASELINES = {"random_real_baseline": False, "coresets": [], "full_data": False}
 Sweep = Literal["label_epochs", "student_epochs"]
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
 
@@ -65,6 +80,22 @@ class Cell:
     @property
     def root(self) -> str:
         return f"variants/{self.name}"
+
+    @property
+    def prefix(self) -> str:
+        """Where its image set and validation live in its run root: the distilled set's ("")
+        or its baseline's (storage/run.py baseline_prefix)."""
+        return "" if self.kind == "d3s" else baseline_prefix(self.kind)
+
+    @property
+    def protocols(self) -> list[str]:
+        """The protocols its students are validated under (the full-data reference: hard)."""
+        return ["hard"] if self.kind == "full-data" else list(self.config.validation.protocols)
+
+    @property
+    def has_images(self) -> bool:
+        """Whether it has an image set (the full-data reference trains on the training set)."""
+        return self.kind != "full-data"
 
 
 @dataclass
@@ -124,20 +155,31 @@ def _variant_config(spec: StudySpec, name: str, over: dict[str, Any]) -> tuple[K
         raise ValueError(f"{where}: a variant name may hold letters, digits, '_', '.', '-' only")
     over = dict(over)
     kind = over.pop("kind", "d3s")
-    if kind not in ("d3s", "random-real"):
-        raise ValueError(f"{where}: unknown kind {kind!r}; expected 'd3s' or 'random-real'")
+    if kind not in KINDS:
+        raise ValueError(
+            f"{where}: unknown kind {kind!r}; expected one of {', '.join(map(repr, KINDS))}"
+        )
     shared = [k for k in SHARED_KEYS if k in over]
     if shared:
         raise ValueError(
             f"{where}: overrides {shared}: every variant of a study shares the teachers and "
             f"statistics, so {list(SHARED_KEYS)} can only be set in 'base' (a new study)"
         )
-    if kind == "random-real" and "synthesis" in over:
-        raise ValueError(f"{where}: a random-real baseline has no synthesis to override")
+    if kind != "d3s" and "synthesis" in over:
+        raise ValueError(f"{where}: a {kind} baseline has no synthesis to override")
     merged = deep_merge(spec.base, over)
     merged["name"] = f"{spec.name}-{name}"
-    merged = deep_merge(merged, {"validation": {"random_real_baseline": False}})
+    merged = deep_merge(merged, {"validation": _baselines_of(kind)})
     return kind, parse_config(merged, where)
+
+
+def _baselines_of(kind: str) -> dict[str, Any]:
+    """The validation settings that make a cell of `kind` run its own baseline and no other."""
+    if kind in ("herding", "k-center"):
+        return {**NO_BASELINES, "coresets": [kind]}
+    if kind == "full-data":
+        return {**NO_BASELINES, "full_data": True}
+    return dict(NO_BASELINES)
 
 
 def _donors(earlier: list[Cell], kind: Kind, cfg: RunConfig) -> tuple[str | None, str | None]:
@@ -163,7 +205,7 @@ def plan_study(spec: StudySpec) -> StudyPlan:
     spec = spec.model_copy(update={"base": base})
     shared = parse_config(
         {
-            **deep_merge(base, {"validation": {"random_real_baseline": False}}),
+            **deep_merge(base, {"validation": dict(NO_BASELINES)}),
             "name": f"{spec.name}-{SHARED}",
         },
         f"study {spec.name!r}, base",

@@ -10,15 +10,16 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.logging import get_run_logger
 
 from storage.fs import RunFS
-from storage.run import BASELINE, attach_run, images_of, open_run
+from storage.run import attach_run, images_of, open_run
 from storage.share import seed_run
 from storage.study import SHARED, StudySpec, plan_study, read_match, write_match
 from tasks.report import inline_images
+from tasks.scores import table_rows
 
 from .credentials import storage_options
 from .retry import retry_on_transient_io
 from .stages.match import match_unless_known
-from .study_report import STUDY_MD, write_study_report
+from .study_report import STUDY_MD, score_rows_of, write_study_report
 
 
 def at(root: str, rel: str) -> str:
@@ -61,7 +62,8 @@ share_task = task(
 
 
 def _match(root: str, config: dict[str, Any]) -> list[str]:
-    """Measure every cell's own image set against the shared teachers' full-dataset
+    """Measure every cell's own image set (the distilled set, the random real subset or a
+    coreset; the full-data reference has none) against the shared teachers' full-dataset
     statistics (tasks/stages/match.py); a cell already measured on the same images is kept.
     Returns the cells measured now."""
     plan = plan_study(StudySpec.model_validate(config))
@@ -70,10 +72,10 @@ def _match(root: str, config: dict[str, Any]) -> list[str]:
     shared = attach_run(at(root, SHARED), plan.shared, **options)
     measured = []
     for c in plan.cells:
-        if c.images_from is not None:
-            continue  # the same images as an earlier cell
+        if c.images_from is not None or not c.has_images:
+            continue  # the same images as an earlier cell, or no image set
         cell_fs = RunFS(at(root, c.root), **options)
-        rel = images_of(BASELINE if c.kind == "random-real" else "")
+        rel = images_of(c.prefix)
         known = read_match(fs, c.name)
         result = match_unless_known(shared, cell_fs, rel, known)
         if result is not known:
@@ -92,24 +94,37 @@ def _report(root: str, config: dict[str, Any]) -> str:
     plan = plan_study(spec)
     fs = RunFS(root, **storage_options(plan.shared))
     data = write_study_report(fs, spec, plan)
+    hard = any("hard" in r["protocols"] for r in data["variants"])
+
+    def pct(x: float | None) -> float | None:
+        return None if x is None else round(100 * x, 2)
+
+    rows = []
+    for r in data["variants"]:
+        row = {
+            "variant": r["variant"],
+            "kind": r["kind"],
+            "images": r["images"],
+            "n": r["n"],
+            "mean top1 %": pct(r["mean"]),
+            "std": pct(r["std"]) if r["n"] > 1 else "—",
+            f"delta vs {plan.reference}": pct(r["delta_vs_reference"]),
+            "delta vs random real": pct(r["delta_vs_random_real"]),
+        }
+        if hard:
+            row["hard top1 %"] = pct(r["protocols"].get("hard", {}).get("mean"))
+        rows.append(row)
     create_table_artifact(
-        [
-            {
-                "variant": r["variant"],
-                "kind": r["kind"],
-                "images": r["images"],
-                "n": r["n"],
-                "mean top1 %": round(100 * r["mean"], 2),
-                "std": round(100 * r["std"], 2) if r["n"] > 1 else "—",
-                f"delta vs {plan.reference}": round(100 * r["delta_vs_reference"], 2),
-                "delta vs random real": None
-                if r["delta_vs_random_real"] is None
-                else round(100 * r["delta_vs_random_real"], 2),
-            }
-            for r in data["variants"]
-        ],
+        rows,
         key="study-variants",
-        description="students' top-1 per variant, mean ± std",
+        description="students' top-1 per variant, mean ± std (soft protocol where the variant "
+        "has it, else hard)",
+    )
+    create_table_artifact(
+        table_rows(score_rows_of(data)),
+        key="study-scores",
+        description="every variant under every protocol: top-1 and DD-Ranking's IOR, HLR, LRS "
+        "(docs/study.md, 'Scores')",
     )
     create_markdown_artifact(
         inline_images(fs, fs.read_bytes(STUDY_MD).decode())

@@ -62,8 +62,8 @@ def select_coresets(
     selecting; one chunk of images, 256 x 3 x 224 x 224 float32 (147 MiB); the selections,
     K x IPC int64 per method (4.2 MiB at IPC 50). Never the dataset's feature matrix
     (13.6M x 512 float32 would be 26 GiB)."""
-    methods = list(run.config.validation.coresets)
-    pending = []
+    methods: list[str] = list(run.config.validation.coresets)
+    pending: list[str] = []
     for method in methods:
         rel = images_of(baseline_prefix(method))
         if run.manifest.is_recorded(rel):
@@ -96,7 +96,9 @@ def _select(
     progress("coresets", start / k, {"class": Count(start, k)})
     if start < k:
         teacher = load_teacher(run, m)
-        loaded = index_batches(run, train, _ClassChunks(rows, range(start, k), chunk))
+        # One DataLoader for the pass; it only iterates its batch sampler (not a Sequence).
+        chunks = _ClassChunks(rows, range(start, k), chunk)
+        loaded = index_batches(run, train, chunks)  # type: ignore[arg-type]
         last_save = time.monotonic()
         try:
             for c in range(start, k):
