@@ -168,6 +168,9 @@ RUN = {
 }
 
 
+CHUNK = 4
+
+
 @pytest.fixture(scope="module")
 def teachers_run(tmp_path_factory):
     root = tmp_path_factory.mktemp("teachers")
@@ -179,11 +182,11 @@ def teachers_run(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def selected_run(teachers_run, tmp_path_factory):
-    """An uninterrupted selection."""
+    """An uninterrupted selection, read in chunks of 4 (several a class, the last partial)."""
     root = tmp_path_factory.mktemp("selected") / "run"
     shutil.copytree(teachers_run, root)
     with open_run(root, parse_config(RUN)) as run:
-        urls = select_coresets(run)
+        urls = select_coresets(run, chunk=CHUNK)
     return root, urls
 
 
@@ -203,6 +206,7 @@ def test_stores_hold_the_selection_of_directly_computed_features(selected_run):
         rows = class_rows(run, train)
         teacher = load_teacher(run, 1)
         done = run.manifest.entries()
+    assert not torch.equal(stored(root, "herding")[2], stored(root, "k-center")[2])
     for method, select in (("herding", herding), ("k-center", k_center_greedy)):
         assert images_of(baseline_prefix(method)) in done
         images, classes, picks, g = stored(root, method)
@@ -245,12 +249,12 @@ def test_a_killed_pass_resumes_at_the_next_class_and_ends_as_an_uninterrupted_on
             raise Killed
 
     with open_run(root, parse_config(RUN)) as run, pytest.raises(Killed):
-        select_coresets(run, kill_after_class_3, checkpoint_classes=1)
+        select_coresets(run, kill_after_class_3, chunk=CHUNK, checkpoint_classes=1)
     assert has_state(RunFS(root), CHECKPOINT)
     seen = []
     with open_run(root, parse_config(RUN)) as run:
         assert not run.manifest.is_recorded(images_of(baseline_prefix("herding")))
-        select_coresets(run, lambda s, f, info: seen.append(info["class"].done))
+        select_coresets(run, lambda s, f, info: seen.append(info["class"].done), chunk=CHUNK)
     assert seen == list(range(3, 11))  # resumed after class 3 of 10
     assert not has_state(RunFS(root), CHECKPOINT)
     for method in ("herding", "k-center"):

@@ -58,10 +58,10 @@ def select_coresets(
     the next class and ends as an uninterrupted one would.
 
     Memory at ImageNet-21K shape (K = 10,450, ~1,300 images a class, 224 px, ResNet-18's
-    D = 512): one class's features, 1,300 x 512 float32 (2.7 MiB) plus a float64 copy while
+    D = 512): one class's features, 1,300 x 512 float32 (2.5 MiB) plus a float64 copy while
     selecting; one chunk of images, 256 x 3 x 224 x 224 float32 (147 MiB); the selections,
-    K x IPC int64 per method (4.2 MiB at IPC 50). Never the dataset's feature matrix
-    (13.6M x 512 float32 would be 26 GiB)."""
+    K x IPC int64 per method (4.0 MiB at IPC 50). Never the dataset's feature matrix
+    (~11M x 512 float32 would be ~21 GiB)."""
     methods: list[str] = list(run.config.validation.coresets)
     pending: list[str] = []
     for method in methods:
