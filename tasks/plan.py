@@ -54,7 +54,15 @@ WORK_KINDS = (
 # and validation an epoch's permutation (int64), its batches as Python int lists (8-byte
 # pointer + 28-byte int) and the label file's three index columns read back.
 PER_IMAGE_BYTES = {"synthesis": 8, "labels": 64, "validation": 64, "baseline": 16}
-LOGIT_COPIES = {"labels_device": 2, "labels_host": 4, "validation_device": 6, "validation_host": 3}
+# B x classes float32 logit copies alive at once (hard_device: the hard protocol's student
+# logits and their gradient, no label batch).
+LOGIT_COPIES = {
+    "labels_device": 2,
+    "labels_host": 4,
+    "validation_device": 6,
+    "validation_host": 3,
+    "hard_device": 2,
+}
 KL_WORK_COPIES = 6  # C x C float64 per measured layer alive in Eq. 1's forward and backward
 EVAL_BATCH = 256  # held_out_top1's batch
 # Gradient and temporary buffers of a backward pass besides the saved activations, in units of
@@ -144,6 +152,7 @@ class ModelFacts:
     largest_activation: int
     largest_measured: int
     flops: dict[str, float]
+    penultimate: int = 0  # D: in_features of the last nn.Linear (the coreset features); 0: none
 
 
 def _saved_bytes(model: nn.Module, x: torch.Tensor, kind: str) -> int:
@@ -245,7 +254,15 @@ def model_facts(
         largest_activation=largest,
         largest_measured=max(measured.values()),
         flops=flops,
+        penultimate=_penultimate(model),
     )
+
+
+def _penultimate(model: nn.Module) -> int:
+    """Width of the features d3s_core.coresets.penultimate_features takes: the input of the
+    model's last registered nn.Linear (0 if it has none)."""
+    linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
+    return linears[-1].in_features if linears else 0
 
 
 def planned_recipe(cfg: RunConfig):
@@ -315,6 +332,36 @@ def train_images(cfg: RunConfig, given: int | None = None) -> tuple[int, str]:
     )
 
 
+# The largest class of the presets' training sets (the coreset pass holds one class's features).
+KNOWN_MAX_CLASS_IMAGES = {"imagenet-1k": 1300, "tiny-imagenet": 500}  # ILSVRC-2012: 732-1,300
+
+
+def max_class_images(cfg: RunConfig, n_train: int) -> tuple[int, str]:
+    """(training images of the largest class, where it came from): exact for the in-memory
+    kinds and a local ImageFolder tree, the preset's known value, else an assumption."""
+    ds, p = cfg.dataset, planned_recipe(cfg)
+    if ds.kind == "mnist5k":
+        return MNIST5K_PER_CLASS - round(MNIST5K_PER_CLASS * ds.test_fraction), "mnist5k"
+    if ds.kind == "synthetic":
+        per, extra = divmod(ds.synthetic_size, p.num_classes)
+        big = per + (extra > 0)
+        return big - round(big * ds.test_fraction), "dataset.synthetic_size"
+    if p.name in KNOWN_MAX_CLASS_IMAGES:
+        return min(KNOWN_MAX_CLASS_IMAGES[p.name], n_train), f"preset {p.name}'s largest class"
+    if ds.kind == "imagefolder" and ds.path and os.path.isdir(ds.path):
+        from storage.imagefolder import class_folders
+
+        try:
+            names = class_folders(ds.path)
+        except ValueError:  # no class folders: the run will say so
+            names = []
+        if names:
+            sizes = [_count_image_files(os.path.join(ds.path, c)) for c in names]
+            return max(sizes), f"image files counted under {ds.path}"
+    mean = ceil_div(n_train, p.num_classes)
+    return min(2 * mean, n_train), "assumed: 2 x the mean class size"
+
+
 # -- counts -----------------------------------------------------------------------------------
 def ceil_div(a: int, b: int) -> int:
     return -(-a // b)
@@ -361,12 +408,42 @@ def counts(cfg: RunConfig, n_train: int) -> dict[str, dict[str, Any]]:
             "iterations": ceil_div(n, syn_b) * k,
             "intervals_per_batch": ceil_div(k, cfg.synthesis.checkpoint_every),
         },
-        "labels": labels,
-        "validation": students,
     }
-    if cfg.validation.random_real_baseline:
-        out["baseline_labels"] = dict(labels)
-        out["baseline_validation"] = dict(students)
+    v = cfg.validation
+    soft, hard = "soft" in v.protocols, "hard" in v.protocols
+    if soft:  # the flow labels and validates under the soft protocol only when it is listed
+        out["labels"] = labels
+        out["validation"] = students
+    if hard:  # the same students on the class labels: no labels
+        out["validation_hard"] = dict(students)
+    if v.random_real_baseline:
+        if soft:
+            out["baseline_labels"] = dict(labels)
+            out["baseline_validation"] = dict(students)
+        if hard:
+            out["baseline_validation_hard"] = dict(students)
+    if v.coresets:
+        sets = len(v.coresets)
+        out["coresets"] = {
+            "methods": list(v.coresets),
+            "teacher": v.coreset_teacher,
+            "images": n_train,  # one forward of the coreset teacher per training image
+            "set_images": n,
+            "sets": sets,
+        }
+        if soft:
+            out["coreset_labels"] = {**labels, "sets": sets}
+            out["coreset_validation"] = {**students, "sets": sets}
+        if hard:
+            out["coreset_validation_hard"] = {**students, "sets": sets}
+    if v.full_data:
+        out["full_data"] = {
+            "students": v.full_data_students,
+            "arch": cfg.student_arch(),
+            "epochs": v.full_data_epochs or t.epochs,  # tasks/stages/validation.py `_plans`
+            "steps_per_epoch": ceil_div(n_train, lb),
+            "images": n_train,
+        }
     return out
 
 
@@ -452,23 +529,47 @@ def disk(cfg: RunConfig, c: dict[str, dict[str, Any]]) -> dict[str, dict[str, An
             c["synthesis"]["batches"] * (24 * k + 24 * len(tf.channels) + 1024),
             "batches x (24 B x K loss curve + 24 B x layers + 1 KiB) JSON",
         ),
-        "labels": _artifact(
-            cfg.labels.epochs * epoch,
-            f"epochs x {epoch:,} B per epoch ({cfg.labels.format}, measured on random logits)",
-            per_epoch=epoch,
-        ),
-        "student_weights": _artifact(
-            c["validation"]["students"] * sf.weight_bytes, "students x state_dict bytes"
-        ),
-        "student_checkpoint": _artifact(
-            sf.weight_bytes + s_slots * sf.params * F32, "weights + optimiser state", False
-        ),
     }
-    if cfg.validation.random_real_baseline:
+    v = cfg.validation
+    soft, hard = "soft" in v.protocols, "hard" in v.protocols
+    labels = _artifact(
+        cfg.labels.epochs * epoch,
+        f"epochs x {epoch:,} B per epoch ({cfg.labels.format}, measured on random logits)",
+        per_epoch=epoch,
+    )
+    students = v.students * sf.weight_bytes
+    if soft:
+        out["labels"] = labels
+        out["student_weights"] = _artifact(students, "students x state_dict bytes")
+    if hard:
+        out["student_weights_hard"] = _artifact(students, "students x state_dict bytes")
+    out["student_checkpoint"] = _artifact(
+        sf.weight_bytes + s_slots * sf.params * F32, "weights + optimiser state", False
+    )
+    if v.random_real_baseline:
         out["baseline_images"] = _artifact(n * chw * F32, "N x C x H x W x 4")
-        out["baseline_labels"] = _artifact(out["labels"]["bytes"], "as labels")
-        out["baseline_student_weights"] = _artifact(
-            out["student_weights"]["bytes"], "as student_weights"
+        if soft:
+            out["baseline_labels"] = _artifact(labels["bytes"], "as labels")
+            out["baseline_student_weights"] = _artifact(students, "as student_weights")
+        if hard:
+            out["baseline_student_weights_hard"] = _artifact(students, "as student_weights")
+    if v.coresets:
+        sets = len(v.coresets)
+        out["coreset_images"] = _artifact(
+            sets * n * chw * F32, f"{sets} sets x N x C x H x W x 4 ({', '.join(v.coresets)})"
+        )
+        if soft:
+            out["coreset_labels"] = _artifact(sets * labels["bytes"], f"{sets} sets x labels")
+            out["coreset_student_weights"] = _artifact(
+                sets * students, f"{sets} sets x students x state_dict bytes"
+            )
+        if hard:
+            out["coreset_student_weights_hard"] = _artifact(
+                sets * students, f"{sets} sets x students x state_dict bytes"
+            )
+    if v.full_data:
+        out["full_data_student_weights"] = _artifact(
+            v.full_data_students * sf.weight_bytes, "full_data_students x state_dict bytes"
         )
     return out
 
@@ -632,7 +733,9 @@ def _labels_mem(cfg: RunConfig, n: int) -> dict[str, Any]:
     return {"label": _phase(host, device)}
 
 
-def _validation_mem(cfg: RunConfig, n: int, n_train: int) -> dict[str, Any]:
+def _validation_mem(cfg: RunConfig, n: int, n_train: int, hard: bool = False) -> dict[str, Any]:
+    """Students on an image set of n images; `hard`: on its class labels (no label batch: the
+    logits are the student's and their gradient)."""
     p = planned_recipe(cfg)
     f = facts_for(cfg, cfg.student_arch())
     b, k = cfg.labels.batch_size, p.num_classes
@@ -643,17 +746,17 @@ def _validation_mem(cfg: RunConfig, n: int, n_train: int) -> dict[str, Any]:
         "optimiser state": opt,
         "batch x (rows + crops + saved activations)": b * (2 * chw * F32 + f.saved_train),
         "backward buffers": b * BACKWARD_BUFFERS["train"] * f.largest_activation,
-        "logits (labels, student, softmaxes, grads)": b
-        * k
-        * F32
-        * LOGIT_COPIES["validation_device"],
     }
-    host = {
-        "prefetched image rows (workers x 2 + 1)": _prefetch(cfg) * b * chw * F32,
-        "label batch read back": b * k * F32 * LOGIT_COPIES["validation_host"],
-        "per-image index vectors": n * PER_IMAGE_BYTES["validation"],
-        "checkpoint write (2 copies)": 2 * (f.weight_bytes + opt),
-    }
+    host = {"prefetched image rows (workers x 2 + 1)": _prefetch(cfg) * b * chw * F32}
+    if hard:
+        device["logits (student + grads)"] = b * k * F32 * LOGIT_COPIES["hard_device"]
+    else:
+        device["logits (labels, student, softmaxes, grads)"] = (
+            b * k * F32 * LOGIT_COPIES["validation_device"]
+        )
+        host["label batch read back"] = b * k * F32 * LOGIT_COPIES["validation_host"]
+    host["per-image index vectors"] = n * PER_IMAGE_BYTES["validation"]
+    host["checkpoint write (2 copies)"] = 2 * (f.weight_bytes + opt)
     held = {
         "weights": f.weight_bytes,
         "held-out batch x (image + forward)": EVAL_BATCH * (chw * F32 + f.forward_live),
@@ -678,6 +781,73 @@ def _baseline_subset_mem(cfg: RunConfig, n: int, n_train: int) -> dict[str, Any]
     return {"subset": _phase(host, {"chunk (float32)": b * chw * F32})}
 
 
+def coreset_features(cfg: RunConfig, n_train: int) -> dict[str, Any]:
+    """The coreset pass's feature matrix of one class: (largest class, D) and their sources."""
+    f = facts_for(cfg, planned_recipe(cfg).arch)
+    rows, rows_from = max_class_images(cfg, n_train)
+    if f.penultimate:
+        dim, dim_from = f.penultimate, "the teacher's last nn.Linear input"
+    else:  # no Linear head: the widest measured layer, pooled
+        dim, dim_from = max(f.channels), "assumed: the widest measured layer's channels"
+    return {"rows": rows, "rows_source": rows_from, "dim": dim, "dim_source": dim_from}
+
+
+def _coreset_pass_mem(cfg: RunConfig, n_train: int) -> dict[str, Any]:
+    """One pass over the training set through the coreset teacher, class by class, in chunks
+    of `CHUNK` images; each method selects IPC of one class's features at a time."""
+    from tasks.stages.coreset import CHUNK
+
+    p = planned_recipe(cfg)
+    f = facts_for(cfg, p.arch)
+    chw = p.in_chans * p.image_size * p.image_size
+    feat = coreset_features(cfg, n_train)
+    rows, dim = feat["rows"], feat["dim"]
+    sets, k, ipc = len(cfg.validation.coresets), p.num_classes, cfg.synthesis.ipc
+    device = {
+        "teacher weights": f.weight_bytes,
+        "chunk x (image + forward)": CHUNK * (chw * F32 + f.forward_live),
+        # float32 (the chunks' features concatenated) + the selection's float64 copy
+        f"one class's features ({rows:,} x {dim:,}: float32 + float64)": rows * dim * (F32 + F64),
+    }
+    host = {
+        **_loader(cfg, n_train, CHUNK),
+        "per-class training rows (int64)": n_train * 8,
+        "selections (sets x classes x IPC int64, + checkpoint copy)": 2 * sets * k * ipc * 8,
+    }
+    return {"pass": _phase(host, device)}
+
+
+def _full_data_mem(cfg: RunConfig, n_train: int) -> dict[str, Any]:
+    """Hard-protocol students on the whole training set, streamed through the run's
+    DataLoader in batches of labels.batch_size: teacher training's working set with the
+    student's architecture and optimiser (and the crops of the hard protocol)."""
+    p = planned_recipe(cfg)
+    f = facts_for(cfg, cfg.student_arch())
+    b, k = cfg.labels.batch_size, p.num_classes
+    chw = p.in_chans * p.image_size * p.image_size
+    opt = optimizer_slots(p.student.optimizer, p.student.momentum) * f.params * F32
+    device = {
+        "weights + grads": f.weight_bytes + f.params * F32,
+        "optimiser state": opt,
+        "batch x (image + crops + saved activations)": b * (2 * chw * F32 + f.saved_train),
+        "backward buffers": b * BACKWARD_BUFFERS["train"] * f.largest_activation,
+        "logits (student + grads)": b * k * F32 * LOGIT_COPIES["hard_device"],
+    }
+    host = {
+        **_loader(cfg, n_train, b),
+        "epoch permutation (int64)": n_train * 8,
+        "checkpoint write (2 copies)": 2 * (f.weight_bytes + opt),
+    }
+    held = {
+        "weights": f.weight_bytes,
+        "held-out batch x (image + forward)": EVAL_BATCH * (chw * F32 + f.forward_live),
+    }
+    return {
+        "train": _phase(host, device),
+        "held-out": _phase(_loader(cfg, n_train, EVAL_BATCH), held),
+    }
+
+
 def memory(cfg: RunConfig, c: dict[str, dict[str, Any]], mach: Machine) -> dict[str, Any]:
     """Peak host and GPU bytes per stage: the process baseline plus the largest phase's working
     set; on device "cpu" the device working set is host memory too."""
@@ -686,13 +856,25 @@ def memory(cfg: RunConfig, c: dict[str, dict[str, Any]], mach: Machine) -> dict[
         "teachers": _teachers_mem(cfg, n_train),
         "stats": _stats_mem(cfg, n_train, c["stats"]["shards"]),
         "synthesis": _synthesis_mem(cfg, n),
-        "labels": _labels_mem(cfg, n),
-        "validation": _validation_mem(cfg, n, n_train),
     }
-    if cfg.validation.random_real_baseline:
-        stages["baseline_images"] = _baseline_subset_mem(cfg, n, n_train)
-        stages["baseline_labels"] = stages["labels"]
-        stages["baseline_validation"] = stages["validation"]
+    labels = _labels_mem(cfg, n)
+    soft = _validation_mem(cfg, n, n_train)
+    hard = _validation_mem(cfg, n, n_train, hard=True)
+    groups = {"labels": labels, "validation": soft, "validation_hard": hard}
+    for prefix in ("", "baseline_", "coreset_"):
+        if prefix == "baseline_" and cfg.validation.random_real_baseline:
+            stages["baseline_images"] = _baseline_subset_mem(cfg, n, n_train)
+        if prefix == "coreset_" and cfg.validation.coresets:
+            # the pass, then each set written as the random-real baseline's is
+            stages["coresets"] = {
+                **_coreset_pass_mem(cfg, n_train),
+                "write": _baseline_subset_mem(cfg, n, n_train)["subset"],
+            }
+        for name, phases in groups.items():
+            if prefix + name in c:
+                stages[prefix + name] = phases
+    if "full_data" in c:
+        stages["full_data"] = _full_data_mem(cfg, n_train)
     gpu = cfg.device.startswith("cuda")
     out = {}
     for name, phases in stages.items():
@@ -739,24 +921,52 @@ def hours(
     """Estimated device-hours per stage: work FLOPs / the measured FLOP rate of its kind."""
     p = planned_recipe(cfg)
     tf, sf = facts_for(cfg, p.arch), facts_for(cfg, cfg.student_arch())
-    t, s, y, lab, v = (c[k] for k in ("teachers", "stats", "synthesis", "labels", "validation"))
+    t, s, y = (c[k] for k in ("teachers", "stats", "synthesis"))
     m = cfg.teachers.count
-    work = {
+    work: dict[str, list[tuple[str, ModelFacts, int]]] = {
         "teachers": [("teacher_step", tf, m * t["epochs"] * t["train_images"])],
         "stats": [("stats_forward", tf, m * s["images"])],
         "synthesis": [
             ("synthesis_iteration", tf, y["images"] * y["iterations_per_batch"]),
             ("stats_forward", tf, m * y["images"]),  # the ISU update after each batch
         ],
-        "labels": [("label_forward", tf, lab["labellers"] * lab["epochs"] * lab["images"])],
-        "validation": [("student_step", sf, v["students"] * v["epochs"] * v["images"])],
     }
-    if "baseline_labels" in c:
+    notes: dict[str, str] = {}
+    for stage, x in c.items():
+        sets = x.get("sets", 1)
+        if stage.endswith("labels"):
+            images = sets * x["labellers"] * x["epochs"] * x["images"]
+            work[stage] = [("label_forward", tf, images)]
+        elif "validation" in stage:  # soft and hard students alike: a training step each
+            work[stage] = [("student_step", sf, sets * x["students"] * x["epochs"] * x["images"])]
+    if cfg.validation.random_real_baseline:
         work["baseline_images"] = []  # reading and writing N real images: I/O, not modelled
-        work["baseline_labels"] = work["labels"]
-        work["baseline_validation"] = work["validation"]
+    if "coresets" in c:
+        # The feature pass is a no-grad eval-mode forward of one teacher per training image,
+        # which is what label_forward measures (stats_forward adds the layers' statistics).
+        work["coresets"] = [("label_forward", tf, c["coresets"]["images"])]
+        notes["coresets"] = (
+            "label_forward (the same no-grad eval forward of one teacher, the nearest measured "
+            "kind) x n training images; writing the sets is I/O, not modelled"
+        )
+    if "full_data" in c:
+        x = c["full_data"]
+        # Teacher training's work with the student's architecture: student_step is that kind
+        # (forward + backward to the weights) measured at the student's FLOPs per image.
+        work["full_data"] = [("student_step", sf, x["students"] * x["epochs"] * x["images"])]
+        notes["full_data"] = (
+            f"student_step ({x['arch']}: teacher training's work with the student "
+            "architecture) x full_data_students x full_data_epochs x n training images"
+        )
+    if any(k.endswith("validation_hard") for k in c):
+        notes["validation_hard"] = (
+            "student_step, as the soft protocol's students (cross-entropy on the class labels)"
+        )
     out: dict[str, Any] = {"stages": {}, "points": {}}
-    for stage, items in work.items():
+    if notes:
+        out["notes"] = notes
+    for stage in sorted(work, key=list(STAGE_DISK).index):
+        items = work[stage]
         total: float | None = 0.0
         for kind, f, images in items:
             r = None if table is None else rate(table, kind, f.flops[kind])
@@ -772,20 +982,33 @@ def hours(
 
 
 # -- the plan ---------------------------------------------------------------------------------
-STAGE_DISK = {
+STAGE_DISK = {  # in the flow's order (the table's rows and the hours' keys follow it)
     "teachers": ["teacher_weights"],
     "stats": ["stats_zarr"],
     "synthesis": ["synthesis_images", "isu_state", "synthesis_commit_records"],
     "labels": ["labels"],
     "validation": ["student_weights"],
+    "validation_hard": ["student_weights_hard"],
     "baseline_images": ["baseline_images"],
     "baseline_labels": ["baseline_labels"],
     "baseline_validation": ["baseline_student_weights"],
+    "baseline_validation_hard": ["baseline_student_weights_hard"],
+    "coresets": ["coreset_images"],
+    "coreset_labels": ["coreset_labels"],
+    "coreset_validation": ["coreset_student_weights"],
+    "coreset_validation_hard": ["coreset_student_weights_hard"],
+    "full_data": ["full_data_student_weights"],
 }
 
 
 def _count_text(stage: str, c: dict[str, dict[str, Any]]) -> str:
     x = c.get(stage.replace("baseline_images", "synthesis"), {})
+    sets = f"{x['sets']} sets x " if "sets" in x else ""
+    if stage == "coresets":
+        return (
+            f"{x['images']:,} images through teacher {x['teacher']}, "
+            f"{x['sets']} sets of {x['set_images']:,}"
+        )
     if stage == "teachers":
         if not x["trained"]:
             return f"{x['teachers']} imported"
@@ -797,8 +1020,8 @@ def _count_text(stage: str, c: dict[str, dict[str, Any]]) -> str:
     if stage == "baseline_images":
         return f"{x['images']:,} real images"
     if stage.endswith("labels"):
-        return f"{x['epochs']} epochs x {x['batches_per_epoch']:,} batches"
-    return f"{x['students']} x {x['epochs']} epochs x {x['steps_per_epoch']:,} steps"
+        return f"{sets}{x['epochs']} epochs x {x['batches_per_epoch']:,} batches"
+    return f"{sets}{x['students']} x {x['epochs']} epochs x {x['steps_per_epoch']:,} steps"
 
 
 def make_plan(
@@ -849,6 +1072,7 @@ def make_plan(
             "baseline_source": mach.source,
             "cuda_context_bytes": mach.cuda_context if cfg.device.startswith("cuda") else None,
             "stages": mem,
+            **({"coreset_features": coreset_features(cfg, n)} if cfg.validation.coresets else {}),
         },
         "hours": h,
         "throughput": {
@@ -932,9 +1156,10 @@ def format_plan(plan: dict[str, Any]) -> str:
             lines.append("  ".join("-" * w for w in widths))
     d = plan["disk"]
     lines += ["", "disk per artifact (kept unless marked transient):"]
+    wide = max(26, *map(len, d["artifacts"]))
     for name, a in d["artifacts"].items():
         mark = "" if a["kept"] else "  (transient)"
-        lines.append(f"  {name:<26} {human_bytes(a['bytes']):>11}  {a['formula']}{mark}")
+        lines.append(f"  {name:<{wide}} {human_bytes(a['bytes']):>11}  {a['formula']}{mark}")
     w = d["synthesis_writes"]
     per = w["checkpoints_per_batch"]
     lines.append(
@@ -955,6 +1180,12 @@ def format_plan(plan: dict[str, Any]) -> str:
         )
         + "; per-stage working sets in --json (docs/plan.md)",
     ]
+    if "coreset_features" in mem:
+        f = mem["coreset_features"]
+        lines.append(
+            f"  coresets: one class's features at a time, {f['rows']:,} images "
+            f"({f['rows_source']}) x D = {f['dim']:,} ({f['dim_source']})"
+        )
     if th["file"]:
         used = ", ".join(f"{k} at {v}" for k, v in plan["hours"]["points"].items())
         lines.append(
@@ -969,4 +1200,8 @@ def format_plan(plan: dict[str, Any]) -> str:
             )
     else:
         lines.append("hours: no throughput table (bench/bench_throughput.py writes one)")
+    # how the new stages' hours are counted, after the hours line (before any warning)
+    at = next((i for i, x in enumerate(lines) if x.startswith("hours:")), len(lines)) + 1
+    notes = plan["hours"].get("notes", {})
+    lines[at:at] = [f"  {stage}: {note}" for stage, note in notes.items()]
     return "\n".join(lines)

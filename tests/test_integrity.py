@@ -157,6 +157,7 @@ def test_dependents_follow_the_stages():
         "synthesis/",
         "labels/",
         "validation/",
+        "validation-hard/",  # the hard protocol's students on the same images
     ]
     assert dependents("labels/epoch=3/part-0.parquet")[1] == "validation/"
     assert dependents("baselines/random-real/labels/epoch=0/part-0.parquet")[1] == (

@@ -237,3 +237,160 @@ def test_cli_plan_prints_a_table_and_json(capsys):
     assert plan["train_images"] == {"count": 1000, "source": "--train-images"}
     assert {r["stage"] for r in plan["stages"]} >= {"teachers", "stats", "synthesis", "labels"}
     assert main(["plan", str(DEMO), "--throughput", "/nonexistent.json"]) == 2
+
+
+# -- the issue-15 stages: the hard protocol, the coreset baselines, the full-data reference ----
+def extended_cfg(**validation):
+    """The demo with every new stage: both protocols, both coresets, the full-data reference."""
+    raw = json.loads(DEMO.read_text())
+    raw["validation"].update(
+        {
+            "protocols": ["soft", "hard"],
+            "coresets": ["herding", "k-center"],
+            "full_data": True,
+            "full_data_students": 2,
+            **validation,
+        }
+    )
+    return raw, parse_config(raw)
+
+
+def unit_table(tmp_path, rate: float = 1e9) -> Path:
+    point = {k: {"flops_per_image": 1e8, "flops_per_s": rate} for k in P.WORK_KINDS}
+    table = tmp_path / "t.json"
+    table.write_text(json.dumps({"device": "test", "points": [{"name": "x", "work": point}]}))
+    return table
+
+
+def test_new_stages_counts_disk_and_rows(tmp_path):
+    raw, cfg = extended_cfg()
+    p = cfg.preset_obj()
+    plan = P.make_plan(cfg, throughput=unit_table(tmp_path))
+    c, art = plan["counts"], plan["disk"]["artifacts"]
+    n_train, n = 4000, p.num_classes * raw["synthesis"]["ipc"]  # mnist5k at 0.2 held out
+    lb, students = raw["labels"]["batch_size"], raw["validation"]["students"]
+    assert [r["stage"] for r in plan["stages"]] == [
+        "teachers",
+        "stats",
+        "synthesis",
+        "labels",
+        "validation",
+        "validation_hard",
+        "baseline_images",
+        "baseline_labels",
+        "baseline_validation",
+        "baseline_validation_hard",
+        "coresets",
+        "coreset_labels",
+        "coreset_validation",
+        "coreset_validation_hard",
+        "full_data",
+    ]
+    hard = {"students": students, "epochs": p.student.epochs, "steps_per_epoch": -(-n // lb)}
+    for stage in ("validation_hard", "baseline_validation_hard", "coreset_validation_hard"):
+        assert {k: c[stage][k] for k in hard} == hard, stage
+        assert c[stage]["images"] == n
+    assert c["coresets"]["images"] == n_train and c["coresets"]["sets"] == 2
+    assert c["coreset_labels"]["epochs"] == raw["labels"]["epochs"]
+    assert c["coreset_labels"]["batches_per_epoch"] == -(-n // lb)
+    full = c["full_data"]
+    assert (full["students"], full["epochs"], full["images"]) == (2, p.teacher.epochs, n_train)
+    assert full["steps_per_epoch"] == -(-n_train // lb)  # 80 batches of 50
+    assert full["students"] * full["epochs"] * full["steps_per_epoch"] == 2 * p.teacher.epochs * 80
+    rows = {r["stage"]: r for r in plan["stages"]}
+    assert rows["full_data"]["count"] == f"2 x {p.teacher.epochs} epochs x 80 steps"
+    assert rows["coreset_validation_hard"]["count"].startswith("2 sets x 2 x ")
+    # disk: two image stores like the random-real baseline's, their labels, every student
+    chw = p.in_chans * p.image_size * p.image_size
+    assert art["coreset_images"]["bytes"] == 2 * n * chw * 4
+    assert art["coreset_labels"]["bytes"] == 2 * art["labels"]["bytes"]
+    model = build_model(
+        p.student.arch, p.num_classes, in_chans=p.in_chans, low_res=p.low_res, width=p.width
+    )
+    weights = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+    assert art["student_weights_hard"]["bytes"] == students * weights
+    assert art["coreset_student_weights_hard"]["bytes"] == 2 * students * weights
+    assert art["full_data_student_weights"]["bytes"] == 2 * weights
+    # hours: the work of each new stage over the table's rate (1e9 FLOP/s)
+    tf, sf = P.facts_for(cfg, p.arch), P.facts_for(cfg, p.student.arch)
+    h = plan["hours"]["stages"]
+    per_student = p.student.epochs * n * sf.flops["student_step"] / 1e9 / 3600
+    assert h["validation_hard"] == pytest.approx(students * per_student)
+    assert h["coreset_validation_hard"] == pytest.approx(2 * students * per_student)
+    assert h["coresets"] == pytest.approx(n_train * tf.flops["label_forward"] / 1e9 / 3600)
+    expected = 2 * p.teacher.epochs * n_train * sf.flops["student_step"] / 1e9 / 3600
+    assert h["full_data"] == pytest.approx(expected)
+    assert plan["hours"]["total"] == pytest.approx(sum(h.values()))
+    text = P.format_plan(plan)
+    assert "full_data" in text and "label_forward (the same no-grad" in text
+
+
+def test_new_stages_memory(tmp_path):
+    _, cfg = extended_cfg()
+    p = cfg.preset_obj()
+    plan = P.make_plan(cfg)
+    mem = plan["memory"]["stages"]
+    # hard students: the soft working set without the label batch (host) and with 2 logit
+    # copies instead of 6 (device)
+    b, k = cfg.labels.batch_size, p.num_classes
+    soft, hard = mem["validation"]["phases"]["train"], mem["validation_hard"]["phases"]["train"]
+    assert sum(soft["device"].values()) - sum(hard["device"].values()) == b * k * 4 * (6 - 2)
+    assert sum(soft["host"].values()) - sum(hard["host"].values()) == b * k * 4 * 3
+    # the coreset pass holds one class's features: 400 images (500 less 0.2) x D, the input of
+    # the teacher's last Linear, float32 + float64
+    model = build_model(
+        p.arch, p.num_classes, in_chans=p.in_chans, low_res=p.low_res, width=p.width
+    )
+    dim = [m for m in model.modules() if isinstance(m, torch.nn.Linear)][-1].in_features
+    feats = plan["memory"]["coreset_features"]
+    assert (feats["rows"], feats["dim"]) == (400, dim)
+    device = mem["coresets"]["phases"]["pass"]["device"]
+    assert f"one class's features (400 x {dim:,}: float32 + float64)" in device
+    assert device[f"one class's features (400 x {dim:,}: float32 + float64)"] == 400 * dim * 12
+    assert "write" in mem["coresets"]["phases"]
+    # the full-data reference: teacher training's phases with the student and the hard logits
+    full = mem["full_data"]["phases"]["train"]["device"]
+    assert full["logits (student + grads)"] == b * k * 4 * 2
+    assert "epoch permutation (int64)" in mem["full_data"]["phases"]["train"]["host"]
+
+
+def test_hard_only_skips_labels_and_soft_students():
+    _, cfg = extended_cfg(protocols=["hard"])
+    plan = P.make_plan(cfg)
+    stages = [r["stage"] for r in plan["stages"]]
+    assert not [s for s in stages if s.endswith("labels") or s.endswith("validation")]
+    for s in ("validation_hard", "baseline_validation_hard", "coreset_validation_hard"):
+        assert s in stages
+    art = plan["disk"]["artifacts"]
+    assert "labels" not in art and "student_weights" not in art and "coreset_labels" not in art
+    assert "full_data" in P.format_plan(plan)
+
+
+def test_full_data_epochs_override():
+    _, cfg = extended_cfg(full_data_epochs=3, full_data_students=1)
+    full = P.make_plan(cfg)["counts"]["full_data"]
+    assert (full["students"], full["epochs"], full["steps_per_epoch"]) == (1, 3, 80)
+
+
+def test_imagenet_full_data_hours_with_a_table(tmp_path):
+    cfg = parse_config(
+        {
+            "name": "in1k",
+            "preset": "imagenet-1k",
+            "device": "cuda",
+            "dataset": {"kind": "imagefolder", "path": "/nonexistent/in1k/train"},
+            "validation": {"full_data": True},
+        }
+    )
+    plan = P.make_plan(cfg, throughput=unit_table(tmp_path, 1e12))
+    n_train = P.KNOWN_TRAIN_IMAGES["imagenet-1k"]
+    full = plan["counts"]["full_data"]
+    epochs = cfg.teacher_train().epochs
+    assert (full["students"], full["epochs"]) == (1, epochs)
+    assert full["steps_per_epoch"] == -(-n_train // cfg.labels.batch_size)
+    sf = P.facts_for(cfg, cfg.student_arch())
+    expected = epochs * n_train * sf.flops["student_step"] / 1e12 / 3600
+    got = plan["hours"]["stages"]["full_data"]
+    assert got == pytest.approx(expected) and got > 1  # hours at ImageNet size
+    row = next(line for line in P.format_plan(plan).splitlines() if line.startswith("full_data"))
+    assert row.endswith(P.human_hours(got))
