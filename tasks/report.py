@@ -179,7 +179,12 @@ def match_markdown(match: dict[str, Any]) -> list[str]:
     teacher's full-dataset Gaussians and the teachers' top-1 on it."""
     if not match:
         return []
-    names = {"distilled": "distilled (D3S)", "random_real": "random real subset"}
+    names = {
+        "distilled": "distilled (D3S)",
+        "random_real": "random real subset",
+        "herding": "herding coreset",
+        "k_center": "k-center coreset",
+    }
     teachers = len(next(iter(match.values()))["teachers"])
     lines = [
         "## Distribution match",

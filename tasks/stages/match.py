@@ -12,7 +12,7 @@ from storage.arrays import image_chunks
 from storage.fs import RunFS
 from storage.manifest import Manifest
 from storage.records import read_match, write_match
-from storage.run import BASELINE, Run, images_of
+from storage.run import BASELINE, Run, baseline_prefix, images_of
 
 from .common import data_splits, load_teachers
 from .stats import load_targets
@@ -63,11 +63,16 @@ def match_unless_known(
     return match_images(run, images, rel)
 
 
-SETS = (("distilled", ""), ("random_real", BASELINE))
+SETS = (
+    ("distilled", ""),
+    ("random_real", BASELINE),
+    ("herding", baseline_prefix("herding")),
+    ("k_center", baseline_prefix("k-center")),
+)
 
 
 def match_run(run: Run) -> dict[str, Any]:
-    """The match of the run's distilled set and, if the run has one, its random real subset,
+    """The match of the run's distilled set and of each baseline image set it has,
     kept in report/match.json with each set's manifest checksum: measured again only when the
     images change (nothing is read when they have not). Needs the run's teachers and
     statistics."""
