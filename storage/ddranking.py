@@ -34,7 +34,6 @@ from typing import Any
 
 import numpy as np
 import torch
-import zarr
 from PIL import Image
 
 from .arrays import image_chunks, image_count

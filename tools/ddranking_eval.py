@@ -98,11 +98,10 @@ def main() -> None:
     ap.add_argument("--out", required=True, help="JSON of accuracies and scores")
     a = ap.parse_args()
 
-    import torch
-    from torchvision import transforms
-
     import ddranking
+    import torch
     from ddranking.metrics import hard_label, soft_label
+    from torchvision import transforms
 
     torch.set_num_threads(max(1, os.cpu_count() or 1))
     rec = json.load(open(os.path.join(a.export, "export.json")))
