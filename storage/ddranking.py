@@ -36,7 +36,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .arrays import image_chunks, image_count
+from .arrays import _open_group, image_chunks, image_count
 from .fs import RunFS
 from .manifest import Manifest
 from .records import read_teacher_meta
@@ -150,10 +150,8 @@ def export_ddranking(
     out = Path(out)
     if out.exists() and not overwrite:
         raise FileExistsError(f"{out}: exists (pass overwrite=True / --overwrite to replace it)")
-    group = zarr.open_group(
-        fs.url(rel), mode="r", storage_options=None if fs.local else fs.storage_options or None
-    )  # type: ignore[arg-type]
-    attrs = dict(group.attrs)
+    group = _open_group(fs, rel, "r")
+    attrs: dict[str, Any] = dict(group.attrs)
     mean, std = [float(v) for v in attrs["mean"]], [float(v) for v in attrs["std"]]
     n, shape = image_count(fs, rel), tuple(group["images"].shape[1:])  # type: ignore[union-attr]
     classes = np.asarray(group["classes"][:])  # type: ignore[index]

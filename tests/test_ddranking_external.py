@@ -31,18 +31,25 @@ from PIL import Image
 
 from storage.arrays import read_images
 from storage.config import parse_config
-from storage.ddranking import export_ddranking, teacher_name
+from storage.ddranking import (
+    TeacherNotExpressible,
+    ddranking_resnet,
+    export_ddranking,
+    teacher_name,
+    to_pixels,
+)
 from storage.fs import RunFS
 from storage.records import read_summary
 from storage.run import BASELINE, FULL_DATA, open_run
-
-pytestmark = pytest.mark.slow
 
 REPO = Path(__file__).resolve().parents[1]
 PINS = ("ddranking==0.2.0", "numpy<2", "scipy<1.16", "torch==2.14.1", "torchvision==0.29.1")
 TORCH = "2.14.1"  # the wheel on this machine's disk; pip must not pick another
 CLASSES, SIZE, TRAIN_PER_CLASS, VAL_PER_CLASS = 200, 32, 3, 2
-EPOCHS = 2  # DD-Ranking's epochs per trained student (it trains 5 LRs per set and protocol)
+# DD-Ranking per trained student (it trains 5 LRs for most sets): 1 epoch of batches of 64
+# (4 SGD steps on 200 images); its soft-label student on the distilled set at LR 0.01, so that
+# only the random subset's soft students run its LR search (each soft step runs the teacher).
+DDR_ARGS = ("--epochs", "1", "--batch-size", "64", "--soft-syn-lr", "0.01")
 
 
 def ddranking_python() -> Path:
@@ -115,17 +122,20 @@ def tiny_config(data: Path) -> dict:
             "path": str(data / "train"),
             "val_path": str(data / "val"),
         },
-        "teachers": {"count": 1, "train": {"epochs": 2, "batch_size": 64}},
+        # The teacher is a ResNet-18 with the 3x3 stem (exportable); students are small.
+        "model": {"width": 8},
+        "teachers": {"count": 1, "train": {"epochs": 1, "batch_size": 64}},
         "stats": {"batch_size": 100, "workers": 0, "checkpoint_batches": 10},
         "synthesis": {
             "ipc": 1,
             "batch_size": 100,
             "checkpoint_every": 100,
             "checkpoint_seconds": 0,
-            "params": {"iterations": 3},
+            "params": {"iterations": 2},
         },
         "labels": {"epochs": 2, "batch_size": 50},
         "validation": {
+            "arch": "small_resnet",
             "students": 1,
             "epochs": 2,
             "checkpoint_every_epochs": 10,
@@ -183,6 +193,41 @@ print(json.dumps({"num_classes": n, "train": len(train), "val": len(test),
 """
 
 
+def _meta(arch="resnet18", size=32, low_res=True, width=64, chans=3) -> dict:
+    return {"arch": arch, "image_size": size, "low_res": low_res, "width": width, "in_chans": chans}
+
+
+def test_teacher_mapping_loads_our_resnets_into_ddranking_model_and_refuses_the_rest():
+    """Fast: the state_dict of our low-res ResNet-18 (and small_resnet at width 64) loads,
+    strict, into the model DD-Ranking builds for the exported name; the rest say why not."""
+    from d3s_core.models import build_model
+
+    for arch, size, low_res in (("resnet18", 32, True), ("small_resnet", 64, True)):
+        name = teacher_name(_meta(arch, size, low_res))
+        assert name == "ResNet-18-BN"
+        ours = build_model(arch, 7, low_res=low_res, width=64).state_dict()
+        ddranking_resnet(name, 7, size).load_state_dict(ours)  # strict: same keys and shapes
+    assert teacher_name(_meta("resnet34", 224, False)) == "ResNet-34-BN"
+    for bad, why in (
+        (_meta("small_resnet", width=4), "no DD-Ranking counterpart"),
+        (_meta("timm:resnet10t"), "no DD-Ranking counterpart"),
+        (_meta(chans=1), "input channels"),
+        (_meta(size=48), "stem"),
+    ):
+        with pytest.raises(TeacherNotExpressible, match=why):
+            teacher_name(bad)
+
+
+def test_pixels_round_trip_within_half_a_level():
+    mean, std = [0.4, 0.5, 0.6], [0.2, 0.25, 0.3]
+    px = torch.randint(0, 256, (4, 3, 5, 5), dtype=torch.uint8)
+    m, s = torch.tensor(mean).view(1, -1, 1, 1), torch.tensor(std).view(1, -1, 1, 1)
+    x = (px.float() / 255 + torch.rand(px.shape) * 0.9 / 255 - m) / s  # off the grid by < 1
+    got = torch.from_numpy(to_pixels(x, mean, std)).permute(0, 3, 1, 2).float() / 255
+    assert (got - (x * s + m)).abs().max() <= 0.5 / 255 + 1e-6
+
+
+@pytest.mark.slow
 def test_export_is_read_and_evaluated_by_ddranking(tmp_path):
     py = ddranking_python()
     data = tiny_imagenet_tree(tmp_path / "data")
@@ -230,8 +275,7 @@ def test_export_is_read_and_evaluated_by_ddranking(tmp_path):
             REPO / "tools" / "ddranking_eval.py",
             tmp_path / "export",
             data,
-            "--epochs",
-            str(EPOCHS),
+            *DDR_ARGS,
             "--out",
             result_path,
             "--workdir",

@@ -90,7 +90,8 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, default=2)
     ap.add_argument("--num-eval", type=int, default=1)
     ap.add_argument("--student", default="ConvNet-4-BN")
-    ap.add_argument("--syn-lr", type=float, default=None, help="skip its LR search for the set")
+    ap.add_argument("--syn-lr", type=float, default=None, help="hard: no LR search for the set")
+    ap.add_argument("--soft-syn-lr", type=float, default=None, help="soft: likewise")
     ap.add_argument("--batch-size", type=int, default=256)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--no-soft", action="store_true", help="hard-label evaluator only")
@@ -194,7 +195,7 @@ def main() -> None:
         sv.test_interval = 1
         _caught(sv, "_compute_hard_label_metrics_helper", log)
         _caught(sv, "_compute_soft_label_metrics_helper", log)
-        scores = sv.compute_metrics(image_path=image_dir, syn_lr=a.syn_lr)
+        scores = sv.compute_metrics(image_path=image_dir, syn_lr=a.soft_syn_lr)
         hard = _accuracies(log, image_dir, "_compute_hard_label_metrics_helper")
         soft = _accuracies(log, image_dir, "_compute_soft_label_metrics_helper")
         result["soft"] = {
