@@ -38,7 +38,7 @@ from PIL import Image
 
 from .arrays import _open_group, image_chunks, image_count
 from .fs import RunFS
-from .manifest import Manifest
+from .manifest import CorruptArtifact, Manifest
 from .records import read_teacher_meta
 from .run import baseline_prefix, images_of, teacher_weights
 
@@ -254,7 +254,7 @@ def main(argv: list[str] | None = None) -> None:
             require_teacher=a.require_teacher,
             overwrite=a.overwrite,
         )
-    except (TeacherNotExpressible, FileExistsError, ValueError) as e:
+    except (TeacherNotExpressible, CorruptArtifact, FileExistsError, ValueError) as e:
         raise SystemExit(f"error: {e}") from e
     print(json.dumps(record, indent=1))
 
