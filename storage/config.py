@@ -165,7 +165,7 @@ class ValidationSpec(Strict):
     denominator of hard-label recovery. Cheap at demo size; hours at ImageNet size."""
 
     students: int = Field(2, ge=1)
-    protocols: list[Protocol] = Field(default_factory=lambda: ["soft"], min_length=1)
+    protocols: list[Protocol] = Field(["soft"], min_length=1)
     random_real_baseline: bool = False
     coresets: list[CoresetMethod] = []
     coreset_teacher: int = Field(0, ge=0)
