@@ -176,7 +176,10 @@ def test_hard_student_resumes_to_the_uninterrupted_result(hard_run, tmp_path):
     class Stop(Exception):
         pass
 
+    stages = []
+
     def stop_after_first_epoch(stage, fraction, info):
+        stages.append(stage)
         if "loss" in info and info["epoch"].done == 1:
             raise Stop
 
@@ -186,6 +189,7 @@ def test_hard_student_resumes_to_the_uninterrupted_result(hard_run, tmp_path):
         with pytest.raises(Stop):
             EXTRA_STAGES["validation-hard"](run, stop_after_first_epoch)
         EXTRA_STAGES["validation-hard"](run)
+    assert stages and set(stages) == {"validation-hard"}  # its own progress card
     want = read_record(RunFS(root), summary_of("", "hard"))["top1"]
     assert read_record(fs, summary_of("", "hard"))["top1"] == want
     a = RunFS(root).read_bytes(f"{student_dir('small_resnet', 0, '', 'hard')}/weights.safetensors")

@@ -146,8 +146,9 @@ def _train_one(
         done = state["epochs_done"]
         losses = list(saved.get("losses", []))[:done]
     students = len(_plans(run, prefix))
+    stage = "validation" if protocol == "soft" else "validation-hard"  # the card it moves
     progress(  # the student's start (or resumed epoch), in the stage's unit
-        "validation",
+        stage,
         (plan.seed + done / plan.epochs) / students,
         {"student": Count(plan.seed + 1, students), "epoch": Count(done, plan.epochs)},
     )
@@ -171,7 +172,7 @@ def _train_one(
                 {"losses": losses, "epoch": i + 1},
             )
         progress(
-            "validation",
+            stage,
             (plan.seed + (i + 1) / plan.epochs) / students,
             {
                 "student": Count(plan.seed + 1, students),
