@@ -662,7 +662,7 @@ def _teachers_mem(cfg: RunConfig, n_train: int) -> dict[str, Any]:
     }
     host = {
         **_loader(cfg, n_train, t.batch_size),
-        "checkpoint write (2 copies)": 2 * (f.weight_bytes + opt),
+        "checkpoint write (2 copies)": 2 * (f.weight_bytes + device["optimiser state"]),
     }
     return {"train": _phase(host, device)}
 
@@ -733,20 +733,31 @@ def _labels_mem(cfg: RunConfig, n: int) -> dict[str, Any]:
     return {"label": _phase(host, device)}
 
 
+def _student_shapes(cfg: RunConfig):
+    """(recipe, the student's model facts, batch size, classes, C*H*W) of validation students."""
+    p = planned_recipe(cfg)
+    f = facts_for(cfg, cfg.student_arch())
+    return p, f, cfg.labels.batch_size, p.num_classes, p.in_chans * p.image_size * p.image_size
+
+
+def _student_train_device(cfg: RunConfig, what: str) -> dict[str, int]:
+    """A training student's device working set: weights, grads, optimiser state, one batch of
+    `what` with its crops and saved activations, backward buffers."""
+    p, f, b, _, chw = _student_shapes(cfg)
+    opt = optimizer_slots(p.student.optimizer, p.student.momentum) * f.params * F32
+    return {
+        "weights + grads": f.weight_bytes + f.params * F32,
+        "optimiser state": opt,
+        f"batch x ({what} + crops + saved activations)": b * (2 * chw * F32 + f.saved_train),
+        "backward buffers": b * BACKWARD_BUFFERS["train"] * f.largest_activation,
+    }
+
+
 def _validation_mem(cfg: RunConfig, n: int, n_train: int, hard: bool = False) -> dict[str, Any]:
     """Students on an image set of n images; `hard`: on its class labels (no label batch: the
     logits are the student's and their gradient)."""
-    p = planned_recipe(cfg)
-    f = facts_for(cfg, cfg.student_arch())
-    b, k = cfg.labels.batch_size, p.num_classes
-    chw = p.in_chans * p.image_size * p.image_size
-    opt = optimizer_slots(p.student.optimizer, p.student.momentum) * f.params * F32
-    device = {
-        "weights + grads": f.weight_bytes + f.params * F32,
-        "optimiser state": opt,
-        "batch x (rows + crops + saved activations)": b * (2 * chw * F32 + f.saved_train),
-        "backward buffers": b * BACKWARD_BUFFERS["train"] * f.largest_activation,
-    }
+    p, f, b, k, chw = _student_shapes(cfg)
+    device = _student_train_device(cfg, "rows")
     host = {"prefetched image rows (workers x 2 + 1)": _prefetch(cfg) * b * chw * F32}
     if hard:
         device["logits (student + grads)"] = b * k * F32 * LOGIT_COPIES["hard_device"]
@@ -756,7 +767,7 @@ def _validation_mem(cfg: RunConfig, n: int, n_train: int, hard: bool = False) ->
         )
         host["label batch read back"] = b * k * F32 * LOGIT_COPIES["validation_host"]
     host["per-image index vectors"] = n * PER_IMAGE_BYTES["validation"]
-    host["checkpoint write (2 copies)"] = 2 * (f.weight_bytes + opt)
+    host["checkpoint write (2 copies)"] = 2 * (f.weight_bytes + device["optimiser state"])
     held = {
         "weights": f.weight_bytes,
         "held-out batch x (image + forward)": EVAL_BATCH * (chw * F32 + f.forward_live),
@@ -821,22 +832,15 @@ def _full_data_mem(cfg: RunConfig, n_train: int) -> dict[str, Any]:
     """Hard-protocol students on the whole training set, streamed through the run's
     DataLoader in batches of labels.batch_size: teacher training's working set with the
     student's architecture and optimiser (and the crops of the hard protocol)."""
-    p = planned_recipe(cfg)
-    f = facts_for(cfg, cfg.student_arch())
-    b, k = cfg.labels.batch_size, p.num_classes
-    chw = p.in_chans * p.image_size * p.image_size
-    opt = optimizer_slots(p.student.optimizer, p.student.momentum) * f.params * F32
+    p, f, b, k, chw = _student_shapes(cfg)
     device = {
-        "weights + grads": f.weight_bytes + f.params * F32,
-        "optimiser state": opt,
-        "batch x (image + crops + saved activations)": b * (2 * chw * F32 + f.saved_train),
-        "backward buffers": b * BACKWARD_BUFFERS["train"] * f.largest_activation,
+        **_student_train_device(cfg, "image"),
         "logits (student + grads)": b * k * F32 * LOGIT_COPIES["hard_device"],
     }
     host = {
         **_loader(cfg, n_train, b),
         "epoch permutation (int64)": n_train * 8,
-        "checkpoint write (2 copies)": 2 * (f.weight_bytes + opt),
+        "checkpoint write (2 copies)": 2 * (f.weight_bytes + device["optimiser state"]),
     }
     held = {
         "weights": f.weight_bytes,
