@@ -5,6 +5,10 @@ unsets PREFECT_API_URL), on the config configs/demo-mnist.json. Every artifact l
 root, checkpointed, so interrupting and re-running the command resumes where it stopped.
 
     python -m flows.demo [--root runs/demo-mnist] [--config configs/demo-mnist.json]
+
+It validates D3S and the random real subset under both protocols (soft labels and hard
+labels). `make demo-baselines` adds herding, k-center and a full-data student
+(configs/demo-mnist-baselines.json, into runs/demo-mnist-baselines/).
 """
 
 from __future__ import annotations
@@ -14,10 +18,9 @@ import json
 import time
 from pathlib import Path
 
+from flows.cli import headline
 from flows.distill import distill
 from storage.config import parse_config
-from storage.fs import RunFS
-from storage.run import read_results
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -32,25 +35,12 @@ def main(argv: list[str] | None = None) -> None:
     print("(re-running the command resumes an interrupted run)", flush=True)
     t0 = time.time()
     distill(root=args.root, config=cfg)
-    fs = RunFS(args.root)
-    results = read_results(fs, cfg.teachers.count)
-    teachers = [meta["held_out_top1"] for meta in results["teachers"]]
-    summary, base = results["summary"], results["baseline"]
-    print(f"\nteachers (held-out top-1): {', '.join(f'{100 * a:.1f}%' for a in teachers)}")
+    print()
+    for line in headline(args.root, cfg):  # what `d3s run` prints: both protocols' scores
+        print(line)
+    print(f"artifacts   {args.root} (layout: docs/artifacts.md)")
     print(
-        f"students on {summary['distilled_images']} distilled images: "
-        f"{100 * summary['mean']:.1f} +- {100 * summary['std']:.1f}% top-1 "
-        f"(n = {summary['students']})"
-    )
-    if base is not None:
-        print(
-            f"random real subset ({base['distilled_images']} real images, same ensemble labels, "
-            f"same students): {100 * base['mean']:.1f} +- {100 * base['std']:.1f}% top-1"
-        )
-    print(f"artifacts: {args.root} (layout: docs/artifacts.md)")
-    print(
-        f"report:    {args.root}/report/report.md "
-        "(with report/grid.png, the distilled images, and report/curves.png, the loss curves)"
+        "            report/grid.png: the distilled images; report/curves.png: the loss curves"
     )
     print(f"done in {time.time() - t0:.0f} s")
 

@@ -61,6 +61,15 @@ def gpu_requested(config: pytest.Config) -> bool:
     return markexpr_selects(config.getoption("markexpr", "") or "")
 
 
+def pytest_configure(config):
+    """Under pytest-xdist (`make test` runs 2 workers), each worker's torch gets its share of
+    the cores, so that the workers do not oversubscribe them; tests that need a thread count
+    set their own."""
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    if os.environ.get("PYTEST_XDIST_WORKER") and workers > 1:
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // workers))
+
+
 @pytest.fixture(autouse=True)
 def _deterministic():
     torch.manual_seed(0)
@@ -83,3 +92,75 @@ def pytest_runtest_setup(item):
         "gpu tests fail rather than skip when asked for",
         pytrace=False,
     )
+
+
+# -- shared fixtures ---------------------------------------------------------------------------
+@pytest.fixture(scope="session")
+def prefect_server(tmp_path_factory):
+    """A real (ephemeral) Prefect server with an isolated PREFECT_HOME, one for the session."""
+    mp = pytest.MonkeyPatch()
+    mp.setenv("PREFECT_HOME", str(tmp_path_factory.mktemp("prefect_home")))
+    mp.setenv("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    mp.delenv("PREFECT_API_URL", raising=False)
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        yield
+    mp.undo()
+
+
+@pytest.fixture(scope="module")
+def s3_endpoint():
+    """A moto S3 server on 127.0.0.1 with a bucket `runs`; its URL (also AWS_ENDPOINT_URL)."""
+    moto_server = pytest.importorskip("moto.server")
+    mp = pytest.MonkeyPatch()
+    # Credentials come from the environment, never from the config or parameters.
+    mp.setenv("AWS_ACCESS_KEY_ID", "testing")
+    mp.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+    mp.setenv("AWS_DEFAULT_REGION", "us-east-1")
+    from tests.live_server import free_port  # conftest stays importable alone (test_gpu_gating)
+
+    port = free_port()
+    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=port)
+    server.start()
+    url = f"http://127.0.0.1:{port}"
+    mp.setenv("AWS_ENDPOINT_URL", url)  # what a user of an S3-compatible store sets
+    # fsspec caches filesystems by their arguments: one made earlier in this process (another
+    # module's server, other credentials) must not answer for this one.
+    import s3fs
+
+    s3fs.S3FileSystem.clear_instance_cache()
+    import boto3
+
+    boto3.client("s3", endpoint_url=url).create_bucket(Bucket="runs")
+    yield url
+    server.stop()
+    s3fs.S3FileSystem.clear_instance_cache()
+    mp.undo()
+
+
+@pytest.fixture(scope="module")
+def streaming_prepared(tmp_path_factory):
+    """A run root of the streaming synthesis config (configs.SYN) with teachers and statistics
+    (the synthesis stage's inputs)."""
+    from storage.run import open_run
+    from tasks.stages import compute_stats, train_teachers
+
+    from .helpers import streaming_config
+
+    root = tmp_path_factory.mktemp("syn") / "run"
+    torch.set_num_threads(1)
+    with open_run(root, streaming_config()) as run:
+        train_teachers(run)
+        compute_stats(run)
+    return root
+
+
+@pytest.fixture
+def streaming_root(streaming_prepared, tmp_path):
+    """A copy of `streaming_prepared` for one test to run the synthesis stage in."""
+    import shutil
+
+    dst = tmp_path / "run"
+    shutil.copytree(streaming_prepared, dst)
+    return dst

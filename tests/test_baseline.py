@@ -12,7 +12,7 @@ from tasks.stages import EXTRA_STAGES, STAGES
 from tasks.stages.baseline import train_indices
 from tasks.stages.common import data_splits
 
-from .test_storage_safety import SMALL
+from .configs import SMALL
 
 
 def test_random_real_baseline(tmp_path):

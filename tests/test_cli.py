@@ -6,7 +6,7 @@ from flows.cli import main, status
 from storage.run import SYN_CHECKPOINT
 from storage.states import save_state
 
-from .test_storage_safety import SMALL
+from .configs import SMALL
 
 
 def test_stage_commands_and_status(tmp_path, capsys, monkeypatch):

@@ -15,7 +15,7 @@ from storage.fs import RunFS
 from storage.manifest import MANIFEST
 from storage.run import open_run
 
-from .test_inputs import folder_config, make_tree, run_teachers
+from .helpers import folder_config, make_tree, run_teachers
 
 
 @pytest.mark.parametrize("preset", sorted(PRESETS))

@@ -23,8 +23,8 @@ from tasks.stages.baseline import train_indices
 from tasks.stages.common import class_rows, data_splits, load_teacher
 from tasks.stages.coreset import CHECKPOINT, select_coresets
 
+from .configs import CONFIG
 from .helpers import tiny_teacher
-from .test_resume_kill import CONFIG
 
 # Brute-force references: float64 numpy, one candidate at a time.
 

@@ -19,8 +19,7 @@ from storage.run import STATS, open_run
 from tasks.stages import STAGES
 from tasks.stages.common import batches, data_splits, load_teacher
 
-from .test_flow import prefect_server  # noqa: F401
-from .test_storage_safety import SMALL
+from .configs import SMALL
 
 # Several shards per teacher (batch 16 of 160 images = 10 batches, 2 per shard) and per worker.
 DASK = {
@@ -51,7 +50,7 @@ def checksums(root):
 
 
 @pytest.mark.timeout(600)
-def test_flow_on_dask_equals_the_single_process_flow(prefect_server, tmp_path):  # noqa: F811
+def test_flow_on_dask_equals_the_single_process_flow(prefect_server, tmp_path):
     from flows.distill import distill
     from tasks.dask_stages import on_dask, stats_plan_task, stats_shards_flow
 
@@ -92,7 +91,8 @@ def test_flow_on_dask_equals_the_single_process_flow(prefect_server, tmp_path): 
     assert len([k for k in checksums(root) if k.startswith("labels/")]) == 4
 
 
-def test_label_epochs_on_workers_are_recorded_by_the_stage(prefect_server, tmp_path):  # noqa: F811
+@pytest.mark.slow  # labels on workers, end to end: test_flow_on_dask_equals_the_single_process_flow
+def test_label_epochs_on_workers_are_recorded_by_the_stage(prefect_server, tmp_path):
     from tasks.dask_stages import label_epochs_flow, labels_plan_task, on_dask
 
     torch.set_num_threads(1)
@@ -118,8 +118,9 @@ def test_label_epochs_on_workers_are_recorded_by_the_stage(prefect_server, tmp_p
     assert labels == {k: v for k, v in checksums(reference).items() if k.startswith("labels/")}
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(300)
-def test_an_existing_cluster_by_address(prefect_server, tmp_path):  # noqa: F811
+def test_an_existing_cluster_by_address(prefect_server, tmp_path):
     """`dask scheduler` + `dask worker` started from the command line, named in the config."""
     import signal
     import subprocess

@@ -31,8 +31,7 @@ from tasks.stages.common import class_of_each, class_rows, data_splits, new_mode
 from tasks.stages.profile import data_profile
 from tasks.stages.synthesis import distilled_classes
 
-from .test_s3 import s3_endpoint  # noqa: F401  (the moto server fixture)
-from .test_webdataset import make_samples, write_shards
+from .helpers import make_samples, write_shards
 
 
 def make_tree(root, per_class=(3, 4, 2, 3, 5, 3, 4, 3, 2, 3), seed=0):
@@ -340,7 +339,7 @@ def teacher_file(trees):
 
 # -- an S3 run root ------------------------------------------------------------------------------
 def test_s3_root_writes_the_index_and_workers_map_a_local_copy(
-    s3_endpoint,  # noqa: F811  (the fixture imported above)
+    s3_endpoint,
     trees,
     tmp_path,
     monkeypatch,

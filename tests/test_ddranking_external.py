@@ -10,7 +10,7 @@ Our hard-protocol figures on the same images sit beside theirs in the JSON writt
 run (docs/ddranking.md quotes one). The venv is built once and cached by its pins:
 ~/.cache/d3s-ddranking-venv/<key> (D3S_DDRANKING_VENV overrides the path).
 
-    timeout 1800 .venv/bin/pytest -q -m slow tests/test_ddranking_external.py -s
+    timeout 1800 .venv/bin/pytest -q -m external tests/test_ddranking_external.py -s
 """
 
 from __future__ import annotations
@@ -228,6 +228,7 @@ def test_pixels_round_trip_within_half_a_level():
 
 
 @pytest.mark.slow
+@pytest.mark.external  # builds DD-Ranking's own venv from PyPI (minutes): opt-in
 def test_export_is_read_and_evaluated_by_ddranking(tmp_path):
     py = ddranking_python()
     data = tiny_imagenet_tree(tmp_path / "data")

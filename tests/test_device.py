@@ -25,8 +25,8 @@ from storage.run import open_run, syn_isu
 from storage.states import save_state
 from tasks.stages.synthesis import _running_after
 
-from .test_storage_safety import SMALL
-from .test_synthesis import CFG, SIZE, measured
+from .configs import SMALL
+from .helpers import CFG, SIZE, measured
 
 META = torch.device("meta")
 ITERATIONS = 6

@@ -11,7 +11,7 @@ from d3s_core.stats import as_samples
 from storage.arrays import create_images, image_chunks, write_image_batch
 from storage.fs import RunFS
 
-from .test_synthesis import measured
+from .helpers import measured
 
 
 def _images(n, seed):

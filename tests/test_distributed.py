@@ -6,9 +6,10 @@ ranks equal one process to rounding; in float32 only what one iteration or the l
 first iteration's loss and gradient, loss curves within a tolerance). Two float32 runs that
 differ in ranks or threads are not compared pixel by pixel after several Adam steps: pixels
 whose gradient is rounding noise move by about lr either way, so such a comparison measures
-chaos, not correctness. Every comparison runs with 1 and 4 threads per process. The synthesis
-stage is launched with torchrun, including a SIGKILL of the whole job and a relaunch that
-resumes from its checkpoint.
+chaos, not correctness. Every comparison runs with 1 and 4 threads per process: one of the two
+in the default tier (4 threads for the cheap ones, 1 for the slow float64 trajectories), the
+other in the slow tier. The synthesis stage is launched with torchrun, including (slow tier) a
+SIGKILL of the whole job and a relaunch that resumes from its checkpoint.
 """
 
 import dataclasses
@@ -46,9 +47,8 @@ from storage.manifest import Manifest
 from storage.run import SYN_IMAGES, open_run, syn_commit
 from tasks.stages import STAGES
 
-from .test_flow import prefect_server  # noqa: F401, E402
-from .test_storage_safety import SMALL
-from .test_synthesis import CFG, measured
+from .configs import SMALL
+from .helpers import CFG, measured
 
 REPO = Path(__file__).resolve().parents[1]
 WORLD = 2
@@ -90,7 +90,15 @@ def _worker(rank, fn, init, out, threads, args):
         dist.destroy_process_group()
 
 
-@pytest.fixture(params=THREADS, ids=lambda n: f"threads{n}")
+def thread_variants(default: int) -> list:
+    """THREADS as parameters: `default` in the default tier, the others slow."""
+    return [
+        pytest.param(n, id=f"threads{n}", marks=() if n == default else pytest.mark.slow)
+        for n in THREADS
+    ]
+
+
+@pytest.fixture
 def threads(request):
     """This process's torch threads for the test (restored after it)."""
     before = torch.get_num_threads()
@@ -129,6 +137,7 @@ def _moments_rank(world):
     return {"moments": moments, "ce": ce.detach(), "loss": loss.detach(), "grads": whole}
 
 
+@pytest.mark.parametrize("threads", thread_variants(4), indirect=True)
 def test_all_reduced_moments_and_gradients_equal_single_process(tmp_path, threads):
     x4, x2, logits, labels = _activations()
     inputs = [t.clone().requires_grad_(True) for t in (x4, x2, logits)]
@@ -242,6 +251,7 @@ def rel(a, b):
     return float((a - b).norm() / b.norm())
 
 
+@pytest.mark.parametrize("threads", thread_variants(1), indirect=True)
 def test_float64_synthesis_on_two_ranks_is_the_single_process_trajectory(tmp_path, threads):
     """Exactness: 8 Adam steps of 2 batches with ISU, float64, ranks and threads changed."""
     n = 9  # rows 0..4 on rank 0, 5..8 on rank 1
@@ -273,6 +283,7 @@ def test_float64_synthesis_on_two_ranks_is_the_single_process_trajectory(tmp_pat
             assert rel(ranks[1]["running_covs"][m][layer], cov) < TRAJECTORY_F64_REL
 
 
+@pytest.mark.parametrize("threads", thread_variants(4), indirect=True)
 def test_float32_synthesis_on_two_ranks_agrees_in_one_step_and_in_loss(tmp_path, threads):
     """float32, the production dtype: iteration 1 (the same images) gives the single process's
     loss and gradient to summation order; the loss curves agree within CURVE_F32_REL."""
@@ -401,7 +412,7 @@ def _records(root):
     return [json.loads((root / syn_commit(b)).read_text()) for b in (1, 2)]
 
 
-@pytest.mark.parametrize("rank_threads", THREADS, ids=lambda n: f"threads{n}")
+@pytest.mark.parametrize("rank_threads", thread_variants(1))
 def test_two_rank_float64_stage_equals_single_process_stage(stage_runs, tmp_path, rank_threads):
     """The stage through torchrun in float64 writes the single process's images (stored as
     float32: to float32 rounding) and loss curves (to float64 rounding)."""
@@ -435,6 +446,7 @@ def test_two_rank_float32_stage_agrees_with_single_process_stage(stage_runs):
         assert Manifest(RunFS(stage_runs[key])).is_recorded(SYN_IMAGES)
 
 
+@pytest.mark.slow  # the default tier's end-to-end resume proof: tests/test_resume_kill.py
 def test_sigkill_of_two_rank_job_then_relaunch_resumes(stage_runs, tmp_path):
     root = tmp_path / "killed"
     shutil.copytree(stage_runs["prepared"], root)
@@ -468,7 +480,7 @@ def test_sigkill_of_two_rank_job_then_relaunch_resumes(stage_runs, tmp_path):
     assert torch.equal(images(root), images(stage_runs["multi"]))
 
 
-def test_the_flow_launches_the_two_rank_job(stage_runs, prefect_server, tmp_path):  # noqa: F811
+def test_the_flow_launches_the_two_rank_job(stage_runs, prefect_server, tmp_path):
     """`distributed.ranks` in the config: the flow's synthesis task runs the torchrun job on
     this machine (the ranks attach to the run the task has locked). The job's ranks get
     cpu_count / ranks threads each, so the run is float64 and compared with the single process

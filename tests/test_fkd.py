@@ -19,11 +19,8 @@ from torch.utils.data import DataLoader, Dataset, RandomSampler
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms import functional as t_F
 
-from d3s_core.augment import apply_crops, draw_crops
-from d3s_core.labelling import EpochLabels, epoch_batches
-from storage.arrays import create_images, write_image_batch
+from d3s_core.augment import apply_crops
 from storage.fkd import export_fkd, main
-from storage.fs import RunFS
 from storage.label_sizes import (
     epoch_bytes,
     fkd_batch_file_bytes,
@@ -32,54 +29,16 @@ from storage.label_sizes import (
     parquet_epoch_bytes,
     schema_bytes,
 )
-from storage.labels import read_epoch, write_epoch, write_schema
-from storage.manifest import CorruptArtifact, Manifest
-from storage.run import SYN_IMAGES, labels_epoch
+from storage.labels import read_epoch
+from storage.manifest import CorruptArtifact
+from storage.run import labels_epoch
 
-N, CLASSES, SIZE, LABEL_EPOCHS = 24, 4, 32, 2
-MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
-
-
-def ramp_pixels() -> torch.Tensor:
-    """(N, 3, S, S) in [0, 1], multiples of 1/255: red rises left to right, green top to
-    bottom (so a wrong flip or swapped axes shows), blue is 10 * i / 255 (names image i)."""
-    ramp = torch.round(torch.arange(SIZE) * 255 / (SIZE - 1)) / 255
-    px = torch.empty(N, 3, SIZE, SIZE)
-    px[:, 0] = ramp.view(1, 1, SIZE)
-    px[:, 1] = ramp.view(1, SIZE, 1)
-    px[:, 2] = (10 * torch.arange(N) / 255).view(N, 1, 1)
-    return px
-
-
-def make_run(root, fmt="fp16", k=2, classes=CLASSES, class_of=None) -> RunFS:
-    """A run root with finished images of `classes` classes (`class_of`: the class of each
-    image; default: not in index order) and LABEL_EPOCHS labelled epochs."""
-    fs = RunFS(root)
-    m, s = torch.tensor(MEAN).view(1, 3, 1, 1), torch.tensor(STD).view(1, 3, 1, 1)
-    images = (ramp_pixels() - m) / s
-    if class_of is None:
-        class_of = (torch.arange(N) * 7) % CLASSES
-    create_images(fs, SYN_IMAGES, N, (3, SIZE, SIZE), N, class_of, {"mean": MEAN, "std": STD})
-    write_image_batch(fs, SYN_IMAGES, 0, images)
-    manifest = Manifest(fs)
-    manifest.record(SYN_IMAGES, "synthesis")
-    write_schema(fs, fmt, classes, k)
-    g = torch.Generator().manual_seed(1)
-    for e in range(LABEL_EPOCHS):
-        batches = epoch_batches(N, 5, seed=3, epoch=e)
-        boxes, flips = draw_crops(N, g)
-        lab = EpochLabels(
-            e,
-            torch.cat([torch.full((len(b),), i) for i, b in enumerate(batches)]),
-            torch.cat([torch.arange(len(b)) for b in batches]),
-            torch.cat(batches),
-            boxes,
-            flips,
-            3 * torch.randn(N, classes, generator=g),
-        )
-        write_epoch(fs, labels_epoch(e), lab, fmt, k)
-        manifest.record(labels_epoch(e), "labels", epoch=e)
-    return fs
+from .helpers import FKD_CLASSES as CLASSES
+from .helpers import FKD_LABEL_EPOCHS as LABEL_EPOCHS
+from .helpers import FKD_N as N
+from .helpers import FKD_SIZE as SIZE
+from .helpers import fkd_make_run as make_run
+from .helpers import ramp_pixels
 
 
 # -- an SRe2L-style reader --------------------------------------------------------------------

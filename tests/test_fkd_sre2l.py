@@ -36,8 +36,11 @@ from storage.fs import RunFS
 from storage.labels import read_epoch
 from storage.run import labels_epoch
 
-from .test_fkd import LABEL_EPOCHS, MEAN, STD, N, ramp_pixels
-from .test_fkd import make_run as fkd_make_run
+from .helpers import FKD_LABEL_EPOCHS as LABEL_EPOCHS
+from .helpers import FKD_MEAN as MEAN
+from .helpers import FKD_N as N
+from .helpers import FKD_STD as STD
+from .helpers import fkd_make_run, ramp_pixels
 
 SRE2L = (
     Path(os.environ.get("SRE2L_DIR", Path(__file__).parent / "third_party" / "sre2l" / "src"))
@@ -50,14 +53,17 @@ SRE2L_FILES = {
     "validate/utils.py": "1fe143c1aadaa13e99eee45d08a24bc1028262d78cc4172eab870f1791db2242",
     "validate/README.md": "3c59dfc80afe502c6bcd6ca82462c1ca854f9d71736699996bf451f54e970a2c",
 }
-pytestmark = pytest.mark.skipif(
-    not all((SRE2L / f).is_file() for f in SRE2L_FILES),
-    reason=f"SRe2L's code is not at {SRE2L} (tests/third_party/sre2l/README.md)",
-)
+pytestmark = [
+    pytest.mark.external,
+    pytest.mark.skipif(
+        not all((SRE2L / f).is_file() for f in SRE2L_FILES),
+        reason=f"SRe2L's code is not at {SRE2L} (tests/third_party/sre2l/README.md)",
+    ),
+]  # opt-in: pytest -m external tests/test_fkd_sre2l.py
 
-# The run as tests/test_fkd.py builds it (N images of SIZE px, LABEL_EPOCHS epochs, ImageNet's
-# mean/std as train_FKD.py normalises), with ImageNet's 1000 classes: train_FKD.py's student
-# has 1000 outputs.
+# The run as tests/test_fkd.py builds it (helpers.fkd_make_run: N images of FKD_SIZE px,
+# LABEL_EPOCHS epochs, ImageNet's mean/std as train_FKD.py normalises), with ImageNet's 1000
+# classes: train_FKD.py's student has 1000 outputs.
 
 CLASSES, FKD_EPOCHS, BATCH = 1000, 3, 10
 MODEL = "d3s_tiny_student"  # put among torchvision.models for train_FKD.py to build by name

@@ -6,28 +6,25 @@ import pytest
 
 from storage.config import parse_config
 
-from .test_storage_safety import SMALL
+from .configs import SMALL
 
 
 @pytest.fixture(scope="module")
-def prefect_server(tmp_path_factory):
-    mp = pytest.MonkeyPatch()
-    mp.setenv("PREFECT_HOME", str(tmp_path_factory.mktemp("prefect_home")))
-    mp.setenv("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-    mp.delenv("PREFECT_API_URL", raising=False)
-    from prefect.testing.utilities import prefect_test_harness
-
-    with prefect_test_harness(server_startup_timeout=120):
-        yield
-    mp.undo()
-
-
-def test_flow_runs_then_reuses_finished_stages(prefect_server, tmp_path, monkeypatch):
+def flow_run(prefect_server, tmp_path_factory):
+    """One flow run of SMALL from scratch: (its root's parent, its config, its final state)."""
     from flows.distill import distill
 
+    tmp_path = tmp_path_factory.mktemp("flow")
     cfg = parse_config({**SMALL, "name": "flowtest"})
+    state = distill(root=str(tmp_path / "run"), config=cfg, return_state=True)
+    return tmp_path, cfg, state
+
+
+def test_flow_runs_then_reuses_finished_stages(flow_run, monkeypatch):
+    from flows.distill import distill
+
+    tmp_path, cfg, state = flow_run
     root = str(tmp_path / "run")
-    state = distill(root=root, config=cfg, return_state=True)
     assert state.is_completed()
     summary = json.loads((tmp_path / "run" / "validation" / "summary.json").read_text())
     assert summary["students"] == 1
@@ -66,15 +63,13 @@ def test_flow_runs_then_reuses_finished_stages(prefect_server, tmp_path, monkeyp
     }
 
 
-def test_flow_publishes_tables_progress_and_image_grid(prefect_server, tmp_path):
+def test_flow_publishes_tables_progress_and_image_grid(flow_run):
+    """What the first flow run (every stage computed) published."""
     import asyncio
 
     from prefect.client.orchestration import get_client
 
-    from flows.distill import distill
-
-    cfg = parse_config({**SMALL, "name": "artifacts"})
-    state = distill(root=str(tmp_path / "run"), config=cfg, return_state=True)
+    tmp_path, _, state = flow_run
     flow_run_id = state.state_details.flow_run_id
 
     async def artifacts():

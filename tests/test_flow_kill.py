@@ -16,7 +16,8 @@ from storage.config import parse_config
 from storage.run import open_run
 from tasks.stages import STAGES
 
-from .test_resume_kill import CONFIG, checksums
+from .configs import CONFIG
+from .helpers import checksums
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -25,6 +26,7 @@ def flow_cmd(root, config_path):
     return [sys.executable, "-m", "flows.demo", "--root", str(root), "--config", str(config_path)]
 
 
+@pytest.mark.slow  # the default tier kills every stage: tests/test_resume_kill.py
 @pytest.mark.timeout(900)
 def test_killed_flow_resumes_the_synthesis_batch(tmp_path):
     config_path = tmp_path / "config.json"

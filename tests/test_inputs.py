@@ -11,42 +11,9 @@ from safetensors.torch import save_file
 
 from d3s_core.models import build_model
 from storage.checkpoints import load_into, read_state_dict
-from storage.config import parse_config
 from storage.imagefolder import ImageFolderDataset
-from storage.run import open_run
-from tasks.stages import STAGES
 
-
-def make_tree(root, classes=10, per_class=3, mode="L", size=28):
-    rng = np.random.default_rng(0)
-    for c in range(classes):
-        d = root / f"class_{c:02d}"
-        d.mkdir(parents=True)
-        for i in range(per_class):
-            shape = (size, size) if mode == "L" else (size, size, 3)
-            Image.fromarray(rng.integers(0, 255, shape, dtype=np.uint8), mode).save(d / f"{i}.png")
-    return root
-
-
-def folder_config(train, val, dataset=None, **teachers):
-    return parse_config(
-        {
-            "preset": "demo-mnist",
-            "dataset": {
-                "kind": "imagefolder",
-                "path": str(train),
-                "val_path": str(val),
-                **(dataset or {}),
-            },
-            "teachers": {"count": 1, "train": {"epochs": 1}, **teachers},
-            "stats": {"workers": 0},
-        }
-    )
-
-
-def run_teachers(root, cfg):
-    with open_run(root, cfg) as run:
-        STAGES["teachers"](run)
+from .helpers import folder_config, make_tree, run_teachers
 
 
 def artifacts(root):

@@ -18,8 +18,7 @@ from storage.manifest import Manifest
 from storage.run import SYN_IMAGES, labels_epoch, open_run, syn_commit, teacher_weights
 from tasks.stages import STAGES
 
-from .test_flow import prefect_server  # noqa: F401
-from .test_storage_safety import SMALL
+from .configs import SMALL
 
 # Two synthesis batches, so a damaged second batch can be redone alone.
 CONFIG = {
@@ -173,7 +172,7 @@ def test_dependents_follow_the_stages():
 
 
 def test_flow_never_reuses_damaged_artifacts_and_repairs_them(
-    prefect_server,  # noqa: F811
+    prefect_server,
     finished,
     tmp_path,
 ):
@@ -203,7 +202,7 @@ def test_flow_never_reuses_damaged_artifacts_and_repairs_them(
     assert main(["run", str(config), "--root", str(partial)]) == 2
 
 
-def test_flow_error_names_the_file_and_remedy(prefect_server, finished, tmp_path, capsys):  # noqa: F811
+def test_flow_error_names_the_file_and_remedy(prefect_server, finished, tmp_path, capsys):
     copy = tmp_path / "copy"
     shutil.copytree(finished, copy)
     shard = copy / labels_epoch(0)

@@ -11,23 +11,10 @@ import pytest
 import torch
 
 from d3s_core.augment import box_codes, quantise_boxes
-from d3s_core.labelling import EpochLabels
 from storage.fs import RunFS
 from storage.labels import BOX_COLUMNS, LABELS_SCHEMA_VERSION, read_epoch, write_epoch
 
-
-def epoch(n=12, classes=10, on_grid=True):
-    g = torch.Generator().manual_seed(0)
-    boxes = torch.rand(n, 4, generator=g)
-    return EpochLabels(
-        0,
-        torch.arange(n) // 4,
-        torch.arange(n) % 4,
-        torch.randperm(n, generator=g),
-        quantise_boxes(boxes) if on_grid else boxes,
-        torch.rand(n, generator=g) > 0.5,
-        torch.randn(n, classes, generator=g),
-    )
+from .helpers import epoch, v1_table
 
 
 def assert_rows_equal(back, lab):
@@ -126,37 +113,6 @@ def test_v2_column_types(tmp_path, fmt, classes, label_types):
     if fmt == "topk":
         vals, idx = lab.logits.topk(3, dim=1)
         assert torch.equal(back.logits.gather(1, idx), vals.half().float())
-
-
-def v1_table(lab: EpochLabels, fmt: str, k: int = 3) -> pa.Table:
-    """A file as schema version 1 wrote it: float32 boxes, int64 image_index, int32 top-k
-    indices, float32 top-k values and rest."""
-
-    def fixed(a, t):
-        return pa.FixedSizeListArray.from_arrays(pa.array(a.reshape(-1), type=t), a.shape[1])
-
-    boxes = lab.boxes.numpy().astype(np.float32)
-    cols = {
-        "epoch": pa.array(np.zeros(len(lab.batch), np.int32)),
-        "batch": pa.array(lab.batch.numpy().astype(np.int32)),
-        "position": pa.array(lab.position.numpy().astype(np.int32)),
-        "image_index": pa.array(lab.image_index.numpy().astype(np.int64)),
-        **{c: pa.array(boxes[:, j]) for j, c in enumerate(BOX_COLUMNS)},
-        "flip": pa.array(lab.flips.numpy()),
-    }
-    logits = lab.logits.numpy()
-    if fmt == "fp32":
-        cols["logits"] = fixed(logits, pa.float32())
-    elif fmt == "fp16":
-        cols["logits"] = fixed(logits.astype(np.float16), pa.float16())
-    else:
-        vals, idx = lab.logits.topk(k, dim=1)
-        cols["topk_indices"] = fixed(idx.numpy().astype(np.int32), pa.int32())
-        cols["topk_values"] = fixed(vals.numpy(), pa.float32())
-        cols["topk_rest"] = pa.array(np.zeros(len(logits), np.float32))
-    meta = {b"d3s_labels_schema": b"1", b"d3s_label_format": fmt.encode()}
-    meta[b"d3s_classes"] = str(logits.shape[1]).encode()
-    return pa.table(cols).replace_schema_metadata(meta)
 
 
 @pytest.mark.parametrize("fmt", ["fp32", "fp16", "topk"])

@@ -10,8 +10,8 @@ from storage.labels import read_epoch
 from storage.run import labels_epoch, open_run
 from tasks.stages.labels import write_one_epoch
 
+from .configs import SMALL
 from .helpers import tiny_teacher
-from .test_storage_safety import SMALL
 
 
 @pytest.mark.parametrize("which", ["ensemble", "single"])

@@ -30,8 +30,8 @@ import psutil
 import pytest
 import yaml
 
+from .configs import SMALL
 from .live_server import PREFECT, REPO, LiveServer, live_prefect_server
-from .test_storage_safety import SMALL
 
 AUTOMATION = REPO / "deployments" / "zombie-automation.yaml"
 DEPLOYMENTS = REPO / "deployments" / "prefect.yaml"

@@ -186,7 +186,7 @@ def test_the_cli_reports_a_full_disk_in_one_line_and_exits_2(tmp_path, monkeypat
 
     from flows.cli import main
 
-    from .test_storage_safety import SMALL
+    from .configs import SMALL
 
     config = tmp_path / "run.json"
     config.write_text(json.dumps(SMALL))

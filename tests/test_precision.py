@@ -30,9 +30,8 @@ from storage.run import open_run
 from tasks.stages.common import data_splits
 from tasks.stages.stats import compute_shard, load_shard
 
-from .helpers import tiny_teacher
-from .test_resume_kill import CONFIG
-from .test_synthesis import CFG, fresh_state, measured, running_for
+from .configs import CONFIG
+from .helpers import CFG, fresh_state, measured, running_for, tiny_teacher
 
 CURVE_F32_REL = 2e-2  # float32 loss curves of a few iterations, two layouts or threads
 

@@ -25,7 +25,7 @@ from tasks.stages import EXTRA_STAGES, STAGES
 from tasks.study_report import _spread
 from tasks.terminal import Count, describe
 
-from .test_storage_safety import SMALL
+from .configs import SMALL
 
 TINY = {
     **SMALL,

@@ -25,7 +25,7 @@ from tasks.scores import markdown_table, run_accuracies, score_rows
 from tasks.stages import EXTRA_STAGES, STAGES
 from tasks.stages.common import data_splits
 
-from .test_storage_safety import SMALL
+from .configs import SMALL
 
 HARD = {
     **SMALL,

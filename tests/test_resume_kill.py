@@ -13,27 +13,11 @@ from pathlib import Path
 import pytest
 
 from storage.config import parse_config
-from storage.fs import RunFS
-from storage.manifest import Manifest
 from storage.run import open_run
 from tasks.stages import STAGES
 
-CONFIG = {
-    "name": "kill-test",
-    "preset": "demo-mnist",
-    "dataset": {"kind": "synthetic", "synthetic_size": 160},
-    "teachers": {"count": 2, "train": {"epochs": 3}, "checkpoint_every_epochs": 1},
-    "stats": {"batch_size": 16, "workers": 0, "checkpoint_batches": 1},
-    "synthesis": {
-        "ipc": 2,
-        "batch_size": 10,
-        "checkpoint_every": 2,
-        "checkpoint_seconds": 0,
-        "params": {"iterations": 16},
-    },
-    "labels": {"epochs": 6, "batch_size": 10, "format": "fp16"},
-    "validation": {"students": 2, "epochs": 6, "checkpoint_every_epochs": 1},
-}
+from .configs import CONFIG
+from .helpers import checksums
 
 # A file that exists only while the stage is part-way through its work.
 IN_PROGRESS = {
@@ -84,11 +68,6 @@ def run_killed(root, config_path, stage, rng):
     )
     assert done.returncode == 0, done.stderr
     return landed
-
-
-def checksums(root):
-    entries = Manifest(RunFS(root)).entries()
-    return {k: v["sha256"] for k, v in entries.items()}
 
 
 @pytest.mark.timeout(900)

@@ -11,8 +11,7 @@ from storage.run import open_run
 from tasks.retry import is_transient_io
 from tasks.stages import STAGES
 
-from .test_flow import prefect_server  # noqa: F401
-from .test_storage_safety import SMALL
+from .configs import SMALL
 
 
 class EndpointConnectionError(Exception):  # botocore's name; matched by name
@@ -64,7 +63,7 @@ def _flow_with(stage_task, root, cfg):
 
 
 def test_a_transient_failure_is_retried_and_the_stage_completes(
-    prefect_server,  # noqa: F811
+    prefect_server,
     tmp_path,
     monkeypatch,
 ):
@@ -85,7 +84,7 @@ def test_a_transient_failure_is_retried_and_the_stage_completes(
     assert (tmp_path / "run" / "teachers" / "teacher_1.safetensors").exists()
 
 
-def test_a_bug_is_not_retried(prefect_server, tmp_path, monkeypatch):  # noqa: F811
+def test_a_bug_is_not_retried(prefect_server, tmp_path, monkeypatch):
     from tasks.prefect_tasks import teachers_task
 
     calls = []

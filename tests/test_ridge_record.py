@@ -17,8 +17,7 @@ from d3s_core.synthesis import RidgeLog, run_iterations
 from storage.run import open_run, syn_commit
 from tasks.report import batch_records, batches_markdown, ridge_cell, ridge_summary
 
-from .test_synthesis import CFG, fresh_state, measured
-from .test_synthesis_streaming import config, prepared, root  # noqa: F401 (fixtures)
+from .helpers import CFG, fresh_state, measured, streaming_config
 
 RIDGE = 1e-4
 MARGIN = 5e-4  # the shifted covariance's smallest eigenvalue is -MARGIN: fails at 1e-4
@@ -160,7 +159,7 @@ def test_targets_that_needed_a_larger_ridge_are_noted():
     assert log.max_used == CFG.ridge  # the batch side is what max_used reports
 
 
-def test_commit_records_carry_the_ridge_across_a_resume(root, monkeypatch):  # noqa: F811
+def test_commit_records_carry_the_ridge_across_a_resume(streaming_root, monkeypatch):
     """Batch 2 of 3 has layer 0 indefinite at the configured ridge in all 4 iterations and is
     killed after 2 (checkpointed); its record counts all 4 escalated steps."""
     torch.set_num_threads(1)
@@ -180,19 +179,22 @@ def test_commit_records_carry_the_ridge_across_a_resume(root, monkeypatch):  # n
     seen: list[float] = []
     shifted_kl(monkeypatch, seen, when=lambda: current["batch"] == 2)
     monkeypatch.setattr(syn, "run_iterations", iterations)
-    with open_run(root, config()) as run, pytest.raises(RuntimeError, match="kill"):
+    with (
+        open_run(streaming_root, streaming_config()) as run,
+        pytest.raises(RuntimeError, match="kill"),
+    ):
         syn.synthesize(run)
     for t in threading.enumerate():  # the checkpoint write in flight at the kill finishes
         if t.name.startswith("save "):
             t.join()
     assert len(seen) == 2
-    with open_run(root, config()) as run:
+    with open_run(streaming_root, streaming_config()) as run:
         syn.synthesize(run)
     assert len(seen) == 4
-    records = {b: json.loads((root / syn_commit(b)).read_text()) for b in (1, 2, 3)}
+    records = {b: json.loads((streaming_root / syn_commit(b)).read_text()) for b in (1, 2, 3)}
     assert records[2]["resumed_from_iteration"] == 2
     ridge = records[2]["ridge"]
-    configured = config().synthesis_cfg().ridge
+    configured = streaming_config().synthesis_cfg().ridge
     assert ridge["configured"] == configured
     assert ridge["escalated_steps"] == 4  # 2 before the kill (from the checkpoint) + 2 after
     assert ridge["max_used"] == max(seen) > configured

@@ -12,31 +12,10 @@ from storage.lock import RunLock, RunLocked
 from storage.run import SYN_IMAGES, labels_epoch, open_run
 from tasks.stages import STAGES
 
-from .live_server import free_port
-from .test_storage_safety import SMALL
+from .configs import SMALL
 
 
-@pytest.fixture(scope="module")
-def s3_endpoint():
-    moto_server = pytest.importorskip("moto.server")
-    mp = pytest.MonkeyPatch()
-    # Credentials come from the environment, never from the config or parameters.
-    mp.setenv("AWS_ACCESS_KEY_ID", "testing")
-    mp.setenv("AWS_SECRET_ACCESS_KEY", "testing")
-    mp.setenv("AWS_DEFAULT_REGION", "us-east-1")
-    port = free_port()
-    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=port)
-    server.start()
-    url = f"http://127.0.0.1:{port}"
-    mp.setenv("AWS_ENDPOINT_URL", url)  # what a user of an S3-compatible store sets
-    import boto3
-
-    boto3.client("s3", endpoint_url=url).create_bucket(Bucket="runs")
-    yield url
-    server.stop()
-    mp.undo()
-
-
+@pytest.mark.slow  # the default tier's S3 run: test_security.py's flow on S3, read back by boto3
 def test_s3_root_round_trips(s3_endpoint):
     opts = {"endpoint_url": s3_endpoint}
     cfg = parse_config(SMALL)

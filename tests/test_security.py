@@ -12,9 +12,8 @@ from storage.config import parse_config
 from storage.fs import RunFS
 from storage.urls import check_no_credentials
 
-from .test_flow import prefect_server  # noqa: F401  (module-scoped Prefect harness)
-from .test_s3 import free_port
-from .test_storage_safety import SMALL
+from .configs import SMALL
+from .live_server import free_port
 
 SECRET = "s3cr3t-" + secrets.token_hex(8)
 
@@ -27,7 +26,11 @@ BAD = [
 ]
 
 
-@pytest.mark.parametrize("url", BAD)
+# Ids without the secret: it is drawn afresh per process (each pytest-xdist worker collects the
+# same ids), and a test id is printed.
+@pytest.mark.parametrize(
+    "url", BAD, ids=["userinfo-s3", "userinfo-https", "aws-signature", "sas", "token"]
+)
 def test_urls_with_credentials_are_refused_without_echoing_them(url):
     with pytest.raises(ValueError, match="carries credentials") as e:
         check_no_credentials(url, "teachers.import_from[0]")
@@ -91,12 +94,16 @@ def s3_without_env_credentials(monkeypatch, tmp_path):
     s3 = boto3.client(
         "s3", endpoint_url=url, aws_access_key_id="AKIAEXAMPLE", aws_secret_access_key=SECRET
     )
+    import s3fs
+
+    s3fs.S3FileSystem.clear_instance_cache()  # no filesystem cached with other credentials
     s3.create_bucket(Bucket="runs")
     yield url, s3
     server.stop()
+    s3fs.S3FileSystem.clear_instance_cache()
 
 
-def test_flow_on_s3_with_a_secret_block_leaks_nothing(prefect_server, s3_without_env_credentials):  # noqa: F811
+def test_flow_on_s3_with_a_secret_block_leaks_nothing(prefect_server, s3_without_env_credentials):
     from prefect.blocks.system import Secret
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId

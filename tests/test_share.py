@@ -58,7 +58,7 @@ def test_label_epochs_of_an_older_schema_are_not_shared(tmp_path):
     from storage.run import labels_epoch
     from storage.share import seed_run
 
-    from .test_label_formats import epoch, v1_table
+    from .helpers import epoch, v1_table
 
     src = _src(tmp_path)
     write_epoch(src, labels_epoch(0), epoch(), "fp16")  # this code's schema

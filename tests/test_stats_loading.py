@@ -29,7 +29,7 @@ from tasks.stages.stats import (
     shard_key,
 )
 
-from .test_webdataset import make_samples, tar_ds, write_shards, write_tree
+from .helpers import make_samples, tar_ds, write_shards, write_tree
 
 MEAN, STD = (0.5, 0.4, 0.3), (0.2, 0.25, 0.3)
 

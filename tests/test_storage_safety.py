@@ -15,21 +15,7 @@ from storage.run import SYN_IMAGES, labels_epoch, open_run, teacher_weights
 from storage.states import load_state, save_state
 from tasks.stages import STAGES
 
-from .test_resume_kill import CONFIG
-
-SMALL = {
-    **CONFIG,
-    "teachers": {"count": 2, "train": {"epochs": 1}},
-    "synthesis": {
-        "ipc": 1,
-        "batch_size": 10,
-        "checkpoint_every": 4,
-        "checkpoint_seconds": 0,
-        "params": {"iterations": 4},
-    },
-    "labels": {"epochs": 2, "batch_size": 10},
-    "validation": {"students": 1, "epochs": 1},
-}
+from .configs import SMALL
 
 
 @pytest.fixture(scope="module")

@@ -26,8 +26,8 @@ from storage.run import images_of, labels_epoch, open_run
 from tasks.stages.labels import write_one_epoch
 from tasks.stages.validation import _student_epoch
 
+from .configs import SMALL
 from .helpers import tiny_teacher
-from .test_storage_safety import SMALL
 
 N, SIZE, BATCH = 23, 12, 5  # 5 label batches, the last one short
 

@@ -13,8 +13,7 @@ from storage.records import read_summary
 from storage.run import BASELINE, FULL_DATA, SYN_IMAGES, labels_epoch, summary_of, teacher_weights
 from storage.study import StudySpec, plan_study
 
-from .test_flow import prefect_server  # noqa: F401
-from .test_storage_safety import SMALL
+from .configs import SMALL
 
 STUDY = {
     "name": "tiny",
@@ -97,7 +96,7 @@ def test_cli_rejects_a_bad_study_before_running(tmp_path, capsys):
     assert not (tmp_path / "root").exists()
 
 
-def test_study_runs_with_shared_teachers_stats_images(prefect_server, tmp_path, monkeypatch):  # noqa: F811
+def test_study_runs_with_shared_teachers_stats_images(prefect_server, tmp_path, monkeypatch):
     import tasks.stages.stats as stats_stage
     import tasks.stages.synthesis as syn_stage
     import tasks.stages.teachers as teacher_stage

@@ -14,7 +14,7 @@ from storage.run import teacher_meta
 from storage.study import StudySpec, plan_study
 from tasks.study_report import STUDY_JSON, STUDY_MD, write_study_report
 
-from .test_storage_safety import SMALL
+from .configs import SMALL
 
 BOTH = {"validation": {"protocols": ["soft", "hard"]}}
 

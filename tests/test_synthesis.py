@@ -4,53 +4,21 @@ import pytest
 import torch
 
 from d3s_core.augment import apply_crops, curriculum_scale, draw_crops, pixel_bounds
-from d3s_core.isu import RunningStats
-from d3s_core.layers import FeatureHooks, default_measured_layers
-from d3s_core.loss import prepare_target
-from d3s_core.stats import SuffStats
 from d3s_core.synthesis import (
-    MeasuredTeacher,
     SynthesisConfig,
     SynthesisState,
     adam_update,
     cosine_lr,
     finish_batch,
-    init_state,
     run_iterations,
 )
 
-from .helpers import tiny_teacher
-
-SIZE = 12
-
-
-def measured(seed, num_classes=4, size=SIZE):
-    """A tiny teacher and its Gaussians, measured on 64 random images of `size` px."""
-    model = tiny_teacher(num_classes=num_classes, seed=seed).eval()
-    names = default_measured_layers(model)
-    g = torch.Generator().manual_seed(100 + seed)
-    data = torch.rand(64, 3, size, size, generator=g) * 2 - 1
-    with FeatureHooks(model, names) as hooks, torch.no_grad():
-        model(data)
-        stats = [SuffStats.from_batch(a, "float64").mean_cov() for a in hooks.outputs]
-    return MeasuredTeacher(model, names, [prepare_target(m, c) for m, c in stats])
+from .helpers import CFG, fresh_state, measured, running_for
 
 
 @pytest.fixture(scope="module")
 def teachers():
     return [measured(0), measured(1)]
-
-
-CFG = SynthesisConfig(iterations=12, lr=0.1, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
-
-
-def fresh_state(b=1, n=6, dtype=torch.float32):
-    labels = torch.arange(n) % 4
-    return init_state(b, labels, (3, SIZE, SIZE), seed=7, dtype=dtype)
-
-
-def running_for(teachers):
-    return RunningStats.zeros([t.channels for t in teachers])
 
 
 def test_resume_is_bit_exact(teachers):

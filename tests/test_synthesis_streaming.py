@@ -10,52 +10,12 @@ import torch
 
 import storage.arrays
 import tasks.stages.synthesis as syn
-from storage.config import parse_config
 from storage.run import SYN_IMAGES, open_run, syn_commit, syn_isu
 from storage.states import has_state, load_state
-from tasks.stages import compute_stats, train_teachers
 
-from .test_resume_kill import CONFIG
+from .helpers import streaming_config
 
 read_images = storage.arrays.read_images  # the tests' own reader (the stage's is refused)
-
-# 3 batches of 10 (10 classes, IPC 3), 4 iterations in intervals of 1.
-SYN = {
-    **CONFIG,
-    "name": "syn-streaming",
-    "teachers": {"count": 1, "train": {"epochs": 1}},
-    "synthesis": {
-        "ipc": 3,
-        "batch_size": 10,
-        "checkpoint_every": 1,
-        "checkpoint_seconds": 0,
-        "params": {"iterations": 4},
-    },
-}
-
-
-def config(**synthesis):
-    return parse_config({**SYN, "synthesis": {**SYN["synthesis"], **synthesis}})
-
-
-@pytest.fixture(scope="module")
-def prepared(tmp_path_factory):
-    """A run root with teachers and statistics (the synthesis stage's inputs)."""
-    root = tmp_path_factory.mktemp("syn") / "run"
-    torch.set_num_threads(1)
-    with open_run(root, config()) as run:
-        train_teachers(run)
-        compute_stats(run)
-    return root
-
-
-@pytest.fixture
-def root(prepared, tmp_path):
-    import shutil
-
-    dst = tmp_path / "run"
-    shutil.copytree(prepared, dst)
-    return dst
 
 
 def no_whole_set(monkeypatch):
@@ -70,13 +30,13 @@ def isu_states(root):
     return sorted(p.name for p in (root / "synthesis" / "isu").glob("*.json"))
 
 
-def test_stage_streams_prunes_isu_and_bounds_the_grid(root, monkeypatch):
+def test_stage_streams_prunes_isu_and_bounds_the_grid(streaming_root, monkeypatch):
     no_whole_set(monkeypatch)
     torch.set_num_threads(1)
-    with open_run(root, config()) as run:
+    with open_run(streaming_root, streaming_config()) as run:
         syn.synthesize(run)
-    assert isu_states(root) == ["after_batch_000003.json"]  # only what resume needs
-    grid = json.loads((root / "synthesis" / "png" / "grid.json").read_text())
+    assert isu_states(streaming_root) == ["after_batch_000003.json"]  # only what resume needs
+    grid = json.loads((streaming_root / "synthesis" / "png" / "grid.json").read_text())
     assert grid["classes"] == list(range(10)) and len(grid["rows"]) == 30
     # A large class count shows at most 10 classes x 10 images, first and last included.
     picked, rows = syn.grid_rows(10450, 10)
@@ -84,23 +44,23 @@ def test_stage_streams_prunes_isu_and_bounds_the_grid(root, monkeypatch):
     assert all(r < 104500 and r % 10450 in picked for r in rows)
 
 
-def test_repair_rebuilds_a_pruned_isu_state_exactly(root, monkeypatch):
+def test_repair_rebuilds_a_pruned_isu_state_exactly(streaming_root, monkeypatch):
     torch.set_num_threads(1)
-    with open_run(root, config()) as run:
+    with open_run(streaming_root, streaming_config()) as run:
         syn.synthesize(run)
     images = read_images(run.fs, SYN_IMAGES)[0]
     isu3, _ = load_state(run.fs, syn_isu(3))
-    commit3 = json.loads((root / syn_commit(3)).read_text())
+    commit3 = json.loads((streaming_root / syn_commit(3)).read_text())
     # Forget batch 3 as `d3s repair` does: its record and state, and the finished store.
-    (root / syn_commit(3)).unlink()
-    for p in (root / "synthesis" / "isu").glob("after_batch_000003.*"):
+    (streaming_root / syn_commit(3)).unlink()
+    for p in (streaming_root / "synthesis" / "isu").glob("after_batch_000003.*"):
         p.unlink()
     run.manifest.forget(SYN_IMAGES)
     assert not has_state(run.fs, syn_isu(2))  # pruned: rebuilt from batches 1-2's images
     no_whole_set(monkeypatch)
-    with open_run(root, config()) as run:
+    with open_run(streaming_root, streaming_config()) as run:
         syn.synthesize(run)
-    again = json.loads((root / syn_commit(3)).read_text())
+    again = json.loads((streaming_root / syn_commit(3)).read_text())
     assert again["images_sha256"] == commit3["images_sha256"]
     assert torch.equal(read_images(run.fs, SYN_IMAGES)[0], images)
     rebuilt, _ = load_state(run.fs, syn_isu(3))
@@ -108,12 +68,12 @@ def test_repair_rebuilds_a_pruned_isu_state_exactly(root, monkeypatch):
         assert all(torch.equal(x, y) for x, y in zip(a, b, strict=True))
 
 
-def test_resume_reads_no_committed_batch_before_iterating(root, monkeypatch):
+def test_resume_reads_no_committed_batch_before_iterating(streaming_root, monkeypatch):
     torch.set_num_threads(1)
-    with open_run(root, config()) as run:
+    with open_run(streaming_root, streaming_config()) as run:
         syn.synthesize(run)
     for b in (2, 3):  # batches 2-3 to redo; batch 1 committed, ISU after 1 kept
-        (root / syn_commit(b)).unlink()
+        (streaming_root / syn_commit(b)).unlink()
     run.manifest.forget(SYN_IMAGES)
     reads: list[tuple] = []
     real_rows = syn.read_image_rows
@@ -126,7 +86,7 @@ def test_resume_reads_no_committed_batch_before_iterating(root, monkeypatch):
         return real_iterations(*a, **k)
 
     monkeypatch.setattr(syn, "run_iterations", iterations)
-    with open_run(root, config()) as run:
+    with open_run(streaming_root, streaming_config()) as run:
         syn.synthesize(run)
     # Batch 1's ISU state is gone (pruned when batch 3 committed), so it is rebuilt from batch
     # 1's rows: one batch read before iterating, then batch 1 checked once at the end.
@@ -134,7 +94,7 @@ def test_resume_reads_no_committed_batch_before_iterating(root, monkeypatch):
     assert reads[-1] == (0, 10) and len(reads) == 2
 
 
-def test_checkpoints_follow_checkpoint_seconds(root, monkeypatch):
+def test_checkpoints_follow_checkpoint_seconds(streaming_root, monkeypatch):
     saves: list[int] = []
     real_save = syn.BackgroundSaver.save
 
@@ -144,32 +104,35 @@ def test_checkpoints_follow_checkpoint_seconds(root, monkeypatch):
 
     monkeypatch.setattr(syn.BackgroundSaver, "save", save)
     torch.set_num_threads(1)
-    with open_run(root, config(checkpoint_seconds=3600)) as run:
+    with open_run(streaming_root, streaming_config(checkpoint_seconds=3600)) as run:
         syn.synthesize(run)
     assert saves == []  # no interval took an hour: nothing written mid-batch
     for name in ("batches", "isu", "checkpoint"):
         import shutil
 
-        shutil.rmtree(root / "synthesis" / name, ignore_errors=True)
+        shutil.rmtree(streaming_root / "synthesis" / name, ignore_errors=True)
     run.manifest.forget(SYN_IMAGES)
-    with open_run(root, config(checkpoint_seconds=0)) as run:
+    with open_run(streaming_root, streaming_config(checkpoint_seconds=0)) as run:
         syn.synthesize(run)
     assert saves == [1, 2, 3] * 3  # every interval but the last of each of 3 batches
 
 
-def test_a_crash_at_the_stage_end_redoes_no_batch(root, monkeypatch):
+def test_a_crash_at_the_stage_end_redoes_no_batch(streaming_root, monkeypatch):
     """Killed while writing the grid (after every batch committed): the restart iterates
     nothing, checks the committed batches one at a time and finishes the store."""
     torch.set_num_threads(1)
     real_export = syn.export_png
     monkeypatch.setattr(syn, "export_png", lambda *a: (_ for _ in ()).throw(RuntimeError("kill")))
-    with open_run(root, config()) as run, pytest.raises(RuntimeError, match="kill"):
+    with (
+        open_run(streaming_root, streaming_config()) as run,
+        pytest.raises(RuntimeError, match="kill"),
+    ):
         syn.synthesize(run)
     assert not run.manifest.is_recorded(SYN_IMAGES)
     monkeypatch.setattr(syn, "export_png", real_export)
     monkeypatch.setattr(syn, "run_iterations", lambda *a, **k: pytest.fail("a batch was redone"))
     no_whole_set(monkeypatch)
-    with open_run(root, config()) as run:
+    with open_run(streaming_root, streaming_config()) as run:
         syn.synthesize(run)
         assert run.manifest.is_recorded(SYN_IMAGES)
-    assert (root / "synthesis" / "png" / "grid.png").exists()
+    assert (streaming_root / "synthesis" / "png" / "grid.png").exists()

@@ -17,10 +17,11 @@ from pathlib import Path
 
 import pytest
 
+from .configs import SMALL
 from .live_server import REPO, live_prefect_server
-from .test_storage_safety import SMALL
 
-pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
+# Opt-in (needs Chromium: apt-get install chromium): pytest -m external tests/test_ui_browser.py
+pytestmark = [pytest.mark.slow, pytest.mark.external, pytest.mark.timeout(900)]
 
 RUN_NAME = "ui-browser"
 KEYS = ("summary", "accuracy", "synthesis-layer-kl")

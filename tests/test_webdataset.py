@@ -2,80 +2,30 @@
 images: same tensors in the same order, batches [a, b) equal to the slice of a full pass, the
 statistics stage equal to 1e-10, through fsspec URLs too; bad shards get errors naming them."""
 
-import io
 import json
 import tarfile
 from types import SimpleNamespace
 
 import fsspec
-import numpy as np
 import pytest
 import torch
-from PIL import Image
 from safetensors.torch import save_file
 
 from storage.arrays import read_teacher_stats
 from storage.config import parse_config
 from storage.imagefolder import ImageFolderDataset
 from storage.run import STATS, open_run
-from storage.webdataset import TarShardDataset, expand_braces
+from storage.webdataset import expand_braces
 from tasks.dask_stages import stats_plan_task, stats_shard_task
 from tasks.stages import STAGES
 from tasks.stages.common import batches, class_of_each, new_model
 from tasks.stages.stats import by_shard
 
-MEAN, STD = (0.5, 0.4, 0.3), (0.2, 0.25, 0.3)
+from .helpers import WDS_MEAN as MEAN
+from .helpers import WDS_STD as STD
+from .helpers import make_samples, tar_add, tar_ds, write_shards, write_tree
+
 COUNTS = [7, 2, 11]  # uneven shards, 20 samples, 4 classes
-
-
-def png(arr: np.ndarray) -> bytes:
-    buf = io.BytesIO()
-    Image.fromarray(arr).save(buf, "PNG")
-    return buf.getvalue()
-
-
-def make_samples(classes=4, per_class=5, size=16, rgb=True, seed=0):
-    """[(key, class, png bytes)] in ImageFolder order (class, then file name)."""
-    rng = np.random.default_rng(seed)
-    shape = (size, size, 3) if rgb else (size, size)
-    return [
-        (f"{c:02d}_{i:04d}", c, png(rng.integers(0, 255, shape, dtype=np.uint8)))
-        for c in range(classes)
-        for i in range(per_class)
-    ]
-
-
-def write_tree(root, samples):
-    for key, c, data in samples:
-        (root / f"class_{c:02d}").mkdir(parents=True, exist_ok=True)
-        (root / f"class_{c:02d}" / f"{key}.png").write_bytes(data)
-    return root
-
-
-def add(tf: tarfile.TarFile, name: str, data: bytes) -> None:
-    info = tarfile.TarInfo(name)
-    info.size = len(data)
-    tf.addfile(info, io.BytesIO(data))
-
-
-def write_shards(folder, samples, counts, prefix="train"):
-    """Shards `prefix-00000k.tar` of `counts` consecutive samples each."""
-    folder.mkdir(parents=True, exist_ok=True)
-    assert sum(counts) == len(samples)
-    start = 0
-    for k, n in enumerate(counts):
-        with tarfile.open(folder / f"{prefix}-{k:06d}.tar", "w") as tf:
-            for key, c, data in samples[start : start + n]:
-                add(tf, f"{key}.png", data)
-                add(tf, f"{key}.cls", str(c).encode())
-                add(tf, f"{key}.json", b'{"source": "test"}')
-        start += n
-    return folder
-
-
-def tar_ds(spec, size=16, rgb=True, num_classes=4):
-    chans = 3 if rgb else 1
-    return TarShardDataset(spec, size, chans, MEAN[:chans], STD[:chans], num_classes)
 
 
 @pytest.fixture
@@ -206,7 +156,7 @@ def bad_shard(folder, members):
     folder.mkdir()
     with tarfile.open(folder / "train-000000.tar", "w") as tf:
         for name, data in members:
-            add(tf, name, data)
+            tar_add(tf, name, data)
     return str(folder)
 
 

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import functools
 import math
 import weakref
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import fsspec
 import torch
@@ -33,23 +34,41 @@ from storage.webdataset import TarShardDataset
 Progress = Callable[[str, float, dict[str, Any]], None]
 
 
-def bounded_heap() -> bool:
-    """Fix glibc's mmap threshold at its default 128 KiB (True if set). glibc raises the
-    threshold to the size of each large block freed (up to 32 MiB), after which per-batch
-    buffers (an 8 MiB batch of 10,450-class logits) come from the heap, which then holds the
-    high-water mark of a whole epoch's churn: measured on the labels stage at ImageNet-21K
-    shape, 1.7 GiB above the stage's start with the dynamic threshold, 0.13 GiB with it fixed
-    (tests/test_scale.py). Setting it once, for this process, disables the adjustment."""
+_T = TypeVar("_T")
+
+
+@functools.cache
+def _libc() -> Any:
     try:
         import ctypes
 
-        libc = ctypes.CDLL("libc.so.6")
-        return bool(libc.mallopt(-3, 128 * 1024))  # M_MMAP_THRESHOLD
-    except (OSError, AttributeError):  # not glibc: its allocator has its own policy
-        return False
+        return ctypes.CDLL("libc.so.6")
+    except OSError:  # not glibc: its allocator has its own policy
+        return None
 
 
-bounded_heap()
+def trim_heap() -> bool:
+    """Give the heap's free pages back to the kernel now (glibc's `malloc_trim(0)`; True if
+    it released any). The allocator's policy is not touched: nothing else in the process pays."""
+    libc = _libc()
+    return bool(libc is not None and getattr(libc, "malloc_trim", None) and libc.malloc_trim(0))
+
+
+def trimmed(items: Iterable[_T]) -> Iterator[_T]:
+    """`items`, with the heap trimmed after each one is consumed.
+
+    For a loop whose per-item buffers are large (the labels stage: an 8 MiB batch of
+    10,450-class logits, its crops and the teachers' activations). glibc raises its mmap
+    threshold to the size of each large block freed (up to 32 MiB), after which such buffers
+    come from the heap, which then holds the high-water mark of a whole epoch's churn:
+    measured on the labels stage at ImageNet-21K shape, 1.7 GiB above the stage's start.
+    Trimming after each item returns that churn as it is freed (tests/test_scale.py), while
+    every other stage keeps glibc's default policy. Fixing the threshold process-wide instead
+    (mallopt M_MMAP_THRESHOLD) made every other stage's large tensors fresh zero-filled mmaps:
+    1.4-1.5x slower CPU training steps (bench/bench_allocator.py)."""
+    for item in items:
+        yield item
+        trim_heap()
 
 
 def no_progress(stage: str, fraction: float, info: dict[str, Any]) -> None:

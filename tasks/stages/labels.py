@@ -16,7 +16,7 @@ from storage.labels import read_epoch_batches, write_epoch_batches, write_schema
 from storage.run import Run, images_of, labels_epoch
 
 from ..terminal import Count
-from .common import Progress, load_teachers, no_progress
+from .common import Progress, load_teachers, no_progress, trimmed
 from .profile import recipe
 
 
@@ -63,7 +63,9 @@ def write_one_epoch(
     labelled = label_batches(
         n, rows, labellers, e, cfg.seed, lc.batch_size, (pl.min_crop_scale, 1.0), pl.flip
     )
-    write_epoch_batches(run.fs, labels_epoch(e, prefix), labelled, lc.format, lc.topk)
+    # The heap is trimmed after each batch is written: its buffers (at ImageNet-21K shape an 8
+    # MiB batch of logits) would otherwise pile up in the heap over the epoch (common.trimmed).
+    write_epoch_batches(run.fs, labels_epoch(e, prefix), trimmed(labelled), lc.format, lc.topk)
 
 
 def _reads_back(run: Run, rel: str, e: int) -> None:
