@@ -39,9 +39,7 @@ def main(argv: list[str] | None = None) -> None:
     for line in headline(args.root, cfg):  # what `d3s run` prints: both protocols' scores
         print(line)
     print(f"artifacts   {args.root} (layout: docs/artifacts.md)")
-    print(
-        "            report/grid.png: the distilled images; report/curves.png: the loss curves"
-    )
+    print("            report/grid.png: the distilled images; report/curves.png: the loss curves")
     print(f"done in {time.time() - t0:.0f} s")
 
 
