@@ -147,6 +147,7 @@ def main(argv: list[str] | None = None) -> int:
     from storage.config import parse_config
     from storage.run import open_run
     from tasks.stages import EXTRA_STAGES, STAGES
+    from tasks.stages.common import trim_heap
 
     root = Path(args.root)
     cfg = parse_config(scale_config(args))
@@ -171,6 +172,9 @@ def main(argv: list[str] | None = None) -> int:
     with open_run(root, cfg) as run:
         for name, fn in {**STAGES, "baseline": EXTRA_STAGES["baseline"]}.items():
             before = tree_bytes(root)
+            # Each stage from a trimmed heap, as in a process of its own: what an earlier stage
+            # freed but the allocator kept is not this stage's (tasks/stages/common.trim_heap).
+            trim_heap()
             start_rss = rss_mib("VmRSS")
             reset_peak()
             t0 = time.perf_counter()

@@ -139,7 +139,7 @@ def s3_endpoint():
     mp.undo()
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def streaming_prepared(tmp_path_factory):
     """A run root of the streaming synthesis config (configs.SYN) with teachers and statistics
     (the synthesis stage's inputs)."""

@@ -412,7 +412,9 @@ def _records(root):
     return [json.loads((root / syn_commit(b)).read_text()) for b in (1, 2)]
 
 
-@pytest.mark.parametrize("rank_threads", thread_variants(1))
+# Slow tier: the default tier's float64 torchrun stage is test_the_flow_launches_the_two_rank_job.
+@pytest.mark.slow
+@pytest.mark.parametrize("rank_threads", THREADS, ids=lambda n: f"threads{n}")
 def test_two_rank_float64_stage_equals_single_process_stage(stage_runs, tmp_path, rank_threads):
     """The stage through torchrun in float64 writes the single process's images (stored as
     float32: to float32 rounding) and loss curves (to float64 rounding)."""
@@ -494,4 +496,8 @@ def test_the_flow_launches_the_two_rank_job(stage_runs, prefect_server, tmp_path
     assert state.is_completed(), state
     got, ref = images(root), images(stage_runs["single64"])
     assert rel(got, ref) < 1e-6 and float((got - ref).abs().max()) < 1e-5
+    for rec, ref_rec in zip(_records(root), _records(stage_runs["single64"]), strict=True):
+        assert len(rec["loss_curve"]) == len(ref_rec["loss_curve"]) == ITERATIONS
+        for a, b in zip(rec["loss_curve"], ref_rec["loss_curve"], strict=True):
+            assert abs(a / b - 1) < TRAJECTORY_F64_REL
     assert (root / "validation" / "summary.json").exists()

@@ -34,6 +34,12 @@ def demo_cfg():
     return parse_config(json.loads(DEMO.read_text()))
 
 
+def epochs_of(raw: dict, p) -> tuple[int, int]:
+    """(teacher epochs, student epochs) of a config: its own, else its preset's."""
+    teacher = raw["teachers"].get("train", {}).get("epochs", p.teacher.epochs)
+    return teacher, raw["validation"].get("epochs", p.student.epochs)
+
+
 def in21k_cfg(ipc: int, **synthesis):
     return parse_config(
         {
@@ -54,6 +60,7 @@ def test_demo_counts():
     raw = json.loads(DEMO.read_text())
     cfg = demo_cfg()
     p = cfg.preset_obj()
+    teacher_epochs, student_epochs = epochs_of(raw, p)
     plan = P.make_plan(cfg)
     c = plan["counts"]
     from storage.datasets import load_mnist5k, stratified_split
@@ -63,7 +70,7 @@ def test_demo_counts():
     n = p.num_classes * raw["synthesis"]["ipc"]
     assert plan["train_images"]["count"] == n_train == 4000
     assert c["teachers"]["teachers"] == raw["teachers"]["count"]
-    assert c["teachers"]["epochs"] == p.teacher.epochs
+    assert c["teachers"]["epochs"] == teacher_epochs
     assert c["teachers"]["steps_per_epoch"] == math.ceil(n_train / p.teacher.batch_size)
     batches = math.ceil(n_train / raw["stats"]["batch_size"])
     assert c["stats"]["batches"] == batches
@@ -73,7 +80,7 @@ def test_demo_counts():
     assert c["labels"]["epochs"] == raw["labels"]["epochs"]
     assert c["labels"]["batches_per_epoch"] == math.ceil(n / raw["labels"]["batch_size"])
     assert c["validation"]["students"] == raw["validation"]["students"]
-    assert c["validation"]["epochs"] == p.student.epochs
+    assert c["validation"]["epochs"] == student_epochs
     assert c["baseline_labels"] == c["labels"]  # random_real_baseline is on in the demo
     assert c["baseline_validation"] == c["validation"]
     # checkpoint_seconds 0: a checkpoint at every interval boundary but the batch's last
@@ -265,6 +272,7 @@ def unit_table(tmp_path, rate: float = 1e9) -> Path:
 def test_new_stages_counts_disk_and_rows(tmp_path):
     raw, cfg = extended_cfg()
     p = cfg.preset_obj()
+    teacher_epochs, student_epochs = epochs_of(raw, p)
     plan = P.make_plan(cfg, throughput=unit_table(tmp_path))
     c, art = plan["counts"], plan["disk"]["artifacts"]
     n_train, n = 4000, p.num_classes * raw["synthesis"]["ipc"]  # mnist5k at 0.2 held out
@@ -286,7 +294,7 @@ def test_new_stages_counts_disk_and_rows(tmp_path):
         "coreset_validation_hard",
         "full_data",
     ]
-    hard = {"students": students, "epochs": p.student.epochs, "steps_per_epoch": -(-n // lb)}
+    hard = {"students": students, "epochs": student_epochs, "steps_per_epoch": -(-n // lb)}
     for stage in ("validation_hard", "baseline_validation_hard", "coreset_validation_hard"):
         assert {k: c[stage][k] for k in hard} == hard, stage
         assert c[stage]["images"] == n
@@ -294,11 +302,11 @@ def test_new_stages_counts_disk_and_rows(tmp_path):
     assert c["coreset_labels"]["epochs"] == raw["labels"]["epochs"]
     assert c["coreset_labels"]["batches_per_epoch"] == -(-n // lb)
     full = c["full_data"]
-    assert (full["students"], full["epochs"], full["images"]) == (2, p.teacher.epochs, n_train)
+    assert (full["students"], full["epochs"], full["images"]) == (2, teacher_epochs, n_train)
     assert full["steps_per_epoch"] == -(-n_train // lb)  # 80 batches of 50
-    assert full["students"] * full["epochs"] * full["steps_per_epoch"] == 2 * p.teacher.epochs * 80
+    assert full["students"] * full["epochs"] * full["steps_per_epoch"] == 2 * teacher_epochs * 80
     rows = {r["stage"]: r for r in plan["stages"]}
-    assert rows["full_data"]["count"] == f"2 x {p.teacher.epochs} epochs x 80 steps"
+    assert rows["full_data"]["count"] == f"2 x {teacher_epochs} epochs x 80 steps"
     assert rows["coreset_validation_hard"]["count"].startswith("2 sets x 2 x ")
     # disk: two image stores like the random-real baseline's, their labels, every student
     chw = p.in_chans * p.image_size * p.image_size
@@ -314,11 +322,11 @@ def test_new_stages_counts_disk_and_rows(tmp_path):
     # hours: the work of each new stage over the table's rate (1e9 FLOP/s)
     tf, sf = P.facts_for(cfg, p.arch), P.facts_for(cfg, p.student.arch)
     h = plan["hours"]["stages"]
-    per_student = p.student.epochs * n * sf.flops["student_step"] / 1e9 / 3600
+    per_student = student_epochs * n * sf.flops["student_step"] / 1e9 / 3600
     assert h["validation_hard"] == pytest.approx(students * per_student)
     assert h["coreset_validation_hard"] == pytest.approx(2 * students * per_student)
     assert h["coresets"] == pytest.approx(n_train * tf.flops["label_forward"] / 1e9 / 3600)
-    expected = 2 * p.teacher.epochs * n_train * sf.flops["student_step"] / 1e9 / 3600
+    expected = 2 * teacher_epochs * n_train * sf.flops["student_step"] / 1e9 / 3600
     assert h["full_data"] == pytest.approx(expected)
     assert plan["hours"]["total"] == pytest.approx(sum(h.values()))
     text = P.format_plan(plan)

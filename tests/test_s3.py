@@ -15,7 +15,6 @@ from tasks.stages import STAGES
 from .configs import SMALL
 
 
-@pytest.mark.slow  # the default tier's S3 run: test_security.py's flow on S3, read back by boto3
 def test_s3_root_round_trips(s3_endpoint):
     opts = {"endpoint_url": s3_endpoint}
     cfg = parse_config(SMALL)

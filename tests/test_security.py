@@ -103,6 +103,7 @@ def s3_without_env_credentials(monkeypatch, tmp_path):
     s3fs.S3FileSystem.clear_instance_cache()
 
 
+@pytest.mark.slow  # the default tier's run on S3: tests/test_s3.py
 def test_flow_on_s3_with_a_secret_block_leaks_nothing(prefect_server, s3_without_env_credentials):
     from prefect.blocks.system import Secret
     from prefect.client.orchestration import get_client

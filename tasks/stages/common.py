@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import math
+import os
 import weakref
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -54,21 +55,40 @@ def trim_heap() -> bool:
     return bool(libc is not None and getattr(libc, "malloc_trim", None) and libc.malloc_trim(0))
 
 
-def trimmed(items: Iterable[_T]) -> Iterator[_T]:
-    """`items`, with the heap trimmed after each one is consumed.
+def resident_mib() -> float:
+    """This process's resident memory now (Linux /proc/self/statm; 0 where there is none)."""
+    try:
+        with open("/proc/self/statm") as f:
+            pages = int(f.read().split()[1])
+    except (OSError, ValueError, IndexError):
+        return 0.0
+    return pages * (os.sysconf("SC_PAGE_SIZE") / 2**20)
+
+
+TRIM_SLACK_MIB = 32.0
+
+
+def trimmed(items: Iterable[_T], slack_mib: float = TRIM_SLACK_MIB) -> Iterator[_T]:
+    """`items`, with the heap trimmed whenever the process's resident memory has grown by more
+    than `slack_mib` since the last trim (checked after each item: one read of /proc).
 
     For a loop whose per-item buffers are large (the labels stage: an 8 MiB batch of
-    10,450-class logits, its crops and the teachers' activations). glibc raises its mmap
-    threshold to the size of each large block freed (up to 32 MiB), after which such buffers
-    come from the heap, which then holds the high-water mark of a whole epoch's churn:
-    measured on the labels stage at ImageNet-21K shape, 1.7 GiB above the stage's start.
-    Trimming after each item returns that churn as it is freed (tests/test_scale.py), while
-    every other stage keeps glibc's default policy. Fixing the threshold process-wide instead
-    (mallopt M_MMAP_THRESHOLD) made every other stage's large tensors fresh zero-filled mmaps:
-    1.4-1.5x slower CPU training steps (bench/bench_allocator.py)."""
+    10,450-class logits, its crops and the teachers' activations; the statistics pass). glibc
+    raises its mmap threshold to the size of each large block freed (up to 32 MiB), after
+    which such buffers come from the heap, which then keeps the high-water mark of the loop's
+    churn: measured on the labels stage at ImageNet-21K shape, 1.7 GiB above the stage's start.
+    Trimming returns that churn once it exceeds the slack, so the loop's resident memory stays
+    within its working set plus `slack_mib` (tests/test_scale.py), while the allocator's policy
+    is left alone: in steady state a trim is rare and costs only the pages it returns. Fixing
+    the threshold process-wide instead (mallopt M_MMAP_THRESHOLD) made every stage's large
+    tensors fresh zero-filled mmaps: 1.4-1.7x slower CPU training steps
+    (bench/bench_allocator.py)."""
+    floor = resident_mib()
     for item in items:
         yield item
-        trim_heap()
+        if resident_mib() - floor > slack_mib:
+            trim_heap()
+            floor = resident_mib()
 
 
 def no_progress(stage: str, fraction: float, info: dict[str, Any]) -> None:

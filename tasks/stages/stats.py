@@ -26,7 +26,14 @@ from storage.run import STATS, Run, teacher_weights
 from storage.states import has_state, load_state, save_state
 
 from ..terminal import Count
-from .common import Progress, data_splits, load_teacher, no_progress, sequential_batches
+from .common import (
+    Progress,
+    data_splits,
+    load_teacher,
+    no_progress,
+    sequential_batches,
+    trimmed,
+)
 
 
 def _stats_key(m: int) -> str:
@@ -95,7 +102,9 @@ def compute_shards(
             for m, (model, names) in teachers.items()
             if any(m in ms for ms in todo.values())
         }
-        for b, (x, _) in zip(ids, sequential_batches(run, train, bs, ids), strict=True):
+        # The heap is trimmed when the batches' churn piles up in it (common.trimmed).
+        batches = trimmed(zip(ids, sequential_batches(run, train, bs, ids), strict=True))
+        for b, (x, _) in batches:
             s = b // per
             for m in todo[s]:
                 with network_autocast(x.device.type, cfg.stats.autocast):
