@@ -6,7 +6,8 @@ Each side is a fresh `python` process (an allocator policy, once set, lasts for 
 
 - default: imports d3s_core only: glibc's own policy;
 - stage:   imports every stage module (tasks.stages.*, flows.distill) first: whatever they do
-           at import, the process keeps;
+           at import, the process keeps; the student epoch's batches go through the
+           heap-trimming wrapper the validation stage uses (tasks/stages/common.trimmed);
 - fixed:   as `stage`, then the policy the stages used to set at import (mallopt
            M_MMAP_THRESHOLD = 128 KiB, process-wide), to show what this bench sees when a
            stage module changes the allocator.
@@ -97,7 +98,7 @@ def worker(side: str, steps: int, iterations: int, threads: int) -> dict:
     teacher = build_model("resnet18", classes, low_res=False)
     trainer = TeacherTrainer(teacher, TINY_IMAGENET.teacher, steps, seed=0)
     trainer.train_epoch(data[:1])  # warm-up (first-touch of the process's memory), untimed
-    timed("teacher epoch", lambda: trainer.train_epoch(data))
+    timed("teacher epoch", lambda: trainer.train_epoch(data))  # the teachers stage: no trim
 
     def measured(seed: int) -> MeasuredTeacher:
         torch.manual_seed(seed)
@@ -134,7 +135,12 @@ def worker(side: str, steps: int, iterations: int, threads: int) -> dict:
         )
         labelled.append((x, labels))
     train_student_batches(student, opt, labelled[:1])  # warm-up, untimed
-    timed("student epoch", lambda: train_student_batches(student, opt, labelled))
+    if side == "default":
+        timed("student epoch", lambda: train_student_batches(student, opt, labelled))
+    else:  # as the validation stage feeds it: its batches through the heap-trimming wrapper
+        from tasks.stages.common import trimmed
+
+        timed("student epoch", lambda: train_student_batches(student, opt, trimmed(labelled)))
     return out
 
 

@@ -29,7 +29,15 @@ from storage.run import FULL_DATA, Run, images_of, labels_epoch, student_dir, su
 from storage.states import has_state, load_state, remove_state, save_state, weights_blob
 
 from ..terminal import Count
-from .common import Progress, batches, data_splits, held_out_top1, new_model, no_progress
+from .common import (
+    Progress,
+    batches,
+    data_splits,
+    held_out_top1,
+    new_model,
+    no_progress,
+    trimmed,
+)
 from .profile import recipe
 
 
@@ -80,6 +88,8 @@ def _hard_epoch(
         rows = torch.randperm(len(classes), generator=order).split(bsz)
         images = row_batches(run.fs, rel, (r.tolist() for r in rows), cfg.device, cfg.stats.workers)
         data = zip(images, (classes[r] for r in rows), strict=True)
+    # The heap is trimmed when the batches' churn piles up in it (common.trimmed).
+    data = trimmed(data)
     return train_hard_batches(student, opt, data, crops, lc.min_crop_scale, lc.flip, sched)
 
 
@@ -99,7 +109,9 @@ def _student_epoch(
     images = row_batches(
         run.fs, images_of(prefix), epoch_image_batches(run.fs, rel), cfg.device, cfg.stats.workers
     )
-    batches = zip(images, read_epoch_batches(run.fs, rel, e), strict=True)
+    # The heap is trimmed when the batches' churn (at ImageNet-21K shape an 8 MiB label batch
+    # each) piles up in it (common.trimmed).
+    batches = trimmed(zip(images, read_epoch_batches(run.fs, rel, e), strict=True))
     return train_student_batches(student, opt, batches, temperature, sched)
 
 
