@@ -16,6 +16,10 @@ IPC 4 (10,452 images in 53 synthesis batches of 200) against IPC 1, at 8 px; one
 and one student epoch (memory per epoch is flat: bench/bench_scale.py measures time per
 epoch). The `slow` test is the ImageNet-21K shape itself, 10,450 classes x IPC 10 = 104,500
 images in 523 batches, against IPC 2 (5x fewer images), at 16 px (about 20 minutes).
+The default test runs the stages under glibc's own allocator policy (the stages trim their heap
+when a loop's churn piles up: tasks/stages/common.trimmed); the slow one measures live memory
+(`--live-memory`), since at that shape the allocator's retained heap differs between identical
+runs by more than GROWTH_MIB.
 The class count is the same within each pair: the teachers' training batch holds
 batch x classes logits and their gradients (1024 x 10,450 x 4 B = 41 MiB each), which grow
 with the classes, not the images.
@@ -33,7 +37,7 @@ BOUND_MIB = 1536  # process (torch, zarr, pyarrow: ~0.7 GiB) + one stage's worki
 GROWTH_MIB = 96  # more images may add per-image vectors (permutations, classes), not sets
 
 
-def probe(root: Path, classes: int, ipc: int, size: int) -> dict:
+def probe(root: Path, classes: int, ipc: int, size: int, *extra: str) -> dict:
     cmd = [
         sys.executable,
         str(REPO / "bench" / "scale_probe.py"),
@@ -50,6 +54,7 @@ def probe(root: Path, classes: int, ipc: int, size: int) -> dict:
         "--student-epochs",
         "1",
         "--forbid-whole-sets",
+        *extra,
     ]
     done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=3000)
     assert done.returncode == 0, done.stderr[-4000:]
@@ -80,7 +85,10 @@ def test_stage_memory_is_flat_in_the_number_of_images(tmp_path):
 @pytest.mark.slow
 @pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="needs Linux's VmHWM")
 def test_imagenet21k_shape_in_bounded_memory(tmp_path):
-    small = probe(tmp_path / "ipc2", 10450, 2, 16)
-    big = probe(tmp_path / "ipc10", 10450, 10, 16)
+    # Live memory (bench/scale_probe.py --live-memory): at this shape the peaks of two runs
+    # under glibc's default policy differ by more than GROWTH_MIB whatever the images (measured:
+    # a baseline stage 159 MiB apart), so the comparison is of what the stages hold.
+    small = probe(tmp_path / "ipc2", 10450, 2, 16, "--live-memory")
+    big = probe(tmp_path / "ipc10", 10450, 10, 16, "--live-memory")
     assert big["images"] == 104500 and big["stages"]["synthesis"]["units"] == 523
     assert_flat(small, big, 5)
