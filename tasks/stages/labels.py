@@ -63,8 +63,8 @@ def write_one_epoch(
     labelled = label_batches(
         n, rows, labellers, e, cfg.seed, lc.batch_size, (pl.min_crop_scale, 1.0), pl.flip
     )
-    # The heap is trimmed after each batch is written: its buffers (at ImageNet-21K shape an 8
-    # MiB batch of logits) would otherwise pile up in the heap over the epoch (common.trimmed).
+    # The heap is trimmed once the batches' buffers (at ImageNet-21K shape an 8 MiB batch of
+    # logits) pile up in it by more than common.TRIM_SLACK_MIB over the epoch (common.trimmed).
     write_epoch_batches(run.fs, labels_epoch(e, prefix), trimmed(labelled), lc.format, lc.topk)
 
 
