@@ -50,12 +50,13 @@ def main(argv: list[str] | None = None) -> int:
     import tasks.stages.synthesis as syn
     from storage.config import parse_config
     from storage.run import SYN_IMAGES, open_run
-    from tasks.stages import compute_stats, train_teachers
+    from tasks.stages import compute_stats, open_data, train_teachers
 
     with tempfile.TemporaryDirectory() as tmp:
         base = Path(tmp) / "base"
         first = parse_config(config(args.seconds[0], args.iterations, args.every))
         with open_run(base, first) as run:
+            open_data(run)
             train_teachers(run)
             compute_stats(run)
         print(

@@ -60,6 +60,7 @@ def main() -> int:
             }
         )
         with open_run(Path(tmp) / "run", cfg) as run:
+            STAGES["data"](run)
             STAGES["teachers"](run)
             train, _, _ = data_splits(run)
             teacher = load_teacher(run, 0)

@@ -69,6 +69,7 @@ def main() -> None:
     )
     root = str(tmp / "run")
     with open_run(root, cfg) as run:
+        STAGES["data"](run)
         STAGES["teachers"](run)
     c = cfg.model_dump(mode="json")
     todo = stats_plan_task.fn(root, c)

@@ -46,7 +46,7 @@ def main() -> int:
     from storage.config import parse_config
     from storage.run import open_run
     from tasks.stages.common import batches, data_splits
-    from tasks.stages.profile import data_profile
+    from tasks.stages.recipe import data_profile
 
     with tempfile.TemporaryDirectory() as tmp:
         data = Path(tmp) / "data"

@@ -10,8 +10,9 @@ d3s study CONFIG [--root URI]                   a study (Prefect): variants, Fig
 d3s plan CONFIG [--train-images N] [--throughput FILE] [--json]
                                                 what a run will need (counts, disk, memory,
                                                 estimated hours), before it starts
-d3s teachers|stats|synthesis|labels|validation CONFIG --root URI
-                                                one stage, without Prefect
+d3s STAGE [CONFIG | --preset NAME] --root URI   one stage, without Prefect (data, teachers,
+                                                stats, synthesis, labels, validation, ...:
+                                                tasks/stage_table.py)
 """
 
 from __future__ import annotations
@@ -26,16 +27,11 @@ import sys
 from typing import TYPE_CHECKING, Any
 
 from flows.errors import report_os_error
+from tasks.stage_table import stage, stages  # plain data: imports no runner
 
 if TYPE_CHECKING:
     from storage.config import RunConfig
     from storage.fs import RunFS
-
-# The per-stage subcommands: the keys of tasks.stages.STAGES, in order, written out so that
-# building the parser imports no stage (tests/test_cli_help.py checks they are the same).
-STAGE_NAMES = ("teachers", "stats", "synthesis", "labels", "validation")
-# The optional stages (tasks.stages.EXTRA_STAGES): the hard protocol and the baselines.
-EXTRA_STAGE_NAMES = ("validation-hard", "baseline", "coresets", "full-data")
 
 CONFIG_HELP = (
     "the run's JSON config (a dataset, a preset and its settings; see docs/datasets.md and "
@@ -151,144 +147,11 @@ def repair_cmd(root: str, dry_run: bool) -> int:
     return 0
 
 
-def _epochs_done(meta: dict[str, Any], key: str) -> int | None:
-    """Epochs finished at a checkpoint, from its marker's metadata: `key` if the stage wrote
-    it, else the per-epoch loss list (one loss per epoch done; teachers and students write it)."""
-    if key in meta:
-        return int(meta[key])
-    if isinstance(meta.get("losses"), list):
-        return len(meta["losses"])
-    return None
-
-
-def _in_progress(fs: RunFS, rel: str, what: str, of: int, epochs: int) -> str:
-    """ ", teacher 1 of 2, epoch 3 of 4 done" for a checkpoint marker at `rel` (1-based, for
-    people); "" when there is none. Reads the JSON marker only, never the weights."""
-    from storage.states import has_state, state_meta
-
-    if not has_state(fs, rel):
-        return ""
-    done = _epochs_done(state_meta(fs, rel), "epoch")
-    return f", {what} of {of}, " + (
-        f"epoch {done} of {epochs} done" if done is not None else "in progress"
-    )
-
-
 def status(root: str) -> dict[str, Any]:
-    """A summary of a run's progress, read from its manifest and checkpoint markers (never
-    the checkpoints' tensors). Numbers meant for people (teacher, batch, student) are 1-based."""
-    from storage.config import load_config
-    from storage.manifest import Manifest
-    from storage.profile import describe_profile, describe_recipe, read_profile
-    from storage.run import (
-        SYN_CHECKPOINT,
-        labels_epoch,
-        student_dir,
-        summary_of,
-        teacher_checkpoint,
-        teacher_weights,
-    )
-    from storage.states import has_state, load_state, state_meta
+    """A summary of a run's progress (tasks/status.py: each stage's lines)."""
+    from tasks.status import run_status
 
-    fs = _open_fs(root)
-    cfg = load_config(fs)
-    done = Manifest(fs).entries()
-    profile = read_profile(fs)
-    k = profile["values"]["num_classes"] if profile else cfg.dataset.num_classes
-    if k is None and cfg.dataset.kind in ("synthetic", "mnist5k"):
-        k = cfg.preset_obj().num_classes if cfg.dataset.kind == "synthetic" else 10
-    n_batches = -(-k * cfg.synthesis.ipc // cfg.synthesis.batch_size) if k else "?"
-    committed = len([f for f in fs.listdir("synthesis/batches") if f.endswith(".json")])
-    in_batch = None
-    if has_state(fs, SYN_CHECKPOINT):  # the marker's metadata only, not the 345 MiB state
-        meta = state_meta(fs, SYN_CHECKPOINT)
-        if "iteration" in meta:
-            iteration = int(meta["iteration"])
-        elif "losses" in meta:  # older checkpoints: one loss per iteration done
-            iteration = len(meta["losses"])
-        else:
-            iteration = int(load_state(fs, SYN_CHECKPOINT)[0]["iteration"])
-        batch = meta.get("batch")
-        in_batch = {"batch": int(batch) + 1 if batch is not None else "?", "iteration": iteration}
-
-    count = cfg.teachers.count
-    teachers_done = [teacher_weights(m) in done for m in range(count)]
-    # Teachers train one after another; the one in progress has a checkpoint marker (removed
-    # when it finishes). Its metadata holds one training loss per epoch done.
-    teacher_epochs = cfg.teacher_train().epochs
-    teacher_now = "".join(
-        _in_progress(fs, teacher_checkpoint(m), f"teacher {m + 1}", count, teacher_epochs)
-        for m in range(count)
-        if not teachers_done[m]
-    )
-    shards = "".join(
-        f", teacher {m + 1}: {n} shards on disk"
-        for m in range(count)
-        if (n := len([f for f in fs.listdir(f"stats_shards/teacher_{m}") if f.endswith(".json")]))
-    )
-    arch, n_students = cfg.student_arch(), cfg.validation.students
-    students = [s for s in range(n_students) if f"{student_dir(arch, s)}/metrics.json" in done]
-    student_epochs = cfg.student_cfg().epochs
-    student_now = "".join(
-        _in_progress(
-            fs, f"{student_dir(arch, s)}/checkpoint", f"student {s + 1}", n_students, student_epochs
-        )
-        for s in range(n_students)
-        if s not in students
-    )
-    out = {
-        "run": cfg.name,
-        "root": fs.url(),
-        "preset": cfg.preset,
-        "data": describe_profile(profile) if profile else "not profiled yet (the first stage does)",
-        "recipe": describe_recipe(cfg).removeprefix("recipe: "),
-        "warnings": profile.get("warnings", []) if profile else [],
-        "teachers": f"{sum(teachers_done)}/{count}" + teacher_now,
-        "stats": f"{sum(f'stats.zarr/teacher_{m}' in done for m in range(count))}/{count}" + shards,
-        "synthesis": f"{committed}/{n_batches} batches"
-        + (
-            f", batch {in_batch['batch']} at iteration {in_batch['iteration']}/"
-            f"{cfg.synthesis_cfg().iterations}"
-            if in_batch
-            else ""
-        )
-        + (" (done)" if "synthesis/images.zarr" in done else ""),
-        "labels": f"{sum(labels_epoch(e) in done for e in range(cfg.labels.epochs))}"
-        f"/{cfg.labels.epochs} epochs",
-        "validation": f"{len(students)}/{n_students} students"
-        + student_now
-        + (" (done)" if summary_of() in done else ""),
-    }
-    return out | _baselines_status(cfg, done)
-
-
-def _baselines_status(cfg: Any, done: dict[str, Any]) -> dict[str, str]:
-    """The hard protocol's students and each configured baseline: which protocols are done."""
-    from storage.run import BASELINE_KINDS, FULL_DATA, baseline_prefix, student_dir, summary_of
-
-    v, arch = cfg.validation, cfg.student_arch()
-    out = {}
-    if "hard" in v.protocols:
-        hard = [student_dir(arch, s, "", "hard") for s in range(v.students)]
-        n = sum(f"{d}/metrics.json" in done for d in hard)
-        out["validation-hard"] = f"{n}/{v.students} students" + (
-            " (done)" if summary_of("", "hard") in done else ""
-        )
-    wanted = {
-        "random-real": v.random_real_baseline,
-        "herding": "herding" in v.coresets,
-        "k-center": "k-center" in v.coresets,
-        "full-data": v.full_data,
-    }
-    for kind in BASELINE_KINDS:
-        if not wanted[kind]:
-            continue
-        prefix = baseline_prefix(kind)
-        protocols = ["hard"] if prefix == FULL_DATA else v.protocols
-        parts = [f"{p} {'done' if summary_of(prefix, p) in done else 'to do'}" for p in protocols]
-        images = "" if prefix == FULL_DATA or f"{prefix}images.zarr" not in done else "images, "
-        out[f"baseline {kind}"] = images + ", ".join(parts)
-    return out
+    return run_status(_open_fs(root))
 
 
 def _mean_std(summary: dict[str, Any]) -> str:
@@ -331,6 +194,40 @@ def headline(root: str, cfg: RunConfig) -> list[str]:
             )
             lines.append(f"  {r['set']:<18} {r['protocol']:<4} {pct(r['top1'])} %{extra}")
     return lines
+
+
+def run_one_stage(name: str, root: str, cfg: RunConfig) -> int:
+    """`d3s <stage>`: the stage's runner on the run, its log lines ("data: ...", "warning:
+    ...") on stderr, its result (a URL, or a list of them) on stdout."""
+    import logging
+
+    from storage.run import open_run
+    from tasks.credentials import storage_options
+    from tasks.terminal import TerminalProgress, bars_enabled
+
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(_StageLogFormat())
+    log = logging.getLogger("d3s")
+    log.addHandler(handler)
+    log.setLevel(logging.INFO)
+    bars = TerminalProgress() if bars_enabled() else None
+    try:
+        with open_run(root, cfg, **storage_options(cfg)) as r:
+            result = stage(name).run(r, bars)
+    finally:
+        log.removeHandler(handler)
+        if bars:
+            bars.close()
+    print(result)
+    return 0
+
+
+class _StageLogFormat:
+    """ "warning: <message>" for warnings and worse, the message alone below."""
+
+    def format(self, record: Any) -> str:
+        msg = record.getMessage()
+        return f"{record.levelname.lower()}: {msg}" if record.levelno >= 30 else msg
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -384,8 +281,13 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--train-images", type=int, help="training images (else known or counted)")
     pl.add_argument("--throughput", help="throughput table (default bench/throughput/cpu.json)")
     pl.add_argument("--json", action="store_true", help="the whole plan as JSON")
-    for name in (*STAGE_NAMES, *EXTRA_STAGE_NAMES):
-        sp = sub.add_parser(name, help=f"the {name} stage alone, without Prefect")
+    for st_ in stages():
+        sp = sub.add_parser(
+            st_.name,
+            help=f"the {st_.name} stage alone, without Prefect",
+            description=f"{st_.doc[0].upper()}{st_.doc[1:]}: the {st_.name} stage alone, "
+            "without Prefect (it resumes from its checkpoint and keeps what is finished).",
+        )
         sp.add_argument("config", nargs="?", help=CONFIG_HELP)
         sp.add_argument("--preset", help=PRESET_HELP)
         sp.add_argument("--root", required=True, help=ROOT_HELP)
@@ -418,21 +320,7 @@ def main(argv: list[str] | None = None) -> int:
             distill(root=root, config=cfg, repair=args.repair)  # the summary's URI
             print("\n".join(headline(root, cfg)))
             return 0
-        from storage.run import open_run
-        from tasks.credentials import storage_options
-        from tasks.stages import EXTRA_STAGES, STAGES
-        from tasks.terminal import TerminalProgress, bars_enabled
-
-        bars = TerminalProgress() if bars_enabled() else None
-        run_stage = {**STAGES, **EXTRA_STAGES}[args.cmd]
-        try:
-            with open_run(root, cfg, **storage_options(cfg)) as r:
-                result = run_stage(r, bars) if bars else run_stage(r)
-        finally:
-            if bars:
-                bars.close()
-        print(result)
-        return 0
+        return run_one_stage(args.cmd, root, cfg)
     except (ValueError, FileNotFoundError, RuntimeError) as e:
         print(f"d3s: {e}", file=sys.stderr)
         return 2

@@ -1,10 +1,13 @@
-"""The D3S flow: teachers -> statistics -> synthesis -> labels -> validation, each a Prefect
-task around its stage runner. A new flow run with the same root and config reuses finished
+"""The D3S flow: data -> teachers -> statistics -> synthesis -> labels -> validation (and the
+optional stages the config enables), each a Prefect task around its stage runner, from the
+stage table (tasks/stage_table.py). A new flow run with the same root and config reuses finished
 stages (Prefect cache, and each runner's own check of the manifest) and resumes the unfinished
 one from its checkpoint; so does `prefect flow-run retry` of a crashed run.
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 from prefect import flow
 from prefect.runtime import flow_run
@@ -13,26 +16,8 @@ from flows.hygiene import crash_leftovers
 from storage.config import RunConfig
 from storage.run import open_run
 from tasks.credentials import storage_options
-from tasks.dask_stages import (
-    label_epochs_flow,
-    labels_plan_task,
-    on_dask,
-    stats_plan_task,
-    stats_shards_flow,
-)
-from tasks.prefect_tasks import (
-    baseline_task,
-    check_task,
-    coresets_task,
-    full_data_task,
-    labels_task,
-    report_task,
-    stats_task,
-    synthesis_task,
-    teachers_task,
-    validation_hard_task,
-    validation_task,
-)
+from tasks.prefect_tasks import check_task, report_task, stage_task
+from tasks.stage_table import enabled, resolve
 
 
 def _run_name() -> str:
@@ -62,32 +47,18 @@ def distill(
     # The flow holds the run's writer lock for its whole life (the tasks share it), and the
     # run exists before the first cache key is computed.
     with open_run(root, config, **storage_options(config)):
-        checked = check_task(root, c, repair)
-        t = teachers_task(root, c, wait_for=[checked])
-        if config.dask is not None:  # statistics shards on the Dask cluster, merged below
-            todo = stats_plan_task(root, c, wait_for=[t])
-            if todo:
-                on_dask(stats_shards_flow, config.dask)(root, c, todo)
-        s = stats_task(root, c, wait_for=[t])
-        syn = synthesis_task(root, c, wait_for=[s])
-        v = config.validation
+        futures: dict[str, Any] = {"check": check_task(root, c, repair)}
         summaries = []
-        if "soft" in v.protocols:  # the paper's protocol: ensemble labels, then KD students
-            if config.dask is not None:  # label epochs on the Dask cluster, recorded below
-                epochs = labels_plan_task(root, c, wait_for=[syn])
-                if epochs:
-                    on_dask(label_epochs_flow, config.dask)(root, c, epochs)
-            lab = labels_task(root, c, wait_for=[syn])
-            summaries.append(validation_task(root, c, wait_for=[lab]))
-        if "hard" in v.protocols:  # the same students on the class labels
-            summaries.append(validation_hard_task(root, c, wait_for=[syn]))
-        # The baselines need only the teachers (or not even them): any order after them.
-        if v.random_real_baseline:
-            baseline_task(root, c, wait_for=[t])
-        if v.coresets:
-            coresets_task(root, c, wait_for=[t])
-        if v.full_data:
-            full_data_task(root, c, wait_for=[t])
+        # Every stage the config enables (tasks/stage_table.py), in the table's order, each
+        # after the stages it reads from (the first after the check); a stage with a Dask part
+        # runs that part on the cluster first.
+        for s in enabled(config):
+            after = [futures[a] for a in s.after if a in futures] or [futures["check"]]
+            if s.fanout is not None and config.dask is not None:
+                resolve(s.fanout)(root, config, after)
+            futures[s.name] = stage_task(s.name)(root, c, wait_for=after)
+            if s.summary:
+                summaries.append(futures[s.name])
         report_task(root, c)
         summary_uri = summaries[0]
     return summary_uri

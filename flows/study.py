@@ -16,14 +16,8 @@ from storage.config import RunConfig
 from storage.run import open_run
 from storage.study import SHARED, StudySpec, plan_study
 from tasks.credentials import storage_options
-from tasks.dask_stages import on_dask, stats_plan_task, stats_shards_flow
-from tasks.prefect_tasks import (
-    baseline_task,
-    coresets_task,
-    full_data_task,
-    stats_task,
-    teachers_task,
-)
+from tasks.dask_stages import stats_fanout
+from tasks.prefect_tasks import stage_task
 from tasks.study_tasks import at, match_task, share_task, study_report_task
 
 from .distill import distill
@@ -40,13 +34,13 @@ def _baseline_name() -> str:
     return cfg.name if isinstance(cfg, RunConfig) else str(flow_run.parameters.get("kind"))
 
 
-# The stage task of each baseline kind; the plan (storage/study.py) sets the config's
-# validation switches so that the task runs that kind's image set only.
-BASELINE_TASKS = {
-    "random-real": baseline_task,
-    "herding": coresets_task,
-    "k-center": coresets_task,
-    "full-data": full_data_task,
+# The stage of each baseline kind (tasks/stage_table.py); the plan (storage/study.py) sets the
+# config's validation switches so that the stage runs that kind's image set only.
+BASELINE_STAGES = {
+    "random-real": "baseline",
+    "herding": "coresets",
+    "k-center": "coresets",
+    "full-data": "full-data",
 }
 
 
@@ -55,10 +49,12 @@ def baseline(root: str, config: RunConfig, kind: str = "random-real") -> list[st
     """One baseline alone on a run root that already has its teachers: the random real subset,
     a coreset (herding, k-center) or the full-data reference, validated under its protocols.
     Returns the URIs of its validation summaries."""
-    if kind not in BASELINE_TASKS:
-        raise ValueError(f"unknown baseline {kind!r}; expected one of {sorted(BASELINE_TASKS)}")
+    if kind not in BASELINE_STAGES:
+        raise ValueError(f"unknown baseline {kind!r}; expected one of {sorted(BASELINE_STAGES)}")
     with open_run(root, config, **storage_options(config)):
-        got = BASELINE_TASKS[kind](root, config.model_dump(mode="json"))
+        c = config.model_dump(mode="json")
+        stage_task("data")(root, c)
+        got = stage_task(BASELINE_STAGES[kind])(root, c)
     return list(got) if isinstance(got, list) else [got]
 
 
@@ -70,12 +66,11 @@ def study(root: str, config: StudySpec) -> str:
     shared, base = at(root, SHARED), plan.shared
     c = base.model_dump(mode="json")
     with open_run(shared, base, **storage_options(base)):
-        t = teachers_task(shared, c)
+        d = stage_task("data")(shared, c)
+        t = stage_task("teachers")(shared, c, wait_for=[d])
         if base.dask is not None:
-            todo = stats_plan_task(shared, c, wait_for=[t])
-            if todo:
-                on_dask(stats_shards_flow, base.dask)(shared, c, todo)
-        stats_task(shared, c, wait_for=[t])
+            stats_fanout(shared, base, [t])
+        stage_task("stats")(shared, c, wait_for=[t])
     for cell in plan.cells:
         share_task(root, spec, cell.name)
         if cell.kind == "d3s":

@@ -27,6 +27,8 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
+from tasks.stage_table import dependents  # the stages' reads, closed transitively
+
 from .fs import RunFS
 from .manifest import Manifest, fingerprint
 
@@ -88,48 +90,6 @@ def refresh_fingerprints(fs: RunFS, fresh: dict[str, dict[str, Any]]) -> None:
     the full hash once). The caller holds the run's writer lock."""
     if fresh:
         Manifest(fs).set_fingerprints(fresh)
-
-
-# -- what depends on what -------------------------------------------------------------------
-
-_TEACHER = re.compile(r"^teachers/teacher_(\d+)\.")
-_STATS = re.compile(r"^stats\.zarr/teacher_(\d+)$")
-_STUDENT = re.compile(r"^((?:baselines/[^/]+/)?)(validation(?:-hard)?)/([^/]+)/")
-_BASELINE = re.compile(r"^(baselines/[^/]+/)")
-# Baselines whose images are chosen with a teacher (coresets in its feature space).
-_TEACHER_CHOSEN = ("baselines/herding/", "baselines/k-center/", "baselines/coresets/")
-
-
-def dependents(rel: str) -> list[str]:
-    """Manifest prefixes of everything computed from artifact `rel` (itself included)."""
-    m = _TEACHER.match(rel)
-    if m:  # a teacher: its statistics, the images, every label and student
-        return [
-            f"teachers/teacher_{m.group(1)}.",
-            f"stats.zarr/teacher_{m.group(1)}",
-            "synthesis/",
-            "labels/",
-            "validation/",
-            "validation-hard/",
-            "baselines/random-real/labels/",
-            "baselines/random-real/validation/",
-            *_TEACHER_CHOSEN,
-        ]
-    if _STATS.match(rel):  # the images are synthesised against every teacher's statistics
-        return [rel, "synthesis/", "labels/", "validation/", "validation-hard/"]
-    if rel.startswith("synthesis/"):
-        return [rel, "labels/", "validation/", "validation-hard/"]
-    b = _BASELINE.match(rel)
-    prefix = b.group(1) if b else ""
-    if prefix and rel == f"{prefix}images.zarr":
-        return [rel, f"{prefix}labels/", f"{prefix}validation/", f"{prefix}validation-hard/"]
-    if rel.startswith(f"{prefix}labels/"):  # every student replays every epoch
-        return [rel, f"{prefix}validation/"]
-    m = _STUDENT.match(rel)
-    if m:  # one student: its files and the summary over students
-        prefix, vdir, student = m.group(1), m.group(2), m.group(3)
-        return [f"{prefix}{vdir}/{student}/", f"{prefix}{vdir}/summary.json"]
-    return [rel]
 
 
 @dataclass(frozen=True)

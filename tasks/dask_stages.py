@@ -170,3 +170,21 @@ def label_epochs_flow(
 def on_dask(subflow, spec: DaskSpec):
     """The subflow with a DaskTaskRunner for this config's cluster."""
     return subflow.with_options(task_runner=dask_task_runner(spec))
+
+
+def stats_fanout(root: str, config: RunConfig, wait_for: list[Any]) -> None:
+    """The statistics stage's Dask part (tasks/stage_table.py): the shards still to compute,
+    on the cluster; the stage's own task then merges them."""
+    c = config.model_dump(mode="json")
+    todo = stats_plan_task(root, c, wait_for=wait_for)
+    if todo and config.dask is not None:
+        on_dask(stats_shards_flow, config.dask)(root, c, todo)
+
+
+def labels_fanout(root: str, config: RunConfig, wait_for: list[Any]) -> None:
+    """The labels stage's Dask part: the label epochs still to write, on the cluster; the
+    stage's own task then checks and records them."""
+    c = config.model_dump(mode="json")
+    epochs = labels_plan_task(root, c, wait_for=wait_for)
+    if epochs and config.dask is not None:
+        on_dask(label_epochs_flow, config.dask)(root, c, epochs)

@@ -15,12 +15,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
-import tempfile
-from collections.abc import Callable
 from datetime import timedelta
-from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -66,54 +62,6 @@ def _open(root: str, cfg: RunConfig, world: World | None, attach: bool = False) 
     if failure[0] is not None:
         raise RuntimeError(f"rank 0 could not open the run: {failure[0]}")
     return run if run is not None else attach_run(root, cfg, **opts)
-
-
-def launch(root: str, cfg: RunConfig, log: Callable[[str], None] = print) -> str:
-    """Run synthesis as a torchrun job of `cfg.distributed.ranks` processes on this machine and
-    wait for it; the caller holds the run's lock (the ranks attach). Each output line of the job
-    goes to `log`. Returns the images' URL."""
-    spec = cfg.distributed
-    with tempfile.TemporaryDirectory() as tmp:
-        config_file = Path(tmp) / "config.json"
-        config_file.write_text(json.dumps(cfg.model_dump(mode="json")))
-        cmd = [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--standalone",
-            "--nproc-per-node",
-            str(spec.ranks),
-            "-m",
-            "tasks.distributed_synthesis",
-            root,
-            "--config",
-            str(config_file),
-            "--attach",
-            "--timeout-min",
-            str(spec.timeout_min),
-        ]
-        if spec.backend:
-            cmd += ["--backend", spec.backend]
-        env = dict(os.environ)
-        if not cfg.device.startswith("cuda"):  # CPU ranks share the cores
-            env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // spec.ranks)))
-        proc = subprocess.Popen(
-            cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
-        )
-        assert proc.stdout is not None
-        url, tail = None, []
-        for line in proc.stdout:
-            line = line.rstrip()
-            log(line)
-            tail = (tail + [line])[-20:]
-            if line.startswith("synthesis: "):
-                url = line.removeprefix("synthesis: ")
-        if proc.wait() != 0 or url is None:
-            raise RuntimeError(
-                f"distributed synthesis ({spec.ranks} ranks) failed with exit status "
-                f"{proc.returncode}:\n" + "\n".join(tail)
-            )
-    return url
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -21,10 +21,14 @@ the run logger.
 from __future__ import annotations
 
 import hashlib
+import logging
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from functools import cache
 from typing import Any
 
-from prefect import task
+from prefect import Task, task
 from prefect.artifacts import (
     create_markdown_artifact,
     create_progress_artifact,
@@ -51,51 +55,16 @@ from tasks.report import (
 )
 
 from .credentials import storage_options
-from .distributed_synthesis import launch as launch_distributed
 from .retry import retry_on_transient_io
-from .stages import EXTRA_STAGES, STAGES
+from .stage_table import Stage, stage
 from .stages.match import match_run
 from .terminal import TerminalProgress, bars_enabled, card_line, describe
 
-# Bump when a stage's code changes what it writes: cached results of older versions are ignored.
-STAGE_VERSION = {
-    "teachers": 1,
-    "stats": 1,
-    "synthesis": 1,
-    "labels": 2,  # 2: label schema v2 (uint16 boxes, labelled on the quantised box)
-    "validation": 1,
-    "validation-hard": 1,
-    "baseline": 3,  # 2: it writes its own labels/, label schema v2; 3: validation.protocols
-    "coresets": 1,
-    "full-data": 1,
-}
-# Artifacts (manifest prefixes) each stage reads.
-STAGE_INPUTS = {
-    "teachers": [],
-    "stats": ["teachers/"],
-    "synthesis": ["teachers/", "stats.zarr"],
-    "labels": ["teachers/", "synthesis/images.zarr"],
-    "validation": ["synthesis/images.zarr", "labels/"],
-    "validation-hard": ["synthesis/images.zarr"],
-    "baseline": ["teachers/"],
-    "coresets": ["teachers/"],
-    "full-data": [],
-}
-# Artifacts (manifest prefixes) each stage writes.
-STAGE_OUTPUTS = {
-    "teachers": ["teachers/"],
-    "stats": ["stats.zarr"],
-    "synthesis": ["synthesis/"],
-    "labels": ["labels/"],
-    "validation": ["validation/"],
-    "validation-hard": ["validation-hard/"],
-    "baseline": ["baselines/random-real/"],
-    "coresets": ["baselines/herding/", "baselines/k-center/"],
-    "full-data": ["baselines/full-data/"],
-}
 
+def stage_cache_key(stage: Stage):
+    """The cache key of `stage`'s task: its version, the config, the run, the repair
+    generation and the checksums of what it reads (None where its files fail the check)."""
 
-def stage_cache_key(stage: str):
     def key(context: TaskRunContext, params: dict[str, Any]) -> str | None:
         root, cfg = params["root"], parse_config(params["config"])
         fs = RunFS(root, **storage_options(cfg))
@@ -103,21 +72,17 @@ def stage_cache_key(stage: str):
             rid = run_id(fs)
         except FileNotFoundError:
             return None
-        problems, _ = check(fs, quick=True, prefixes=(*STAGE_INPUTS[stage], *STAGE_OUTPUTS[stage]))
+        problems, _ = check(fs, quick=True, prefixes=(*stage.reads, *stage.writes))
         if problems:  # never stand for damaged files: run the stage, which names them
             return None
         manifest = Manifest(fs)
         entries = manifest.entries()
-        inputs = sorted(
-            (k, v["sha256"])
-            for k, v in entries.items()
-            if any(k.startswith(p) for p in STAGE_INPUTS[stage])
-        )
+        inputs = sorted((k, v["sha256"]) for k, v in entries.items() if k.startswith(stage.reads))
         # The generation changes with every repair: results cached before it stand for files
         # it forgot.
         generation = manifest.generation()
-        key = (stage, STAGE_VERSION[stage], cfg.config_hash(), fs.url(), rid, generation, inputs)
-        return f"d3s-{stage}-" + hashlib.sha256(repr(key).encode()).hexdigest()
+        key = (stage.name, stage.version, cfg.config_hash(), fs.url(), rid, generation, inputs)
+        return f"d3s-{stage.name}-" + hashlib.sha256(repr(key).encode()).hexdigest()
 
     return key
 
@@ -158,42 +123,34 @@ class PrefectProgress:
             self.fraction = 1.0
 
 
-def read_results_teachers(run: Any) -> list[dict[str, Any]]:
-    from storage.records import read_teacher_metas
+@contextmanager
+def forwarded_logs(logger: Any) -> Iterator[None]:
+    """The stage runners' log records (logger "d3s": data provenance, recipe warnings) go to
+    the task's run logger while the stage runs."""
 
-    return read_teacher_metas(run.fs, run.config.teachers.count)
+    class Forward(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            logger.log(record.levelno, record.getMessage())
 
-
-def log_provenance(run: Any, logger: Any) -> None:
-    """What the run takes from its data, its config and its preset (the data profile, found
-    here by the first stage), and the warnings where the recipe looks off for the data."""
-    from .stages.profile import data_profile, provenance_lines
-
-    for line in provenance_lines(run):
-        logger.info("data: %s", line)
-    for w in data_profile(run).get("warnings", []):
-        logger.warning("recipe: %s", w)
-
-
-def _run_stage(stage: str, root: str, config: dict[str, Any]) -> Any:
-    cfg = parse_config(config)
-    progress = PrefectProgress(stage)
+    target, handler = logging.getLogger("d3s"), Forward()
+    level, propagate = target.level, target.propagate
+    target.addHandler(handler)
+    target.setLevel(logging.INFO)
+    target.propagate = False
     try:
-        with open_run(root, cfg, **storage_options(cfg)) as run:
-            if stage == "teachers":
-                log_provenance(run, progress.logger)
-            if stage == "synthesis" and cfg.distributed.ranks > 1:
-                # torchrun job on this machine; it attaches to the run this process has locked
-                result = launch_distributed(root, cfg, progress.logger.info)
-                progress.finish()
-                return result
-            result = {**STAGES, **EXTRA_STAGES}[stage](run, progress)
-            if stage == "teachers":
-                from .stages.profile import recipe, teacher_warnings
+        yield
+    finally:
+        target.removeHandler(handler)
+        target.setLevel(level)
+        target.propagate = propagate
 
-                metas = read_results_teachers(run)
-                for w in teacher_warnings(metas, recipe(run).num_classes):
-                    progress.logger.warning("recipe: %s", w)
+
+def _run_stage(name: str, root: str, config: dict[str, Any]) -> Any:
+    cfg = parse_config(config)
+    progress = PrefectProgress(name)
+    try:
+        with open_run(root, cfg, **storage_options(cfg)) as run, forwarded_logs(progress.logger):
+            result = stage(name).run(run, progress)
             progress.finish()
             return result
     finally:
@@ -201,34 +158,32 @@ def _run_stage(stage: str, root: str, config: dict[str, Any]) -> Any:
             progress.terminal.close()
 
 
-def _stage_task(stage: str):
-    def fn(root: str, config: dict[str, Any]) -> Any:
-        return _run_stage(stage, root, config)
+@cache
+def stage_task(name: str) -> Task[..., Any]:
+    """The Prefect task of stage `name` (tasks/stage_table.py), made on first use."""
+    s = stage(name)
 
-    fn.__name__ = f"{stage.replace('-', '_')}_task"
+    def fn(root: str, config: dict[str, Any]) -> Any:
+        return _run_stage(name, root, config)
+
+    fn.__name__ = s.task_name()
+    fn.__doc__ = s.doc
+    options: dict[str, Any] = (
+        {"cache_key_fn": stage_cache_key(s), "persist_result": True}
+        if s.cached
+        else {"cache_policy": NO_CACHE}
+    )
     return task(
         fn,
-        name=stage,
-        task_run_name=stage,
-        cache_key_fn=stage_cache_key(stage),
-        persist_result=True,
+        name=name,
+        task_run_name=name,
         # Transient I/O only (an object store or network file system hiccup); the retry resumes
         # from the stage's checkpoint. Anything else fails at once.
         retries=3,
         retry_delay_seconds=[10, 60, 300],
         retry_condition_fn=retry_on_transient_io,
+        **options,
     )
-
-
-teachers_task = _stage_task("teachers")
-stats_task = _stage_task("stats")
-synthesis_task = _stage_task("synthesis")
-labels_task = _stage_task("labels")
-validation_task = _stage_task("validation")
-validation_hard_task = _stage_task("validation-hard")
-baseline_task = _stage_task("baseline")
-coresets_task = _stage_task("coresets")
-full_data_task = _stage_task("full-data")
 
 
 def validation_rows(groups: list[tuple[str, dict[str, Any]]]) -> list[dict[str, Any]]:

@@ -300,7 +300,7 @@ def data_markdown(fs: RunFS, cfg: RunConfig, teachers: list[dict[str, Any]]) -> 
     """The "Data and recipe" section: what the run took from its data, its config and its
     preset (dataset/profile.json), and the warnings where the recipe looks off for the data,
     the teachers' convergence included."""
-    from tasks.stages.profile import teacher_warnings
+    from tasks.stages.recipe import teacher_warnings
 
     profile = read_profile(fs)
     lines = ["## Data and recipe", ""]

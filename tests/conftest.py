@@ -144,13 +144,14 @@ def streaming_prepared(tmp_path_factory):
     """A run root of the streaming synthesis config (configs.SYN) with teachers and statistics
     (the synthesis stage's inputs)."""
     from storage.run import open_run
-    from tasks.stages import compute_stats, train_teachers
+    from tasks.stages import compute_stats, open_data, train_teachers
 
     from .helpers import streaming_config
 
     root = tmp_path_factory.mktemp("syn") / "run"
     torch.set_num_threads(1)
     with open_run(root, streaming_config()) as run:
+        open_data(run)
         train_teachers(run)
         compute_stats(run)
     return root

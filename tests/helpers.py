@@ -111,6 +111,7 @@ def folder_config(train, val, dataset=None, **teachers):
 
 def run_teachers(root, cfg):
     with open_run(root, cfg) as run:
+        STAGES["data"](run)
         STAGES["teachers"](run)
 
 

@@ -71,6 +71,7 @@ def test_status_inside_teachers_and_validation(tmp_path, monkeypatch):
     }
     root = tmp_path / "run"
     with open_run(root, parse_config(cfg)) as run, pytest.raises(KeyboardInterrupt):
+        STAGES["data"](run)
         STAGES["teachers"](run, _stop_after_first_epoch)
     assert (root / "teachers/checkpoints/teacher_0.json").exists()
 

@@ -176,6 +176,7 @@ def teachers_run(tmp_path_factory):
     root = tmp_path_factory.mktemp("teachers")
     torch.set_num_threads(1)
     with open_run(root, parse_config(RUN)) as run:
+        STAGES["data"](run)
         STAGES["teachers"](run)
     return root
 

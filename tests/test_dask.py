@@ -62,6 +62,7 @@ def test_flow_on_dask_equals_the_single_process_flow(prefect_server, tmp_path):
     # The statistics shards alone, on two worker processes.
     root = str(tmp_path / "dask")
     with open_run(root, on) as run:
+        STAGES["data"](run)
         STAGES["teachers"](run)
     c = on.model_dump(mode="json")
     todo = stats_plan_task(root, c)
@@ -186,6 +187,7 @@ def test_an_existing_cluster_by_address(prefect_server, tmp_path):
         cfg = parse_config({**DASK, "name": "addr", "dask": {"address": address}})
         root = str(tmp_path / "run")
         with open_run(root, cfg) as run:
+            STAGES["data"](run)
             STAGES["teachers"](run)
         c = cfg.model_dump(mode="json")
         done = on_dask(stats_shards_flow, cfg.dask)(root, c, stats_plan_task(root, c))

@@ -28,7 +28,7 @@ from storage.run import BASELINE, attach_run, images_of, open_run
 from storage.webdataset import TarShardDataset
 from tasks.stages import STAGES
 from tasks.stages.common import class_of_each, class_rows, data_splits, new_model
-from tasks.stages.profile import data_profile
+from tasks.stages.recipe import data_profile
 from tasks.stages.synthesis import distilled_classes
 
 from .helpers import make_samples, write_shards
@@ -101,6 +101,7 @@ def read_arrow(path):
 def test_the_first_stage_writes_an_index_equal_to_scan_tree(tmp_path, trees):
     train, val, teacher = trees
     with open_run(tmp_path / "run", folder_config(train, val, teacher)) as run:
+        STAGES["data"](run)
         STAGES["teachers"](run)
     index = json.loads((tmp_path / "run" / "dataset" / "index.json").read_text())
     assert index["schema_version"] == 1 and index["kind"] == "imagefolder"

@@ -366,6 +366,7 @@ def _prepare(base, name, config):
     config_path.write_text(json.dumps(config))
     prepared = base / f"prepared-{name}"
     with open_run(prepared, parse_config(config)) as run:
+        STAGES["data"](run)
         STAGES["teachers"](run)
         STAGES["stats"](run)
     return prepared, config_path

@@ -20,7 +20,7 @@ from storage.imagefolder import _fit
 from storage.profile import read_profile
 from storage.run import open_run, read_results
 from tasks.stages import STAGES
-from tasks.stages.profile import data_profile, recipe
+from tasks.stages.recipe import data_profile, recipe
 
 
 def _rgb_image(c: int, i: int, size: int, rng: np.random.Generator) -> Image.Image:
@@ -225,6 +225,7 @@ def test_imported_teacher_of_other_channels_is_refused_naming_file_and_key(tmp_p
         teachers={"count": 1, "import_from": [str(weights)]},
     )
     with open_run(str(tmp_path / "run"), parse_config(raw)) as run, pytest.raises(ValueError) as e:
+        STAGES["data"](run)
         STAGES["teachers"](run)
     msg = str(e.value)
     assert str(weights) in msg and "3-channel" in msg and "dataset.channels: 3" in msg

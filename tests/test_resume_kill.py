@@ -31,16 +31,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def stage_cmd(root, config_path, stage):
-    return [
-        sys.executable,
-        "-m",
-        "tasks.stages",
-        str(root),
-        "--config",
-        str(config_path),
-        "--stage",
-        stage,
-    ]
+    return [sys.executable, "-m", "flows.cli", stage, str(config_path), "--root", str(root)]
 
 
 def run_killed(root, config_path, stage, rng):
@@ -85,7 +76,8 @@ def test_sigkill_inside_every_stage_then_resume_is_bit_identical(tmp_path, monke
             fn(run)
     killed = tmp_path / "killed"
     rng = random.Random(int(os.environ.get("D3S_KILL_SEED", "0")))
-    landed = {stage: run_killed(killed, config_path, stage, rng) for stage in STAGES}
+    subprocess.run(stage_cmd(killed, config_path, "data"), cwd=REPO, check=True)
+    landed = {stage: run_killed(killed, config_path, stage, rng) for stage in IN_PROGRESS}
     assert all(landed.values()), f"a kill came too late to interrupt: {landed}"
     ref, got = checksums(reference), checksums(killed)
     assert len(ref) == 2 * 2 + 2 + 1 + 6 + 2 * 2 + 1

@@ -54,7 +54,8 @@ def _flow_with(stage_task, root, cfg):
 
     @flow
     def one_stage():
-        with open_run(root, cfg):
+        with open_run(root, cfg) as run:
+            STAGES["data"](run)
             return stage_task.with_options(retry_delay_seconds=0)(
                 root, cfg.model_dump(mode="json"), return_state=True
             )
@@ -67,7 +68,8 @@ def test_a_transient_failure_is_retried_and_the_stage_completes(
     tmp_path,
     monkeypatch,
 ):
-    from tasks.prefect_tasks import teachers_task
+    import tasks.stages.teachers
+    from tasks.prefect_tasks import stage_task
 
     real, calls = STAGES["teachers"], []
 
@@ -77,15 +79,16 @@ def test_a_transient_failure_is_retried_and_the_stage_completes(
             raise ConnectionResetError(errno.ECONNRESET, "connection reset by peer")
         return real(run, progress)
 
-    monkeypatch.setitem(STAGES, "teachers", flaky)
+    monkeypatch.setattr(tasks.stages.teachers, "train_teachers", flaky)
     cfg = parse_config({**SMALL, "name": "retry"})
-    state = _flow_with(teachers_task, str(tmp_path / "run"), cfg)
+    state = _flow_with(stage_task("teachers"), str(tmp_path / "run"), cfg)
     assert state.is_completed() and len(calls) == 2
     assert (tmp_path / "run" / "teachers" / "teacher_1.safetensors").exists()
 
 
 def test_a_bug_is_not_retried(prefect_server, tmp_path, monkeypatch):
-    from tasks.prefect_tasks import teachers_task
+    import tasks.stages.teachers
+    from tasks.prefect_tasks import stage_task
 
     calls = []
 
@@ -93,8 +96,8 @@ def test_a_bug_is_not_retried(prefect_server, tmp_path, monkeypatch):
         calls.append(1)
         raise ValueError("bad data")
 
-    monkeypatch.setitem(STAGES, "teachers", broken)
+    monkeypatch.setattr(tasks.stages.teachers, "train_teachers", broken)
     cfg = parse_config({**SMALL, "name": "noretry"})
     with pytest.raises(ValueError, match="bad data"):
-        _flow_with(teachers_task, str(tmp_path / "run"), cfg)
+        _flow_with(stage_task("teachers"), str(tmp_path / "run"), cfg)
     assert len(calls) == 1

@@ -172,6 +172,7 @@ def test_one_decode_feeds_every_teacher_and_equals_numpy_cov(tmp_path, spy, deco
     torch.set_num_threads(1)
     cfg = image_run(tmp_path)
     with open_run(tmp_path / "run", cfg) as run:
+        STAGES["data"](run)
         STAGES["teachers"](run)
         decodes.clear()
         spy.made.clear()
@@ -209,6 +210,7 @@ def test_a_missing_shard_is_recomputed_for_its_teachers_only(tmp_path, decodes):
     cfg = image_run(tmp_path)
     root = tmp_path / "run"
     with open_run(root, cfg) as run:
+        STAGES["data"](run)
         STAGES["teachers"](run)
         train = data_splits(run)[0]
         models = {m: load_teacher(run, m) for m in range(2)}
@@ -249,6 +251,7 @@ def test_a_missing_shard_is_recomputed_for_its_teachers_only(tmp_path, decodes):
         assert decodes == list(range(12, 30))
         resumed = [read_teacher_stats(run.fs, STATS, m)["stats"] for m in range(2)]
     with open_run(tmp_path / "clean", cfg) as run:
+        STAGES["data"](run)
         STAGES["teachers"](run)
         STAGES["stats"](run)
         clean = [read_teacher_stats(run.fs, STATS, m)["stats"] for m in range(2)]

@@ -212,6 +212,7 @@ def test_statistics_stage_equals_the_imagefolder_tree(tmp_path):
         kind = "imagefolder" if name == "imagefolder" else "webdataset"
         cfg = stats_config(kind, tr, va, tmp_path / "t.safetensors")
         with open_run(tmp_path / name, cfg) as r:
+            STAGES["data"](r)
             STAGES["teachers"](r)
         if name == "dask-tasks":  # what each Dask worker runs, shard by shard
             c = cfg.model_dump(mode="json")

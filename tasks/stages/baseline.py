@@ -15,7 +15,7 @@ from storage.run import BASELINE, FULL_DATA, Run, baseline_prefix, images_of
 
 from .common import ClassRows, Progress, class_rows, data_splits, index_batches, no_progress
 from .labels import label_run
-from .profile import recipe
+from .recipe import recipe
 from .synthesis import distilled_classes
 from .validation import validate
 

@@ -18,6 +18,7 @@ from d3s_core.models import build_model, freeze
 from d3s_core.presets import Preset
 from d3s_core.students import evaluate_top1
 from storage.dataset_index import (
+    INDEX,
     DatasetIndex,
     FolderListing,
     commit_index,
@@ -31,6 +32,8 @@ from storage.records import read_teacher_meta, write_teacher_meta
 from storage.run import Run, teacher_meta, teacher_weights
 from storage.states import weights_blob
 from storage.webdataset import TarShardDataset
+
+from .recipe import data_profile, recipe
 
 Progress = Callable[[str, float, dict[str, Any]], None]
 
@@ -111,10 +114,18 @@ def new_model(p: Preset, arch: str | None = None) -> torch.nn.Module:
 Dataset = torch.utils.data.Dataset
 
 
-def _writes_index(run: Run, index: DatasetIndex | None) -> bool:
-    """Whether this process writes the dataset index: none yet, and it holds the run's lock
-    (workers, `attach_run`, list the data in memory instead when there is none)."""
-    return index is None and run.lock is not None
+def _writes_index(run: Run, index: DatasetIndex | None, write: bool) -> bool:
+    """Whether this process writes the dataset index: the data stage (`write`) holding the
+    run's lock, where there is none yet. Any other stage holding the lock finds it there;
+    workers (`attach_run`) list the data in memory where there is none."""
+    if index is not None:
+        return False
+    if run.lock is not None and not write:
+        raise ValueError(
+            f"{run.fs.url(INDEX)}: no dataset index yet; the data stage writes "
+            f"it first (`d3s run`, or `d3s data CONFIG --root {run.fs.url()}`)"
+        )
+    return run.lock is not None
 
 
 @dataclass(frozen=True)
@@ -133,8 +144,6 @@ class Decode:
 
     @classmethod
     def of(cls, run: Run) -> Decode:
-        from .profile import recipe
-
         r = recipe(run)
         return cls(
             r.image_size,
@@ -148,12 +157,10 @@ class Decode:
 
 
 def crop_ratio(run: Run) -> float:
-    from .profile import data_profile
-
     return float(data_profile(run)["values"]["crop_ratio"])
 
 
-def tar_splits(run: Run, dec: Decode) -> tuple[Dataset, Dataset, str]:
+def tar_splits(run: Run, dec: Decode, write_index: bool = False) -> tuple[Dataset, Dataset, str]:
     """(train, held-out, fingerprint) of a tar-sharded dataset. Every class index is checked
     against the data's class count when its shard is indexed. Credentials: the run root's
     storage options where the shards live on the same kind of store, else the environment's.
@@ -186,7 +193,7 @@ def tar_splits(run: Run, dec: Decode) -> tuple[Dataset, Dataset, str]:
         )
 
     train, held = shards("train"), shards("val")
-    if _writes_index(run, index):
+    if _writes_index(run, index, write_index):
         splits = {
             split: {"source": source_of(sources[split]), **d.listing()}
             for split, d in (("train", train), ("val", held))
@@ -197,7 +204,7 @@ def tar_splits(run: Run, dec: Decode) -> tuple[Dataset, Dataset, str]:
     return train, held, train.fingerprint()
 
 
-def folder_splits(run: Run, dec: Decode) -> tuple[Dataset, Dataset, str]:
+def folder_splits(run: Run, dec: Decode, write_index: bool = False) -> tuple[Dataset, Dataset, str]:
     """(train, held-out, fingerprint) of ImageFolder trees, listed from the run's dataset
     index; the process holding the run's lock writes the index where there is none yet."""
     ds = run.config.dataset
@@ -209,7 +216,7 @@ def folder_splits(run: Run, dec: Decode) -> tuple[Dataset, Dataset, str]:
         )
     sources = {"train": ds.path, "val": ds.val_path}
     index = read_index(run.fs, "imagefolder", sources)
-    writes = _writes_index(run, index)
+    writes = _writes_index(run, index, write_index)
     entries: dict[str, dict[str, Any]] = {}
 
     def listing(split: str) -> FolderListing:
@@ -246,7 +253,9 @@ def folder_splits(run: Run, dec: Decode) -> tuple[Dataset, Dataset, str]:
     return train, held, train.fingerprint()
 
 
-def data_splits(run: Run, dec: Decode | None = None) -> tuple[Dataset, Dataset, str]:
+def data_splits(
+    run: Run, dec: Decode | None = None, write_index: bool = False
+) -> tuple[Dataset, Dataset, str]:
     """(train, held-out, dataset fingerprint) of the run's dataset, read with `dec` (default:
     the run's data profile, measured on first use). ImageFolder trees and tar shards are
     streamed from disk, their listing read from the run's dataset index (`dataset/`, written
@@ -255,9 +264,9 @@ def data_splits(run: Run, dec: Decode | None = None) -> tuple[Dataset, Dataset, 
     ds = cfg.dataset
     dec = dec or Decode.of(run)
     if ds.kind == "webdataset":
-        return tar_splits(run, dec)
+        return tar_splits(run, dec, write_index)
     if ds.kind == "imagefolder":
-        return folder_splits(run, dec)
+        return folder_splits(run, dec, write_index)
     p = cfg.preset_obj()
     return open_splits(
         ds.kind,
@@ -287,8 +296,6 @@ def load_teachers(run: Run) -> list[torch.nn.Module]:
 
 def load_teacher(run: Run, m: int) -> torch.nn.Module:
     """Teacher m, verified against the manifest, frozen, on the run's device."""
-    from .profile import recipe
-
     p = recipe(run)
     run.manifest.verify(teacher_weights(m))
     run.manifest.verify(teacher_meta(m))
@@ -446,8 +453,6 @@ def class_rows(run: Run, ds: Dataset) -> ClassRows:
     if isinstance(ds, ImageFolderDataset):
         rows = ClassRows(torch.from_numpy(ds.listing.starts), None)
     else:
-        from .profile import recipe
-
         k = recipe(run).num_classes
         y = class_of_each(ds)
         counts = torch.bincount(y, minlength=k)[:k]

@@ -26,7 +26,7 @@ from .common import (
     load_teacher,
     no_progress,
 )
-from .profile import recipe
+from .recipe import recipe
 from .synthesis import distilled_classes
 
 CHECKPOINT = "baselines/coresets/checkpoint"

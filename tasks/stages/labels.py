@@ -17,7 +17,7 @@ from storage.run import Run, images_of, labels_epoch
 
 from ..terminal import Count
 from .common import Progress, load_teachers, no_progress, trimmed
-from .profile import recipe
+from .recipe import recipe
 
 
 def missing_epochs(run: Run, prefix: str = "") -> list[int]:

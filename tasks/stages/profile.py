@@ -18,6 +18,7 @@ every training shard (the same pass `len()` makes without sizes.json).
 
 from __future__ import annotations
 
+import logging
 import math
 from typing import Any
 
@@ -31,53 +32,40 @@ from d3s_core.dataprofile import (
     infer_size,
     profile_rows,
 )
-from d3s_core.presets import DataShape, Preset
+from d3s_core.presets import Preset
 from storage.datasets import NormalisedImages
 from storage.imagefolder import ImageFolderDataset
-from storage.profile import describe_profile, describe_recipe, read_profile, write_profile
+from storage.profile import PROFILE, read_profile, write_profile
 from storage.run import Run
 from storage.webdataset import TarShardDataset
 
-from .common import Decode, data_splits
+from .common import Decode, Progress, data_splits, no_progress
+from .recipe import provenance_lines
+
+log = logging.getLogger("d3s")  # the Prefect task forwards it to the run's log
 
 HEADER_CHUNK = 1024
 
 
-def recipe(run: Run) -> Preset:
-    """The run's recipe fitted to its data: the preset's hyperparameters with the config's
-    overrides (model, teachers, synthesis, labels, students) and the data profile's shape and
-    normalisation. Made once per Run object."""
-    cached = run.__dict__.get("_recipe")
-    if cached is not None:
-        return cached
-    cfg, v = run.config, data_profile(run)["values"]
-    shape = DataShape(
-        num_classes=int(v["num_classes"]),
-        in_chans=int(v["channels"]),
-        image_size=int(v["image_size"]),
-        mean=tuple(v["mean"]),
-        std=tuple(v["std"]),
-        crop_ratio=float(v["crop_ratio"]),
-    )
-    r = cfg.fitted(shape)
-    run.__dict__["_recipe"] = r
-    return r
-
-
-def data_profile(run: Run) -> dict[str, Any]:
-    """The run's data profile: read from `dataset/profile.json`, else found now (and written
-    there by the process that holds the run's lock)."""
-    cached = run.__dict__.get("_profile")
-    if cached is not None:
-        return cached
+def open_data(run: Run, progress: Progress = no_progress) -> str:
+    """The `data` stage, first in every run: profile the data (`dataset/profile.json`) and,
+    for ImageFolder trees and tar shards, write its index (`dataset/`), where they are not
+    there yet; then log what the run takes from the data, the config and the preset, and the
+    recipe's warnings. Returns the profile's URL."""
     profile = read_profile(run.fs)
     if profile is None:
-        profile = measure_profile(run)
+        profile = measure_profile(run)  # it writes the index as it lists the data
         if run.lock is not None:
             run.lock.check()
             profile = write_profile(run.fs, profile)
     run.__dict__["_profile"] = profile
-    return profile
+    data_splits(run, write_index=True)  # where the profile was there but the index was not
+    for line in provenance_lines(run):
+        log.info("data: %s", line)
+    for w in profile.get("warnings", []):
+        log.warning("recipe: %s", w)
+    progress("data", 1.0, {})
+    return run.fs.url(PROFILE)
 
 
 def _preset_norm(p: Preset, channels: int, why: str) -> tuple[list[float], list[float], str]:
@@ -113,7 +101,7 @@ def measure_profile(run: Run) -> dict[str, Any]:
         d.channels == 1,
         known_k if d.kind != "mnist5k" else 10,
     )
-    train, _, fingerprint = data_splits(run, provisional)
+    train, _, fingerprint = data_splits(run, provisional, write_index=True)
     n = len(train)  # type: ignore[arg-type]
 
     # -- classes --
@@ -272,32 +260,4 @@ def data_warnings(run: Run, profile: dict[str, Any], headers: HeaderSummary | No
         out.append(
             f"teachers.train.batch_size: {t.batch_size} is larger than the {n} training images"
         )
-    return out
-
-
-def provenance_lines(run: Run) -> list[str]:
-    """What the run took from the data, the config and the preset, one line each (for the
-    start of a run, `d3s status` and the report)."""
-    return describe_profile(data_profile(run)) + [describe_recipe(run.config)]
-
-
-def teacher_warnings(metas: list[dict[str, Any]], num_classes: int) -> list[str]:
-    """Teachers that ended far from converged: the last epoch still removed more than 10 % of
-    the training loss, or the final training loss is above half of chance's ln(K)."""
-    out = []
-    chance = math.log(num_classes) if num_classes > 1 else 1.0
-    for m, meta in enumerate(metas):
-        losses = meta.get("train_loss") or []
-        if len(losses) >= 2 and losses[-1] < 0.9 * losses[-2]:
-            out.append(
-                f"teacher {m + 1}: the last epoch lowered the training loss by "
-                f"{100 * (1 - losses[-1] / losses[-2]):.0f} % ({losses[-2]:.3f} -> "
-                f"{losses[-1]:.3f}): far from converged; raise teachers.train.epochs"
-            )
-        elif losses and losses[-1] > 0.5 * chance:
-            out.append(
-                f"teacher {m + 1}: final training loss {losses[-1]:.3f} is above "
-                f"{0.5 * chance:.3f}, half of chance's ln({num_classes}) = {chance:.3f}: far "
-                "from converged; raise teachers.train.epochs"
-            )
     return out

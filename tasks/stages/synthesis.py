@@ -15,6 +15,7 @@ as a single process writes, so either can resume the other's checkpoint.
 
 from __future__ import annotations
 
+import logging
 import re
 import time
 
@@ -55,9 +56,12 @@ from storage.states import (
 )
 
 from ..terminal import Count
+from ..torchrun import launch
 from .common import ClassRows, Progress, class_rows, data_splits, load_teachers, no_progress
-from .profile import recipe
+from .recipe import recipe
 from .stats import load_targets
+
+log = logging.getLogger("d3s")  # the Prefect task forwards it to the run's log
 
 
 def distilled_classes(num_classes: int, ipc: int) -> torch.Tensor:
@@ -186,6 +190,9 @@ def synthesize(run: Run, progress: Progress = no_progress, world: World | None =
     if run.manifest.is_recorded(SYN_IMAGES):
         run.manifest.verify(SYN_IMAGES)
         return run.fs.url(SYN_IMAGES)
+    if world is None and cfg.distributed.ranks > 1 and run.lock is not None:
+        # A torchrun job on this machine; its ranks attach to the run this process has locked.
+        return launch(run.fs.url(), cfg, log.info)
     enable_cudnn_autotune(cfg.device)
     models = load_teachers(run)
     train, _, fingerprint = data_splits(run)  # from the dataset index: no listing of the source

@@ -3,6 +3,7 @@ existing checkpoint files."""
 
 from __future__ import annotations
 
+import logging
 from dataclasses import asdict
 
 import torch
@@ -11,6 +12,7 @@ from d3s_core.labelling import derive_seed
 from d3s_core.precision import enable_cudnn_autotune
 from d3s_core.teachers import TeacherState, TeacherTrainer
 from storage.checkpoints import load_into, read_state_dict
+from storage.records import read_teacher_metas
 from storage.run import Run, teacher_checkpoint, teacher_weights
 from storage.states import has_state, load_state, remove_state, save_state
 
@@ -24,7 +26,9 @@ from .common import (
     no_progress,
     save_teacher,
 )
-from .profile import recipe
+from .recipe import recipe, teacher_warnings
+
+log = logging.getLogger("d3s")  # the Prefect task forwards it to the run's log
 
 
 def train_teachers(run: Run, progress: Progress = no_progress) -> list[str]:
@@ -67,6 +71,8 @@ def train_teachers(run: Run, progress: Progress = no_progress) -> list[str]:
         meta["held_out_top1"] = held_out_top1(run, model, held)
         save_teacher(run, m, model, meta)
         remove_state(run.fs, teacher_checkpoint(m))
+    for w in teacher_warnings(read_teacher_metas(run.fs, count), p.num_classes):
+        log.warning("recipe: %s", w)
     return [run.fs.url(teacher_weights(m)) for m in range(count)]
 
 

@@ -38,7 +38,7 @@ from .common import (
     no_progress,
     trimmed,
 )
-from .profile import recipe
+from .recipe import recipe
 
 
 @dataclass
