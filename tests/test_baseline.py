@@ -21,7 +21,7 @@ def test_random_real_baseline(tmp_path):
     )
     torch.set_num_threads(1)
     with open_run(tmp_path, cfg) as run:
-        for name in ("teachers", "stats"):
+        for name in ("data", "teachers", "stats"):
             STAGES[name](run)
         EXTRA_STAGES["baseline"](run)
         train, _, _ = data_splits(run)

@@ -13,6 +13,7 @@ def test_stage_commands_and_status(tmp_path, capsys, monkeypatch):
     cfg = tmp_path / "run.json"
     cfg.write_text(json.dumps(SMALL))
     root = str(tmp_path / "run")
+    assert main(["data", str(cfg), "--root", root]) == 0
     assert main(["teachers", str(cfg), "--root", root]) == 0
     assert main(["stats", str(cfg), "--root", root]) == 0
     s = status(root)
@@ -26,12 +27,12 @@ def test_stage_commands_and_status(tmp_path, capsys, monkeypatch):
     # What the stage writes: the iteration in the marker, so status reads no tensors.
     meta = {"batch": 0, "iteration": 2, "losses": [5.0, 4.0]}
     save_state(RunFS(root), SYN_CHECKPOINT, {"iteration": 2}, meta)
-    import storage.states
+    import tasks.status
 
     def no_tensors(*a, **k):
         raise AssertionError("status read the checkpoint's tensors")
 
-    monkeypatch.setattr(storage.states, "load_state", no_tensors)  # status imports it lazily
+    monkeypatch.setattr(tasks.status, "load_state", no_tensors)
     assert status(root)["synthesis"] == "0/1 batches, batch 1 at iteration 2/4"
     monkeypatch.undo()
     capsys.readouterr()
@@ -57,7 +58,7 @@ def test_status_inside_teachers_and_validation(tmp_path, monkeypatch):
     import pytest
     import torch
 
-    import storage.states
+    import tasks.status
     from storage.config import parse_config
     from storage.fs import RunFS
     from storage.run import open_run, student_dir
@@ -78,7 +79,7 @@ def test_status_inside_teachers_and_validation(tmp_path, monkeypatch):
     def no_tensors(*a, **k):
         raise AssertionError("status read a checkpoint's tensors")
 
-    monkeypatch.setattr(storage.states, "load_state", no_tensors)
+    monkeypatch.setattr(tasks.status, "load_state", no_tensors)
     s = status(str(root))
     assert s["teachers"] == "0/2, teacher 1 of 2, epoch 1 of 3 done"
     assert s["validation"] == "0/2 students"

@@ -18,7 +18,7 @@ from storage.config import parse_config
 from storage.fs import RunFS
 from storage.run import baseline_prefix, images_of, open_run
 from storage.states import has_state
-from tasks.stages import STAGES
+from tasks.stages import STAGES, open_data
 from tasks.stages.baseline import train_indices
 from tasks.stages.common import class_rows, data_splits, load_teacher
 from tasks.stages.coreset import CHECKPOINT, select_coresets
@@ -203,6 +203,7 @@ def test_stores_hold_the_selection_of_directly_computed_features(selected_run):
     assert urls == [RunFS(root).url(images_of(baseline_prefix(m))) for m in ("herding", "k-center")]
     assert not has_state(RunFS(root), CHECKPOINT)
     with open_run(root, parse_config(RUN)) as run:
+        open_data(run)
         train, _, _ = data_splits(run)
         rows = class_rows(run, train)
         teacher = load_teacher(run, 1)

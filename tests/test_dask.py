@@ -100,7 +100,7 @@ def test_label_epochs_on_workers_are_recorded_by_the_stage(prefect_server, tmp_p
     cfg = parse_config({**DASK, "name": "labels", "dask": {"workers": 2}})
     root = str(tmp_path / "run")
     with open_run(root, cfg) as run:
-        for stage in ("teachers", "stats", "synthesis"):
+        for stage in ("data", "teachers", "stats", "synthesis"):
             STAGES[stage](run)
     c = cfg.model_dump(mode="json")
     assert labels_plan_task(root, c) == [0, 1, 2, 3]
@@ -112,7 +112,7 @@ def test_label_epochs_on_workers_are_recorded_by_the_stage(prefect_server, tmp_p
         STAGES["labels"](run)  # records 1 and 3, labels 0 and 2 itself
     reference = str(tmp_path / "ref")
     with open_run(reference, cfg) as run:
-        for stage in ("teachers", "stats", "synthesis", "labels"):
+        for stage in ("data", "teachers", "stats", "synthesis", "labels"):
             STAGES[stage](run)
     labels = {k: v for k, v in checksums(root).items() if k.startswith("labels/")}
     assert len(labels) == 4

@@ -24,10 +24,12 @@ from storage.config import parse_config
 from storage.fs import RunFS
 from storage.imagefolder import ImageFolderDataset, scan_tree, tree_fingerprint
 from storage.manifest import CorruptArtifact
+from storage.profile import write_profile
 from storage.run import BASELINE, attach_run, images_of, open_run
 from storage.webdataset import TarShardDataset
-from tasks.stages import STAGES
+from tasks.stages import STAGES, open_data
 from tasks.stages.common import class_of_each, class_rows, data_splits, new_model
+from tasks.stages.profile import measure_profile
 from tasks.stages.recipe import data_profile
 from tasks.stages.synthesis import distilled_classes
 
@@ -134,6 +136,7 @@ def test_later_opens_read_the_index_and_never_list_the_tree(tmp_path, trees, mon
     train, val, teacher = trees
     cfg = folder_config(train, val, teacher)
     with open_run(tmp_path / "run", cfg) as run:
+        open_data(run)
         data_splits(run)  # writes the index (and the data profile)
         v = data_profile(run)["values"]
     rules = (28, 1, tuple(v["mean"]), tuple(v["std"]))
@@ -180,10 +183,12 @@ def test_a_reader_without_an_index_lists_in_memory_and_writes_nothing(tmp_path, 
     train, val, teacher = trees
     cfg = folder_config(train, val, teacher)
     open_run(tmp_path / "run", cfg).close()  # the config only
+    reader = attach_run(tmp_path / "run", cfg)
+    write_profile(reader.fs, measure_profile(reader))  # a profile, and no index
     tr, _, fingerprint = data_splits(attach_run(tmp_path / "run", cfg))
     assert tr.listing.file is None and len(tr) == len(scan_samples(train))
     assert fingerprint == tree_fingerprint(train, scan_samples(train))
-    assert not (tmp_path / "run" / "dataset").exists()
+    assert sorted(p.name for p in (tmp_path / "run" / "dataset").iterdir()) == ["profile.json"]
 
 
 def test_an_index_of_another_source_or_kind_or_damaged_is_refused(tmp_path, trees, monkeypatch):
@@ -195,6 +200,7 @@ def test_an_index_of_another_source_or_kind_or_damaged_is_refused(tmp_path, tree
     cfg = folder_config("train", "val", teacher)
     monkeypatch.chdir(tmp_path / "a")
     with open_run(tmp_path / "run", cfg) as run:
+        open_data(run)
         data_splits(run)
     monkeypatch.chdir(tmp_path / "b")
     with open_run(tmp_path / "run", cfg) as run:
@@ -234,6 +240,7 @@ def test_class_rows_equal_the_nonzero_scan(tmp_path, trees, kind):
             {"preset": "demo-mnist", "dataset": {"kind": kind, "synthetic_size": 97}}
         )
     with open_run(tmp_path / "run", cfg) as run:
+        open_data(run)
         tr, _, _ = data_splits(run)
         rows = class_rows(run, tr)
     if kind == "imagefolder":  # independent of the index: the old listing
@@ -280,6 +287,7 @@ def test_baseline_equals_the_old_store_written_a_batch_at_a_time(
 
     monkeypatch.setattr(baseline, "write_image_batch", spy)
     with open_run(tmp_path / "run", cfg) as run:
+        STAGES["data"](run)
         tr, _, _ = data_splits(run)
         baseline.random_real_subset(run)
     y = torch.tensor([c for _, c in scan_samples(train)]) if kind == "imagefolder" else tr.classes
@@ -307,6 +315,7 @@ def test_tar_shards_are_indexed_once(tmp_path, teacher_file, monkeypatch):
     vshards = write_shards(tmp_path / "vshards", samples[:10], [10], prefix="val")
     cfg = folder_config(shards, vshards, teacher_file, "webdataset")
     with open_run(tmp_path / "run", cfg) as run:
+        open_data(run)
         _, _, fingerprint = data_splits(run)
     fresh = TarShardDataset(str(shards), 28, 1, (0.5,), (0.5,), 10)
     assert fingerprint == fresh.fingerprint()
@@ -350,6 +359,7 @@ def test_s3_root_writes_the_index_and_workers_map_a_local_copy(
     opts = {"endpoint_url": s3_endpoint}
     cfg = folder_config(train, val, teacher)
     with open_run("s3://runs/indexed", cfg, **opts) as run:
+        open_data(run)
         tr, _, fingerprint = data_splits(run)
         assert run.fs.exists("dataset/index.json") and run.fs.exists("dataset/train.arrow")
         entry = json.loads(run.fs.read_bytes("dataset/index.json"))["splits"]["train"]

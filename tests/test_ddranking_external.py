@@ -152,7 +152,7 @@ def run_ours(root: Path, data: Path) -> dict:
     ours: dict = {}
     with open_run(str(root), parse_config(tiny_config(data))) as run:
         t0 = time.time()
-        for name in ("teachers", "stats", "synthesis", "labels", "validation"):
+        for name in ("data", "teachers", "stats", "synthesis", "labels", "validation"):
             STAGES[name](run)
         baseline_real(run)
         ours["stages_seconds"] = time.time() - t0

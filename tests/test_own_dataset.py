@@ -19,7 +19,7 @@ from storage.fs import RunFS
 from storage.imagefolder import _fit
 from storage.profile import read_profile
 from storage.run import open_run, read_results
-from tasks.stages import STAGES
+from tasks.stages import STAGES, open_data
 from tasks.stages.recipe import data_profile, recipe
 
 
@@ -177,6 +177,7 @@ def test_declared_shape_wins_and_colour_is_converted_by_the_stated_rule(tmp_path
         }
     )
     with open_run(str(tmp_path / "run"), parse_config(raw)) as run:
+        open_data(run)
         prof = data_profile(run)
         train, _, _ = data_splits(run)
         x, _ = train[0]
@@ -198,6 +199,7 @@ def test_a_colour_image_in_a_tree_detected_as_grey_is_refused_naming_file_and_ke
     )
     # One inspected image (seeded sample of 1): every other image may be colour unnoticed.
     with open_run(str(tmp_path / "run"), parse_config(raw)) as run:
+        open_data(run)
         prof = data_profile(run)
         assert prof["values"]["channels"] == 1
         for f in sorted((data / "train").rglob("*.png")):
@@ -287,6 +289,7 @@ def test_webdataset_classes_channels_and_size_come_from_the_shards(tmp_path):
         {"kind": "webdataset", "path": str(shards / "train"), "val_path": str(shards / "val")}
     )
     with open_run(str(tmp_path / "run"), parse_config(raw)) as run:
+        open_data(run)
         prof = data_profile(run)
     v = prof["values"]
     assert (v["num_classes"], v["channels"], v["image_size"], v["crop_ratio"]) == (4, 3, 24, 1.0)

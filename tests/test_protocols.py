@@ -118,7 +118,7 @@ def hard_run(tmp_path_factory):
     root = tmp_path_factory.mktemp("hard")
     torch.set_num_threads(1)
     with open_run(root, parse_config(HARD)) as run:
-        for name in ("teachers", "stats", "synthesis"):
+        for name in ("data", "teachers", "stats", "synthesis"):
             STAGES[name](run)
         # The hard protocol reads no labels: it runs before (and without) the labels stage.
         EXTRA_STAGES["validation-hard"](run)
