@@ -213,3 +213,66 @@ def test_flow_error_names_the_file_and_remedy(prefect_server, finished, tmp_path
     err = capsys.readouterr().err
     assert f"{copy}/labels/epoch=0/part-0.parquet: damaged" in err
     assert f"d3s repair {copy}" in err and "d3s run --repair" in err
+
+
+# ---------------------------------------------------------------- one stage table
+
+
+def echo_stage(run, progress=None):
+    """An extra stage for the test below: it counts the distilled images and records that."""
+    from storage.arrays import read_images
+
+    rel = "echo/count.json"
+    if run.manifest.is_recorded(rel):
+        run.manifest.verify(rel)
+    else:
+        n = len(read_images(run.fs, SYN_IMAGES)[0])
+        run.fs.write_bytes(rel, json.dumps({"images": n}).encode())
+        run.manifest.record(rel, stage="echo")
+    return run.fs.url(rel)
+
+
+def echo_status(ctx):
+    return {"echo": "done" if "echo/count.json" in ctx.done else "to do"}
+
+
+def test_an_extra_stage_in_the_table_is_everywhere(
+    prefect_server, finished, tmp_path, monkeypatch, capsys
+):
+    """A stage added to the table alone (runner and status function here) is a subcommand,
+    a status line, a dependent of what it reads, a stage of the flow and a row of the plan."""
+    from flows.cli import build_parser, status
+    from tasks import stage_table
+    from tasks.stage_table import Artifact, Stage
+
+    echo = Stage(
+        "echo",
+        "count the distilled images",
+        runner=f"{__name__}:echo_stage",
+        status=f"{__name__}:echo_status",
+        artifacts=(Artifact("echo/", ("synthesis/images.zarr",)),),
+        version=1,
+        after=("synthesis",),
+        extra=True,
+    )
+    monkeypatch.setattr(stage_table, "STAGES", (*stage_table.STAGES, echo))
+    assert "echo/" in dependents("synthesis/images.zarr")
+    assert "echo/" in dependents("teachers/teacher_0.json")  # through the images
+    assert dependents("echo/count.json") == ["echo/count.json"]
+    assert "echo" in build_parser().format_help()
+
+    root = tmp_path / "run"
+    shutil.copytree(finished, root)
+    config = tmp_path / "config.json"
+    config.write_text(json.dumps(CONFIG))
+    assert status(str(root))["echo"] == "to do"
+    assert main(["run", str(config), "--root", str(root)]) == 0  # the flow runs it
+    assert json.loads((root / "echo/count.json").read_text()) == {"images": 10}
+    assert "echo/count.json" in Manifest(RunFS(root)).entries()
+    assert status(str(root))["echo"] == "done"
+    (root / "echo/count.json").unlink()
+    assert main(["echo", str(config), "--root", str(root)]) == 2  # recorded, but missing
+    assert main(["repair", str(root)]) == 0
+    capsys.readouterr()
+    assert main(["echo", str(config), "--root", str(root)]) == 0  # the subcommand redoes it
+    assert capsys.readouterr().out.strip().endswith("echo/count.json")
