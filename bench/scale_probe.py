@@ -166,6 +166,7 @@ def main(argv: list[str] | None = None) -> int:
     cfg = parse_config(scale_config(args))
     n_images = args.classes * args.ipc
     units = {
+        "data": ("passes", 1),
         "teachers": ("epochs", 1),
         "stats": ("batches", -(-cfg.dataset.synthetic_size * 4 // 5 // 1024)),
         "synthesis": ("batches", -(-n_images // 200)),

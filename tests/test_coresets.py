@@ -266,5 +266,7 @@ def test_a_killed_pass_resumes_at_the_next_class_and_ends_as_an_uninterrupted_on
 
 def test_a_class_with_fewer_images_than_ipc_is_named(tmp_path):
     cfg = parse_config({**RUN, "synthesis": {**RUN["synthesis"], "ipc": 40, "batch_size": 40}})
-    with open_run(tmp_path, cfg) as run, pytest.raises(ValueError, match=r"class 0 has \d+ .* 40"):
-        select_coresets(run)
+    with open_run(tmp_path, cfg) as run:
+        open_data(run)
+        with pytest.raises(ValueError, match=r"class 0 has \d+ .* 40"):
+            select_coresets(run)

@@ -267,7 +267,7 @@ def test_an_extra_stage_in_the_table_is_everywhere(
     config.write_text(json.dumps(CONFIG))
     assert status(str(root))["echo"] == "to do"
     assert main(["run", str(config), "--root", str(root)]) == 0  # the flow runs it
-    assert json.loads((root / "echo/count.json").read_text()) == {"images": 10}
+    assert json.loads((root / "echo/count.json").read_text()) == {"images": 20}
     assert "echo/count.json" in Manifest(RunFS(root)).entries()
     assert status(str(root))["echo"] == "done"
     (root / "echo/count.json").unlink()

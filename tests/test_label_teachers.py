@@ -8,6 +8,7 @@ from d3s_core.labelling import label_epoch
 from storage.config import parse_config
 from storage.labels import read_epoch
 from storage.run import labels_epoch, open_run
+from tasks.stages import open_data
 from tasks.stages.labels import write_one_epoch
 
 from .configs import SMALL
@@ -20,6 +21,7 @@ def test_single_teacher_labels_use_teacher_zero(tmp_path, which):
     teachers = [tiny_teacher(10, in_chans=1, seed=s).eval() for s in range(2)]
     images = torch.randn(10, 1, 28, 28)
     with open_run(tmp_path, cfg) as run:
+        open_data(run)
         write_one_epoch(run, images, teachers, 1)
         got = read_epoch(run.fs, labels_epoch(1), 1)
     lc = cfg.labels

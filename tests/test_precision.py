@@ -27,6 +27,7 @@ from d3s_core.synthesis import (
 )
 from storage.config import parse_config
 from storage.run import open_run
+from tasks.stages import open_data
 from tasks.stages.common import data_splits
 from tasks.stages.stats import compute_shard, load_shard
 
@@ -162,6 +163,7 @@ def stats_pass(tmp_path, name, autocast, device="cpu", workers=0, wrap=False):
         }
     )
     with open_run(tmp_path / name, cfg) as run:
+        open_data(run)
         train = data_splits(run)[0]
         if wrap:
             train = torch.utils.data.Subset(train, range(len(train)))

@@ -23,6 +23,7 @@ from storage.labels import (
     write_epoch_batches,
 )
 from storage.run import images_of, labels_epoch, open_run
+from tasks.stages import open_data
 from tasks.stages.labels import write_one_epoch
 from tasks.stages.validation import _student_epoch
 
@@ -242,6 +243,7 @@ def test_the_stages_stream_from_the_run_store(tmp_path, monkeypatch):
     cfg = parse_config(SMALL)
     ts = teachers(2, in_chans=1)
     with open_run(tmp_path, cfg) as run:
+        open_data(run)
         images = image_store(run.fs, images_of(""), n=N, chans=1, size=28)
         write_one_epoch(run, None, ts, 1)  # streamed from synthesis/images.zarr
         write_one_epoch(run, images, ts, 1, prefix="memory/")  # the images held whole
