@@ -157,10 +157,6 @@ _OWNER = {
     "TeacherState": "teachers",
     "TeacherTrainConfig": "teachers",
     "TeacherTrainer": "teachers",
-    "check_bool": "teachers",
-    "check_choice": "teachers",
-    "check_numbers": "teachers",
-    "check_range": "teachers",
 }
 
 __all__ = sorted(_OWNER)

@@ -6,7 +6,7 @@ from dataclasses import dataclass, field, replace
 
 from .optim import OptimizerName, ScheduleName
 from .synthesis import IMAGENET_MEAN, IMAGENET_STD, SynthesisConfig
-from .teachers import TeacherTrainConfig, check_bool, check_choice, check_range
+from .teachers import TeacherTrainConfig
 
 __all__ = [
     "DEMO_MNIST",
@@ -38,40 +38,21 @@ class LabelConfig:
     min_crop_scale: float = 0.08
     flip: bool = True
 
-    def __post_init__(self) -> None:
-        check_range("epochs", self.epochs, ge=1, integer=True)
-        check_range("batch_size", self.batch_size, ge=1, integer=True)
-        check_range("min_crop_scale", self.min_crop_scale, gt=0, le=1)
-        check_bool("flip", self.flip)
-
 
 @dataclass(frozen=True)
 class StudentConfig:
     """Validation (Alg. 4, Table 10)."""
 
     arch: str = "resnet18"
-    optimizer: str = "adamw"
+    optimizer: OptimizerName = "adamw"
     lr: float = 1e-3
     momentum: float = 0.9
     weight_decay: float = 1e-4
     batch_size: int = 128
     epochs: int = 300
-    schedule: str = "cosine"
+    schedule: ScheduleName = "cosine"
     temperature: float = 20.0
     students: int = 5
-
-    def __post_init__(self) -> None:
-        if not isinstance(self.arch, str):
-            raise ValueError(f"arch: {self.arch!r} must be a string")
-        check_choice("optimizer", self.optimizer, OptimizerName)
-        check_choice("schedule", self.schedule, ScheduleName)
-        check_range("lr", self.lr, gt=0)
-        check_range("momentum", self.momentum, ge=0, lt=1)
-        check_range("weight_decay", self.weight_decay, ge=0)
-        check_range("batch_size", self.batch_size, ge=1, integer=True)
-        check_range("epochs", self.epochs, ge=1, integer=True)
-        check_range("temperature", self.temperature, gt=0)
-        check_range("students", self.students, ge=1, integer=True)
 
 
 @dataclass(frozen=True)

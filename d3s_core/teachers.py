@@ -8,10 +8,9 @@ stopped. Data arrives as batches of tensors; where they come from is the caller'
 from __future__ import annotations
 
 import copy
-import math
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
-from typing import Any, get_args
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -20,20 +19,13 @@ from torch import nn
 from .augment import apply_crops, draw_crops
 from .optim import OptimizerName, ScheduleName, make_optimizer, make_scheduler
 
-__all__ = [
-    "TeacherState",
-    "TeacherTrainConfig",
-    "TeacherTrainer",
-    "check_bool",
-    "check_choice",
-    "check_numbers",
-    "check_range",
-]
+__all__ = ["TeacherState", "TeacherTrainConfig", "TeacherTrainer"]
 
 
 @dataclass(frozen=True)
 class TeacherTrainConfig:
-    """Teacher recipe (Table 8). warmup/step_every are in epochs."""
+    """Teacher recipe (Table 8). warmup/step_every are in epochs. Checks nothing: a config's
+    values are checked by its typed section (storage/recipes.py) before they get here."""
 
     optimizer: OptimizerName = "sgd"
     lr: float = 0.1
@@ -48,78 +40,6 @@ class TeacherTrainConfig:
     min_crop_scale: float = 0.08
     flip: bool = True
     label_smoothing: float = 0.0
-
-    def __post_init__(self) -> None:
-        check_choice("optimizer", self.optimizer, OptimizerName)
-        check_range("lr", self.lr, gt=0)
-        check_range("momentum", self.momentum, ge=0, lt=1)
-        check_range("weight_decay", self.weight_decay, ge=0)
-        check_range("batch_size", self.batch_size, ge=1, integer=True)
-        check_range("epochs", self.epochs, ge=1, integer=True)
-        check_choice("schedule", self.schedule, ScheduleName)
-        check_range("warmup_epochs", self.warmup_epochs, ge=0, integer=True)
-        check_range("step_every_epochs", self.step_every_epochs, ge=1, integer=True)
-        check_range("gamma", self.gamma, gt=0, le=1)
-        check_range("min_crop_scale", self.min_crop_scale, gt=0, le=1)
-        check_bool("flip", self.flip)
-        check_range("label_smoothing", self.label_smoothing, ge=0, lt=1)
-
-
-# -- value checks shared by the config dataclasses (TeacherTrainConfig, SynthesisConfig) -------
-# Each raises ValueError("<name>: <value> must be ..."); storage/config.py prefixes the section.
-
-
-def check_range(
-    name: str,
-    value: object,
-    *,
-    gt: float | None = None,
-    ge: float | None = None,
-    lt: float | None = None,
-    le: float | None = None,
-    integer: bool = False,
-) -> None:
-    """`value` is a finite number (an int if `integer`; never a bool) within the bounds."""
-    kind = "an integer" if integer else "a number"
-    if isinstance(value, bool) or not isinstance(value, int if integer else (int, float)):
-        raise ValueError(f"{name}: {value!r} must be {kind}")
-    if not math.isfinite(value):
-        raise ValueError(f"{name}: {value!r} must be a finite number")
-    low_ok = (gt is None or value > gt) and (ge is None or value >= ge)
-    high_ok = (lt is None or value < lt) and (le is None or value <= le)
-    if low_ok and high_ok:
-        return
-    low = f"({gt:g}" if gt is not None else f"[{ge:g}" if ge is not None else None
-    high = f"{lt:g})" if lt is not None else f"{le:g}]" if le is not None else None
-    if low and high:
-        rule = f"in {low}, {high}"
-    elif low:
-        rule = f"> {gt:g}" if gt is not None else f">= {ge:g}"
-    else:
-        rule = f"< {lt:g}" if lt is not None else f"<= {le:g}"
-    raise ValueError(f"{name}: {value!r} must be {rule}")
-
-
-def check_numbers(name: str, value: object, length: int | None = None) -> tuple[Any, ...]:
-    """`value` is a non-empty list/tuple (of `length` items if given); returns it as a tuple."""
-    if isinstance(value, (str, bytes)) or not isinstance(value, Sequence) or not value:
-        want = f"a list of {length} numbers" if length else "a non-empty list of numbers"
-        raise ValueError(f"{name}: {value!r} must be {want}")
-    if length is not None and len(value) != length:
-        raise ValueError(f"{name}: {list(value)!r} must have {length} values, not {len(value)}")
-    return tuple(value)
-
-
-def check_choice(name: str, value: object, literal: Any) -> None:
-    """`value` is one of the Literal type `literal`'s values."""
-    allowed = get_args(literal)
-    if isinstance(value, (list, dict, set)) or value not in allowed:
-        raise ValueError(f"{name}: {value!r} is not one of {list(allowed)}")
-
-
-def check_bool(name: str, value: object) -> None:
-    if not isinstance(value, bool):
-        raise ValueError(f"{name}: {value!r} must be true or false")
 
 
 @dataclass

@@ -1,9 +1,11 @@
 """The resolved run configuration: typed, validated, saved beside the artifacts with its hash.
 
-Unknown keys are errors (a typo must not silently fall back to a default), and so is every value
-out of its range or of the wrong type (no string for a number, no 1.0 for an integer); the error
-names the key, e.g. `config: teachers.train.lr: -0.1 must be > 0`. Older saved configs load
-with defaults for keys they lack.
+Every rule is a pydantic type or validator, written once, on the section it belongs to (the
+d3s_core recipe dataclasses check nothing: what reaches them came through here). Unknown keys
+are errors (a typo must not silently fall back to a default), and so is every value out of its
+range or of the wrong type (no string for a number, no 1.0 for an integer); the error names the
+key, e.g. `config: teachers.train.lr: -0.1 must be > 0`. Older saved configs load with defaults
+for keys they lack.
 
 A root's configuration is fixed by the first artifact written under it: until then (a start
 that failed at once) config.json is replaced by the next configuration given; afterwards a
@@ -15,10 +17,9 @@ from __future__ import annotations
 import hashlib
 import json
 import uuid
-from dataclasses import asdict, fields, is_dataclass
-from typing import Any, Literal, get_args, get_origin, get_type_hints
+from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 
 from d3s_core.presets import (
     PRESETS,
@@ -30,23 +31,19 @@ from d3s_core.presets import (
     get_preset,
 )
 from d3s_core.synthesis import SynthesisConfig
-from d3s_core.teachers import TeacherTrainConfig, check_range
+from d3s_core.teachers import TeacherTrainConfig
 
+from . import config_errors
 from .fs import RunFS
 from .lock import LOCK_FILE
 from .manifest import MANIFEST
+from .recipes import RECIPES, LabelParams, Strict, StudentParams, SynthesisParams, TeacherTrain
 from .urls import check_no_credentials
 
 CONFIG_FILE = "config.json"
 SCHEMA_VERSION = 1
 # Sections that do not change the results: not hashed, never reported as a difference.
 UNHASHED = frozenset({"storage", "dask", "distributed"})
-
-
-class Strict(BaseModel):
-    # strict: no coercion ("0.1" is not a number, 2.0 not an integer, true not 1);
-    # allow_inf_nan=False: no NaN or infinity where a number is expected.
-    model_config = ConfigDict(extra="forbid", frozen=True, strict=True, allow_inf_nan=False)
 
 
 class DatasetSpec(Strict):
@@ -79,6 +76,48 @@ class DatasetSpec(Strict):
     # many, else a seeded uniform sample of this many.
     profile_samples: int = Field(100_000, ge=1)
 
+    @model_validator(mode="after")
+    def _sources(self) -> DatasetSpec:
+        for key in ("path", "val_path"):
+            if url := getattr(self, key):
+                check_no_credentials(url, f"dataset.{key}")
+        if self.kind in ("imagefolder", "webdataset") and not self.path:
+            raise ValueError(f"dataset.path is required for a {self.kind!r} dataset")
+        return self
+
+    @model_validator(mode="after")
+    def _normalisation(self) -> DatasetSpec:
+        mean, std = self.mean, self.std
+        if (mean is None) != (std is None):
+            raise ValueError("dataset.mean and dataset.std are declared together (or neither)")
+        if mean is None or std is None:
+            return self
+        if self.normalisation == "preset":
+            raise ValueError(
+                "dataset.normalisation: 'preset' and a declared dataset.mean exclude each other"
+            )
+        if len(mean) != len(std):
+            raise ValueError(f"dataset.mean has {len(mean)} values, dataset.std {len(std)}")
+        if self.channels is not None and len(mean) != self.channels:
+            raise ValueError(
+                f"dataset.mean: {len(mean)} values for dataset.channels: {self.channels}"
+            )
+        if any(not s > 0 for s in std):
+            raise ValueError(f"dataset.std: {std} must all be > 0")
+        return self
+
+    @model_validator(mode="after")
+    def _mnist_shape(self) -> DatasetSpec:
+        if self.kind != "mnist5k":
+            return self
+        for key, ok in (("num_classes", 10), ("channels", 1), ("image_size", 28)):
+            value = getattr(self, key)
+            if value is not None and value != ok:
+                raise ValueError(
+                    f"dataset.{key}: {value} for the mnist5k digits, which have {ok}; unset it"
+                )
+        return self
+
 
 class ModelSpec(Strict):
     """The teachers' network (and the students' unless validation.arch is set). Unset fields
@@ -101,8 +140,23 @@ class TeachersSpec(Strict):
     count: int = Field(2, ge=1)
     import_from: list[str] = []
     init_from: list[str] = []
-    train: dict[str, Any] = {}
+    train: TeacherTrain = TeacherTrain()
     checkpoint_every_epochs: int = Field(1, ge=1)
+
+    @model_validator(mode="after")
+    def _weights(self) -> TeachersSpec:
+        for key in ("import_from", "init_from"):
+            files = getattr(self, key)
+            if files and len(files) != self.count:
+                raise ValueError(
+                    f"teachers.{key} lists {len(files)} files for {self.count} teachers"
+                )
+        if self.import_from and self.init_from:
+            raise ValueError("teachers.import_from and teachers.init_from exclude each other")
+        for key in ("import_from", "init_from"):
+            for i, url in enumerate(getattr(self, key)):
+                check_no_credentials(url, f"teachers.{key}[{i}]")
+        return self
 
 
 class StatsSpec(Strict):
@@ -128,7 +182,7 @@ class SynthesisSpec(Strict):
     # interval, while a 224 px batch's 361 MB state is not written 20 times per batch.
     checkpoint_seconds: float = Field(300.0, ge=0)
     init: Literal["noise", "real"] = "noise"
-    params: dict[str, Any] = {}
+    params: SynthesisParams = SynthesisParams()
 
 
 class LabelsSpec(Strict):
@@ -138,7 +192,7 @@ class LabelsSpec(Strict):
 
     epochs: int = Field(30, ge=1)
     batch_size: int = Field(128, ge=1)
-    params: dict[str, Any] = {}
+    params: LabelParams = LabelParams()
     format: Literal["fp32", "fp16", "topk"] = "fp32"
     topk: int = Field(10, ge=1)
     teachers: Literal["ensemble", "single"] = "ensemble"
@@ -177,7 +231,15 @@ class ValidationSpec(Strict):
     checkpoint_every_epochs: int = Field(10, ge=1)
     # Other fields of the preset's student recipe (optimizer, lr, momentum, weight_decay,
     # batch_size, schedule, temperature).
-    params: dict[str, Any] = {}
+    params: StudentParams = StudentParams()
+
+    @model_validator(mode="after")
+    def _no_repeats(self) -> ValidationSpec:
+        for key in ("protocols", "coresets"):
+            items = getattr(self, key)
+            if len(set(items)) != len(items):
+                raise ValueError(f"validation.{key}: {items} lists an entry twice")
+        return self
 
 
 class StorageSpec(Strict):
@@ -236,6 +298,54 @@ class RunConfig(Strict):
         # Every way in (parse_config, a Prefect parameter, model_validate) fills the same keys.
         return fill_recipe(data) if isinstance(data, dict) else data
 
+    @field_validator("preset")
+    @classmethod
+    def _known_preset(cls, name: str) -> str:
+        get_preset(name)
+        return name
+
+    # -- rules across sections (each section checks its own keys) ------------------------
+    @model_validator(mode="after")
+    def _coreset_teacher_exists(self) -> RunConfig:
+        v, count = self.validation.coreset_teacher, self.teachers.count
+        if v >= count:
+            raise ValueError(
+                f"validation.coreset_teacher: {v}, but the run has {count} teacher(s) "
+                f"(0..{count - 1})"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _topk_within_classes(self) -> RunConfig:
+        d, k = self.dataset, self.dataset.num_classes
+        if k is None:
+            k = {"synthetic": self.preset_obj().num_classes, "mnist5k": 10}.get(d.kind)
+        if self.labels.format == "topk" and k is not None and self.labels.topk > k:
+            raise ValueError(
+                f"labels.topk: {self.labels.topk} must be <= the {k} classes of the data"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _buildable_archs(self) -> RunConfig:
+        from d3s_core.models import check_arch
+
+        assert self.model.arch is not None  # filled from the preset
+        check_arch(self.model.arch, self.model.low_res, "model.arch")
+        check_arch(self.student_arch(), self.model.low_res, "validation.arch")
+        return self
+
+    @model_validator(mode="after")
+    def _float64_synthesis_alone(self) -> RunConfig:
+        # float64 synthesis is exact to rounding (d3s_core/synthesis.py): no bf16 anywhere.
+        s = self.synthesis_cfg()
+        for key, plain in (("autocast", "off"), ("cov_matmul", "full")):
+            if s.dtype == "float64" and getattr(s, key) != plain:
+                raise ValueError(
+                    f"synthesis.params.dtype: 'float64' excludes {key} {getattr(s, key)!r}"
+                )
+        return self
+
     # -- resolved pieces -----------------------------------------------------------------
     def preset_obj(self) -> Preset:
         return get_preset(self.preset)
@@ -249,17 +359,15 @@ class RunConfig(Strict):
             head, _, tail = key.partition(".")
             value = getattr(getattr(self, head), tail)
             out[key] = (value, "preset" if value == of(p) else "config")
-        for section, base, mine in (
-            ("teachers.train", p.teacher, self.teacher_train()),
-            ("synthesis.params", p.synthesis, self.synthesis_cfg()),
-            ("labels.params", p.labels, self.label_cfg()),
-            ("validation.params", p.student, self.student_cfg()),
+        for (head, tail), base, mine in (
+            (("teachers", "train"), p.teacher, self.teacher_train()),
+            (("synthesis", "params"), p.synthesis, self.synthesis_cfg()),
+            (("labels", "params"), p.labels, self.label_cfg()),
+            (("validation", "params"), p.student, self.student_cfg()),
         ):
-            for f in fields(base):
-                if f.name in ("mean", "std") or f"{section}.{f.name}" in _OWN_FULL:
-                    continue
-                a, b = getattr(base, f.name), getattr(mine, f.name)
-                out[f"{section}.{f.name}"] = (b, "preset" if a == b else "config")
+            for name in RECIPES[head, tail].model_fields:
+                a, b = getattr(base, name), getattr(mine, name)
+                out[f"{head}.{tail}.{name}"] = (b, "preset" if a == b else "config")
         sc = self.student_cfg()
         for name in ("epochs", "arch"):
             a, b = getattr(p.student, name), getattr(sc, name)
@@ -287,25 +395,24 @@ class RunConfig(Strict):
     def label_cfg(self) -> LabelConfig:
         """The label recipe: the preset's, with labels.epochs, labels.batch_size and
         labels.params."""
-        merged = {**self.labels.params, "epochs": self.labels.epochs}
-        merged["batch_size"] = self.labels.batch_size
-        return _override(self.preset_obj().labels, merged, "labels.params")
+        lab = self.labels
+        return lab.params.over(
+            self.preset_obj().labels, epochs=lab.epochs, batch_size=lab.batch_size
+        )
 
     def student_cfg(self) -> StudentConfig:
         """The student recipe: the preset's, with validation.params, .students, .epochs and
         .arch."""
-        merged: dict[str, Any] = {**self.validation.params, "students": self.validation.students}
-        if self.validation.epochs is not None:
-            merged["epochs"] = self.validation.epochs
-        if self.validation.arch is not None:
-            merged["arch"] = self.validation.arch
-        return _override(self.preset_obj().student, merged, "validation.params")
+        v = self.validation
+        return v.params.over(
+            self.preset_obj().student, students=v.students, epochs=v.epochs, arch=v.arch
+        )
 
     def teacher_train(self) -> TeacherTrainConfig:
-        return _override(self.preset_obj().teacher, self.teachers.train, "teachers.train")
+        return self.teachers.train.over(self.preset_obj().teacher)
 
     def synthesis_cfg(self) -> SynthesisConfig:
-        return _override(self.preset_obj().synthesis, self.synthesis.params, "synthesis.params")
+        return self.synthesis.params.over(self.preset_obj().synthesis)
 
     def student_arch(self) -> str:
         """Validation students' architecture: the config's, else the preset's."""
@@ -337,18 +444,6 @@ RECIPE_KEYS: dict[str, Any] = {
     "labels.batch_size": lambda p: p.labels.batch_size,
     "validation.students": lambda p: p.student.students,
 }
-# Keys of a params section that have their own config key.
-_OWN_KEYS = {
-    "labels.params": {"epochs": "labels.epochs", "batch_size": "labels.batch_size"},
-    "validation.params": {
-        "students": "validation.students",
-        "epochs": "validation.epochs",
-        "arch": "validation.arch",
-    },
-}
-
-
-_OWN_FULL = {f"{s}.{k}" for s, own in _OWN_KEYS.items() for k in own}
 
 
 def fill_recipe(data: dict[str, Any]) -> dict[str, Any]:
@@ -367,180 +462,17 @@ def fill_recipe(data: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def _override(base: Any, overrides: dict[str, Any], where: str) -> Any:
-    assert is_dataclass(base) and not isinstance(base, type)
-    known = {f.name for f in fields(base)}
-    unknown = sorted(set(overrides) - known)
-    if unknown:
-        raise ValueError(f"unknown key(s) {unknown} in {where}; known: {sorted(known)}")
-    values = asdict(base)
-    hints = get_type_hints(type(base))
-    for k, v in overrides.items():
-        allowed = get_args(hints[k]) if get_origin(hints[k]) is Literal else None
-        if allowed and (isinstance(v, (list, dict)) or v not in allowed):
-            raise ValueError(f"{where}.{k}: {v!r} is not one of {list(allowed)}")
-        values[k] = tuple(v) if isinstance(values[k], tuple) and isinstance(v, list) else v
-    try:
-        # __post_init__ checks every value and names the field ("lr: -0.1 must be > 0")
-        return type(base)(**values)
-    except (ValueError, TypeError) as e:
-        raise ValueError(f"{where}.{e}") from None
-
-
 def canonical_json(obj: Any) -> bytes:
     return json.dumps(obj, sort_keys=True, separators=(",", ":")).encode()
-
-
-def _check(cfg: RunConfig) -> None:
-    t = cfg.teachers
-    for name, files in (("import_from", t.import_from), ("init_from", t.init_from)):
-        if files and len(files) != t.count:
-            raise ValueError(f"teachers.{name} lists {len(files)} files for {t.count} teachers")
-    if t.import_from and t.init_from:
-        raise ValueError("teachers.import_from and teachers.init_from exclude each other")
-    urls = [("dataset.path", cfg.dataset.path), ("dataset.val_path", cfg.dataset.val_path)]
-    urls += [(f"teachers.import_from[{i}]", u) for i, u in enumerate(t.import_from)]
-    urls += [(f"teachers.init_from[{i}]", u) for i, u in enumerate(t.init_from)]
-    for where, url in urls:
-        if url:
-            check_no_credentials(url, where)
-    if cfg.dataset.kind in ("imagefolder", "webdataset") and not cfg.dataset.path:
-        raise ValueError(f"dataset.path is required for a {cfg.dataset.kind!r} dataset")
-    p = cfg.preset_obj()
-    _check_preset(p)
-    for name in ("mean", "std"):
-        if name in cfg.synthesis.params:
-            raise ValueError(
-                f"synthesis.params.{name}: the normalisation is the data's; declare "
-                f"dataset.{name} instead"
-            )
-    for section, own in _OWN_KEYS.items():
-        head, _, tail = section.partition(".")
-        for k in getattr(getattr(cfg, head), tail):
-            if k in own:
-                raise ValueError(f"{section}.{k}: set {own[k]} instead")
-    cfg.label_cfg()
-    cfg.student_cfg()
-    v = cfg.validation
-    for name, items in (("protocols", v.protocols), ("coresets", v.coresets)):
-        if len(set(items)) != len(items):
-            raise ValueError(f"validation.{name}: {items} lists an entry twice")
-    if v.coreset_teacher >= t.count:
-        raise ValueError(
-            f"validation.coreset_teacher: {v.coreset_teacher}, but the run has {t.count} "
-            f"teacher(s) (0..{t.count - 1})"
-        )
-    d = cfg.dataset
-    if (d.mean is None) != (d.std is None):
-        raise ValueError("dataset.mean and dataset.std are declared together (or neither)")
-    if d.mean is not None and d.std is not None:
-        if d.normalisation == "preset":
-            raise ValueError(
-                "dataset.normalisation: 'preset' and a declared dataset.mean exclude each other"
-            )
-        if len(d.mean) != len(d.std):
-            raise ValueError(f"dataset.mean has {len(d.mean)} values, dataset.std {len(d.std)}")
-        if d.channels is not None and len(d.mean) != d.channels:
-            raise ValueError(
-                f"dataset.mean: {len(d.mean)} values for dataset.channels: {d.channels}"
-            )
-        if any(not v > 0 for v in d.std):
-            raise ValueError(f"dataset.std: {d.std} must all be > 0")
-    if d.kind == "mnist5k":
-        for key, value, ok in (
-            ("num_classes", d.num_classes, 10),
-            ("channels", d.channels, 1),
-            ("image_size", d.image_size, 28),
-        ):
-            if value is not None and value != ok:
-                raise ValueError(
-                    f"dataset.{key}: {value} for the mnist5k digits, which have {ok}; unset it"
-                )
-    k = d.num_classes
-    if k is None:
-        k = {"synthetic": p.num_classes, "mnist5k": 10}.get(d.kind)
-    if cfg.labels.format == "topk" and k is not None and cfg.labels.topk > k:
-        raise ValueError(f"labels.topk: {cfg.labels.topk} must be <= the {k} classes of the data")
-    from d3s_core.models import check_arch
-
-    check_arch(cfg.model.arch or p.arch, cfg.model.low_res, "model.arch")
-    check_arch(cfg.student_arch(), cfg.model.low_res, "validation.arch")
-
-
-def _check_preset(p: Preset) -> None:
-    """The preset's own label and student recipes (code, not user input: a guard against a
-    bad edit). Its teacher and synthesis recipes check themselves when built."""
-    where = f"preset {p.name!r}"
-    for name in ("num_classes", "image_size", "in_chans", "width", "teachers", "ipc"):
-        check_range(f"{where}: {name}", getattr(p, name), ge=1, integer=True)
-    check_range(f"{where}: synthesis_batch", p.synthesis_batch, ge=1, integer=True)
-    lab, st = p.labels, p.student
-    check_range(f"{where}: labels.epochs", lab.epochs, ge=1, integer=True)
-    check_range(f"{where}: labels.batch_size", lab.batch_size, ge=1, integer=True)
-    check_range(f"{where}: labels.min_crop_scale", lab.min_crop_scale, gt=0, le=1)
-    check_range(f"{where}: student.lr", st.lr, gt=0)
-    check_range(f"{where}: student.momentum", st.momentum, ge=0, lt=1)
-    check_range(f"{where}: student.weight_decay", st.weight_decay, ge=0)
-    check_range(f"{where}: student.batch_size", st.batch_size, ge=1, integer=True)
-    check_range(f"{where}: student.epochs", st.epochs, ge=1, integer=True)
-    check_range(f"{where}: student.temperature", st.temperature, gt=0)
-    check_range(f"{where}: student.students", st.students, ge=1, integer=True)
 
 
 def parse_config(data: dict[str, Any], source: str = "config") -> RunConfig:
     """Validate a config dict; errors name the offending field and the source. Unset recipe
     keys take the preset's values (`fill_recipe`), so a saved config holds what the run used."""
     try:
-        filled = fill_recipe(data) if isinstance(data, dict) else data
-        cfg = RunConfig.model_validate(filled)
-        _check(cfg)
-        cfg.preset_obj()
-        cfg.teacher_train()
-        cfg.synthesis_cfg()
+        return RunConfig.model_validate(data)
     except ValidationError as e:
-        problems = "; ".join(_problem(dict(err)) for err in e.errors())
-        raise ValueError(f"{source}: {problems}") from None
-    except ValueError as e:
-        raise ValueError(f"{source}: {e}") from None
-    return cfg
-
-
-_RULES = {
-    "greater_than": ("gt", ">"),
-    "greater_than_equal": ("ge", ">="),
-    "less_than": ("lt", "<"),
-    "less_than_equal": ("le", "<="),
-}
-_KINDS = {
-    "int_type": "an integer",
-    "int_parsing": "an integer",
-    "int_from_float": "an integer",
-    "float_type": "a number",
-    "float_parsing": "a number",
-    "finite_number": "a finite number",
-    "bool_type": "true or false",
-    "string_type": "a string",
-    "list_type": "a list",
-}
-
-
-def _problem(err: dict[str, Any]) -> str:
-    """One pydantic error as `key: value must be ...`."""
-    loc = ".".join(str(p) for p in err["loc"])
-    kind, ctx, value = err["type"], err.get("ctx") or {}, err.get("input")
-    if kind in _RULES and _RULES[kind][0] in ctx:
-        bound, op = _RULES[kind]
-        limit = ctx[bound]
-        return (
-            f"{loc}: {value!r} must be {op} {limit:g}"
-            if isinstance(limit, float)
-            else (f"{loc}: {value!r} must be {op} {limit}")
-        )
-    if kind in _KINDS:
-        return f"{loc}: {value!r} must be {_KINDS[kind]}"
-    if kind == "extra_forbidden":
-        return f"{loc}: unknown key"
-    return f"{loc}: {value!r}: {err['msg']}" if "input" in err else f"{loc}: {err['msg']}"
+        raise ValueError(f"{source}: {config_errors.describe(e)}") from None
 
 
 def _flatten(d: Any, prefix: str = "") -> dict[str, Any]:

@@ -319,4 +319,4 @@ def test_synthesis_with_tensor_core_covariances_is_close_to_full():
         cosine = F.cosine_similarity(grad_m.flatten(), grad.flatten(), dim=0)
         assert cosine >= 0.99, (mode, float(cosine))
     with pytest.raises(ValueError, match="excludes cov_matmul"):
-        dataclasses.replace(CFG, dtype="float64", cov_matmul="bf16")
+        parse_config({"synthesis": {"params": {"dtype": "float64", "cov_matmul": "bf16"}}})
