@@ -16,7 +16,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import uuid
+from dataclasses import replace
 from typing import Any, Literal
 
 from pydantic import Field, ValidationError, field_validator, model_validator
@@ -350,9 +352,10 @@ class RunConfig(Strict):
     def preset_obj(self) -> Preset:
         return get_preset(self.preset)
 
-    def recipe_sources(self) -> dict[str, tuple[Any, str]]:
+    def recipe_sources(self, train_images: int | None = None) -> dict[str, tuple[Any, str]]:
         """Each recipe key (`RECIPE_KEYS` and the fields of the four recipe sections) -> (value,
-        "preset" where it is the preset's value, "config" where the config changed it)."""
+        "preset" where it is the preset's value, "config" where the config changed it, "data"
+        where the data's size set it: `teacher_epochs_for`)."""
         p = self.preset_obj()
         out: dict[str, tuple[Any, str]] = {}
         for key, of in RECIPE_KEYS.items():
@@ -360,7 +363,7 @@ class RunConfig(Strict):
             value = getattr(getattr(self, head), tail)
             out[key] = (value, "preset" if value == of(p) else "config")
         for (head, tail), base, mine in (
-            (("teachers", "train"), p.teacher, self.teacher_train()),
+            (("teachers", "train"), p.teacher, self.teacher_train(train_images)),
             (("synthesis", "params"), p.synthesis, self.synthesis_cfg()),
             (("labels", "params"), p.labels, self.label_cfg()),
             (("validation", "params"), p.student, self.student_cfg()),
@@ -368,6 +371,8 @@ class RunConfig(Strict):
             for name in RECIPES[head, tail].model_fields:
                 a, b = getattr(base, name), getattr(mine, name)
                 out[f"{head}.{tail}.{name}"] = (b, "preset" if a == b else "config")
+        if self.teacher_epochs_for(train_images) is not None:
+            out["teachers.train.epochs"] = (self.teacher_train(train_images).epochs, "data")
         sc = self.student_cfg()
         for name in ("epochs", "arch"):
             a, b = getattr(p.student, name), getattr(sc, name)
@@ -408,8 +413,32 @@ class RunConfig(Strict):
             self.preset_obj().student, students=v.students, epochs=v.epochs, arch=v.arch
         )
 
-    def teacher_train(self) -> TeacherTrainConfig:
-        return self.teachers.train.over(self.preset_obj().teacher)
+    def teacher_train(self, train_images: int | None = None) -> TeacherTrainConfig:
+        """The teachers' recipe: the preset's with teachers.train; on `train_images` training
+        images, its epochs from `teacher_epochs_for` where that gives them."""
+        t = self.teachers.train.over(self.preset_obj().teacher)
+        epochs = self.teacher_epochs_for(train_images)
+        return t if epochs is None else replace(t, epochs=epochs)
+
+    def teacher_epochs_for(self, train_images: int | None) -> int | None:
+        """The teachers' epochs that make the preset's optimizer-step count (its epochs x its
+        batches over its own training images) on `train_images` images, at the run's batch
+        size; None where the preset's epochs stand: the config sets teachers.train.epochs, the
+        teachers are imported, the data is the preset's size or unknown, or it is the synthetic
+        test data (generated at the preset's shape). The full-data students follow them too."""
+        p, n = self.preset_obj(), train_images
+        if (
+            n is None
+            or self.teachers.train.epochs is not None
+            or self.teachers.import_from
+            or self.dataset.kind == "synthetic"
+            or not p.train_images
+            or n == p.train_images
+        ):
+            return None
+        batch = self.teachers.train.over(p.teacher).batch_size
+        tuned = p.teacher.epochs * math.ceil(p.train_images / p.teacher.batch_size)
+        return max(1, math.ceil(tuned / math.ceil(n / batch)))
 
     def synthesis_cfg(self) -> SynthesisConfig:
         return self.synthesis.params.over(self.preset_obj().synthesis)

@@ -64,9 +64,20 @@ def describe_profile(profile: dict[str, Any]) -> list[str]:
     return [f"{k} = {_show(v[k])}  [{src[k]}]" for k in VALUES]
 
 
-def describe_recipe(cfg: Any) -> str:
-    """`recipe: preset 'tiny-imagenet', overridden by the config: model.width = 4; ...`."""
-    changed = [f"{k} = {val}" for k, (val, f) in cfg.recipe_sources().items() if f == "config"]
-    return f"recipe: preset {cfg.preset!r}" + (
+def describe_recipe(cfg: Any, train_images: int | None = None) -> str:
+    """`recipe: preset 'tiny-imagenet', overridden by the config: model.width = 4; ...; set by
+    the data's size: teachers.train.epochs = 16 (...)`, on `train_images` training images."""
+    sources = cfg.recipe_sources(train_images)
+    changed = [f"{k} = {val}" for k, (val, f) in sources.items() if f == "config"]
+    out = f"recipe: preset {cfg.preset!r}" + (
         f", overridden by the config: {'; '.join(changed)}" if changed else ", as it is"
     )
+    if sources.get("teachers.train.epochs", (None, ""))[1] == "data":
+        p, epochs = cfg.preset_obj(), sources["teachers.train.epochs"][0]
+        steps = p.teacher.epochs * -(-p.train_images // p.teacher.batch_size)
+        out += (
+            f"; set by the data's size: teachers.train.epochs = {epochs}, the preset's {steps:,} "
+            f"optimizer steps ({p.teacher.epochs} epochs over its {p.train_images:,} images) on "
+            f"these {train_images:,} training images (teachers.train.epochs, if set, wins)"
+        )
+    return out

@@ -310,7 +310,7 @@ def data_markdown(fs: RunFS, cfg: RunConfig, teachers: list[dict[str, Any]]) -> 
     else:
         lines += [f"- {line}" for line in describe_profile(profile)]
         k = int(profile["values"]["num_classes"])
-    lines += [f"- {describe_recipe(cfg)}", ""]
+    lines += [f"- {describe_recipe(cfg, profile['train_images'] if profile else None)}", ""]
     warnings = (profile or {}).get("warnings", []) + teacher_warnings(teachers, k)
     if warnings:
         lines += ["**Warnings** (the recipe looks off for this data):", ""]

@@ -76,7 +76,9 @@ def data(ctx: StatusContext) -> dict[str, Any]:
     p = ctx.profile
     return {
         "data": describe_profile(p) if p else "not profiled yet (the data stage does)",
-        "recipe": describe_recipe(ctx.cfg).removeprefix("recipe: "),
+        "recipe": describe_recipe(ctx.cfg, p["train_images"] if p else None).removeprefix(
+            "recipe: "
+        ),
         "warnings": p.get("warnings", []) if p else [],
     }
 
@@ -86,7 +88,7 @@ def teachers(ctx: StatusContext) -> dict[str, Any]:
     finished = [teacher_weights(m) in ctx.done for m in range(count)]
     # Teachers train one after another; the one in progress has a checkpoint marker (removed
     # when it finishes). Its metadata holds one training loss per epoch done.
-    epochs = cfg.teacher_train().epochs
+    epochs = cfg.teacher_train(ctx.profile["train_images"] if ctx.profile else None).epochs
     now = "".join(
         _in_progress(ctx.fs, teacher_checkpoint(m), f"teacher {m + 1}", count, epochs)
         for m in range(count)

@@ -244,7 +244,7 @@ def data_warnings(run: Run, profile: dict[str, Any], headers: HeaderSummary | No
                 f"{v['image_size']} px (preset {p.name!r}); set dataset.image_size"
             )
     n = profile["train_images"]
-    t = cfg.teacher_train()
+    t = cfg.teacher_train(n)
     if not cfg.teachers.import_from and p.train_images and n != p.train_images:
         steps = t.epochs * math.ceil(n / t.batch_size)
         tuned = p.teacher.epochs * math.ceil(p.train_images / p.teacher.batch_size)

@@ -7,6 +7,7 @@ import math
 from typing import Any
 
 from d3s_core.presets import DataShape, Preset
+from d3s_core.teachers import TeacherTrainConfig
 from storage.profile import PROFILE, describe_profile, describe_recipe, read_profile
 from storage.run import Run
 
@@ -51,7 +52,14 @@ def data_profile(run: Run) -> dict[str, Any]:
 def provenance_lines(run: Run) -> list[str]:
     """What the run took from the data, the config and the preset, one line each (for the
     start of a run, `d3s status` and the report)."""
-    return describe_profile(data_profile(run)) + [describe_recipe(run.config)]
+    profile = data_profile(run)
+    return describe_profile(profile) + [describe_recipe(run.config, profile["train_images"])]
+
+
+def teacher_recipe(run: Run) -> TeacherTrainConfig:
+    """The teachers' recipe on this run's data (its epochs may follow the data's size:
+    RunConfig.teacher_epochs_for)."""
+    return run.config.teacher_train(data_profile(run)["train_images"])
 
 
 def teacher_warnings(metas: list[dict[str, Any]], num_classes: int) -> list[str]:

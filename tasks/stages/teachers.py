@@ -26,13 +26,13 @@ from .common import (
     no_progress,
     save_teacher,
 )
-from .recipe import recipe, teacher_warnings
+from .recipe import recipe, teacher_recipe, teacher_warnings
 
 log = logging.getLogger("d3s")  # the Prefect task forwards it to the run's log
 
 
 def train_teachers(run: Run, progress: Progress = no_progress) -> list[str]:
-    cfg, p, tcfg = run.config, recipe(run), run.config.teacher_train()
+    cfg, p, tcfg = run.config, recipe(run), teacher_recipe(run)
     train, held, fingerprint = data_splits(run)
     steps = -(-len(train) // tcfg.batch_size)  # type: ignore[arg-type]
     count = cfg.teachers.count
@@ -77,7 +77,7 @@ def train_teachers(run: Run, progress: Progress = no_progress) -> list[str]:
 
 
 def _train(run: Run, m: int, model: torch.nn.Module, train, steps: int, progress: Progress):
-    cfg, tcfg = run.config, run.config.teacher_train()
+    cfg, tcfg = run.config, teacher_recipe(run)
     trainer = TeacherTrainer(model, tcfg, steps, seed=derive_seed(cfg.seed, m, 101))
     ckpt = teacher_checkpoint(m)
     losses: list[float] = []  # mean training loss per epoch (the report's curve)

@@ -38,7 +38,7 @@ from .common import (
     no_progress,
     trimmed,
 )
-from .recipe import recipe
+from .recipe import recipe, teacher_recipe
 
 
 @dataclass
@@ -55,7 +55,7 @@ def _plans(run: Run, prefix: str = "") -> list[StudentPlan]:
     cfg, p = run.config, recipe(run)
     arch, v = cfg.student_arch(), cfg.validation
     if prefix == FULL_DATA:
-        epochs = v.full_data_epochs or cfg.teacher_train().epochs
+        epochs = v.full_data_epochs or teacher_recipe(run).epochs
         return [StudentPlan(arch, epochs, s) for s in range(v.full_data_students)]
     epochs = v.epochs or p.student.epochs
     return [StudentPlan(arch, epochs, s) for s in range(v.students)]
