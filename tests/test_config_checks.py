@@ -221,3 +221,30 @@ def test_only_bookkeeping_files_leave_the_configuration_open(tmp_path):
         "different configuration: seed: 2 (saved) vs 1 (given); synthesis.params.iterations: "
         "400 vs (default); use a new root or the saved configuration"
     )
+
+
+def test_teacher_epochs_follow_the_presets_step_count_unless_set():
+    """On a tree of 1,437 images, demo-mnist's 4 epochs x 32 batches of 128 (its 4,000 images)
+    become ceil(128 / 12) = 11 epochs of 12 batches; a value the config sets always wins."""
+    from storage.profile import describe_recipe
+
+    folder = {"kind": "imagefolder", "path": "/t", "val_path": "/v"}
+    cfg = parse_config({"preset": "demo-mnist", "dataset": folder})
+    assert cfg.teacher_train().epochs == 4  # the data's size unknown: the preset's
+    assert cfg.teacher_train(4000).epochs == 4  # the preset's own size
+    assert cfg.teacher_train(1437).epochs == 11
+    assert cfg.teacher_train(100_000).epochs == 1
+    assert cfg.recipe_sources(1437)["teachers.train.epochs"] == (11, "data")
+    assert "set by the data's size: teachers.train.epochs = 11" in describe_recipe(cfg, 1437)
+    for over in (
+        {"teachers": {"train": {"epochs": 4}}},
+        {"dataset": {"kind": "synthetic"}},
+    ):
+        fixed = parse_config({"preset": "demo-mnist", "dataset": folder, **over})
+        assert fixed.teacher_train(1437).epochs == 4
+        assert "data's size" not in describe_recipe(fixed, 1437)
+    # At the run's batch size: 64 per batch, 23 batches per epoch, ceil(128 / 23) = 6.
+    batch = parse_config(
+        {"preset": "demo-mnist", "dataset": folder, "teachers": {"train": {"batch_size": 64}}}
+    )
+    assert batch.teacher_train(1437).epochs == 6
