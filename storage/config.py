@@ -330,7 +330,7 @@ class RunConfig(Strict):
 
     @model_validator(mode="after")
     def _buildable_archs(self) -> RunConfig:
-        from d3s_core.models import check_arch
+        from d3s_core.models import check_arch  # timm: only once a config is validated
 
         assert self.model.arch is not None  # filled from the preset
         check_arch(self.model.arch, self.model.low_res, "model.arch")

@@ -53,6 +53,7 @@ from tasks.report import (
     layer_names,
     write_report,
 )
+from tasks.scores import run_accuracies, score_rows, table_rows
 
 from .credentials import storage_options
 from .retry import retry_on_transient_io
@@ -236,8 +237,6 @@ def publish_report(root: str, config: RunConfig) -> str:
         key="validation",
         description="students' held-out top-1, mean ± std",  # one card line
     )
-    from tasks.scores import run_accuracies, score_rows, table_rows
-
     scores = table_rows(score_rows(run_accuracies(fs)))
     if len(scores) > 1:
         create_table_artifact(

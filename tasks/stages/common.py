@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ctypes
 import functools
 import math
 import os
@@ -44,8 +45,6 @@ _T = TypeVar("_T")
 @functools.cache
 def _libc() -> Any:
     try:
-        import ctypes
-
         return ctypes.CDLL("libc.so.6")
     except OSError:  # not glibc: its allocator has its own policy
         return None

@@ -33,7 +33,7 @@ from d3s_core.dataprofile import (
     profile_rows,
 )
 from d3s_core.presets import Preset
-from storage.datasets import NormalisedImages
+from storage.datasets import NormalisedImages, PixelItems
 from storage.imagefolder import ImageFolderDataset
 from storage.profile import PROFILE, read_profile, write_profile
 from storage.run import Run
@@ -220,7 +220,6 @@ def _measure(run: Run, dec: Decode, rows) -> PixelMoments:
         for idx in chunks:
             m.update(train.images[idx])
         return m
-    from storage.datasets import PixelItems  # the uint8 pixels, before normalisation
 
     items = PixelItems(train)
     loader = torch.utils.data.DataLoader(
