@@ -266,9 +266,9 @@ main() {
 
     # -- d3s plan's throughput table for this device ------------------------------------------
     if [ "$DEVICE" = cuda ]; then
-        step throughput 120 throughput_table
+        step throughput 150 throughput_table
     else # the CPU trial: one small point, into $OUT only (the package's cpu.json stays)
-        step throughput 60 "$PY" bench/bench_throughput.py --device cpu \
+        step throughput 120 "$PY" bench/bench_throughput.py --device cpu \
             --points small_resnet-w16-28px --out "$OUT/cpu.json"
     fi
 
