@@ -1,6 +1,6 @@
 """Throughput table for `d3s plan`: seconds per image of each kind of work, as FLOP/s.
 
-For a few (architecture, image size) points, each kind of work of tasks/plan.py (`WORK_KINDS`:
+For a few (architecture, image size) points, each kind of work of tasks/plan (`WORK_KINDS`:
 teacher step, statistics forward, synthesis iteration, label forward, student step) is run on
 real random tensors by the same `work_step` the plan counts, timed (median of repeats after a
 warm-up; CUDA synchronised), and divided into its FLOPs per image, counted by
@@ -9,9 +9,13 @@ point nearest in FLOPs per image to any model and size. Also measured: the proce
 (RSS of a fresh Python with torch, and with the stage modules, imported) and, on CUDA, the
 device memory of a bare CUDA context. Writes JSON with the machine, date, torch and command.
 
-    .venv/bin/python bench/bench_throughput.py          # CPU: bench/throughput/cpu.json
-    .venv/bin/python bench/bench_throughput.py --device cuda --out bench/throughput/h100.json
-    .venv/bin/d3s plan run.json --throughput bench/throughput/h100.json
+    .venv/bin/python bench/bench_throughput.py                 # tasks/plan/throughput/cpu.json
+    .venv/bin/python bench/bench_throughput.py --device cuda   # tasks/plan/throughput/cuda.json
+    .venv/bin/python bench/bench_throughput.py --device cuda --out h100.json
+    .venv/bin/d3s plan run.json --throughput h100.json         # a table other than the device's
+
+The tables of the package (tasks/plan/throughput/<device kind>.json, shipped in the wheel) are
+the ones `d3s plan` reads for a config's device; bench/gpu_smoke.sh measures cuda.json on a GPU.
 """
 
 from __future__ import annotations
@@ -32,7 +36,7 @@ import torch
 
 from d3s_core.layers import select_layers
 from d3s_core.models import build_model
-from tasks.plan import WORK_KINDS, count_flops, prepare, work_step
+from tasks.plan import WORK_KINDS, count_flops, prepare, table_path, work_step
 
 # (name, arch, width, image size, channels, low-res stem, classes, CPU batch, GPU batch)
 POINTS = [
@@ -45,8 +49,33 @@ STAGE_MODULES = (
 )
 
 
-def rss_after_import(modules: str, cuda: bool = False) -> int | None:
-    """VmRSS of a fresh interpreter after importing `modules` (and starting CUDA)."""
+# After the imports: one step of each kind of work on a tiny model, then the heap trimmed. The
+# kernels' code pages (oneDNN, MKL, cuDNN) are resident from then on in a stage's process; the
+# import alone left them out (on CPU 61 MiB more, measured 2026-12: 833 -> 904 MiB).
+AFTER_WORK = """
+import ctypes, torch
+from d3s_core.layers import select_layers
+from d3s_core.models import build_model
+from tasks.plan import WORK_KINDS, prepare, work_step
+dev = {device!r}
+m = build_model("small_resnet", 10, in_chans=3, low_res=True, width=4).to(dev)
+layers = select_layers(m)
+x = torch.randn(4, 3, 16, 16, device=dev)
+y = torch.zeros(4, dtype=torch.int64, device=dev)
+for k in WORK_KINDS:
+    prepare(k, m)
+    opt = torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9) if k.endswith("step") else None
+    work_step(k, m, x, y, layers, opt)
+del m, x, y, opt
+if dev.startswith("cuda"):
+    torch.cuda.synchronize()
+ctypes.CDLL("libc.so.6").malloc_trim(0)
+"""
+
+
+def rss_after_import(modules: str, cuda: bool = False, after: str = "") -> int | None:
+    """VmRSS of a fresh interpreter after importing `modules` (and starting CUDA), then
+    running `after`."""
     code = (
         f"import {modules}\n"
         + (
@@ -54,7 +83,8 @@ def rss_after_import(modules: str, cuda: bool = False) -> int | None:
             if cuda
             else ""
         )
-        + "print(open('/proc/self/status').read())"
+        + after
+        + "\nprint(open('/proc/self/status').read())"
     )
     try:
         out = subprocess.run(
@@ -157,16 +187,42 @@ def measure_point(point, device: str, min_seconds: float, reps: int) -> dict:
     }
 
 
+def process_rss(device: str) -> dict[str, int | None]:
+    """The process baselines `d3s plan` adds to every stage (it uses `after_work`)."""
+    cuda = device.startswith("cuda")
+    return {
+        "torch": rss_after_import("torch", cuda),
+        "stage_modules": rss_after_import(STAGE_MODULES, cuda),
+        "after_work": rss_after_import(STAGE_MODULES, cuda, AFTER_WORK.format(device=device)),
+    }
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--device", default="cpu")
-    ap.add_argument("--out", help="JSON file (default bench/throughput/<device>.json)")
+    ap.add_argument(
+        "--out", help="JSON file (default: the package's tasks/plan/throughput/<device kind>.json)"
+    )
     ap.add_argument("--min-seconds", type=float, default=0.0, help="timed seconds per kind")
     ap.add_argument("--reps", type=int, default=2, help="at least this many timed steps")
     ap.add_argument("--points", nargs="*", help="names of POINTS to measure (default: all)")
+    ap.add_argument(
+        "--rss-only",
+        action="store_true",
+        help="measure the process baselines again into the existing table (rates kept)",
+    )
     args = ap.parse_args(argv)
     device = args.device
-    out = Path(args.out or Path(__file__).parent / "throughput" / f"{device.split(':')[0]}.json")
+    out = Path(args.out or table_path(device))
+    if args.rss_only:
+        table = json.loads(out.read_text())
+        table["process_rss_bytes"] = process_rss(device)
+        table["process_rss_date"] = datetime.datetime.now(datetime.UTC).isoformat(
+            timespec="seconds"
+        )
+        out.write_text(json.dumps(table, indent=1) + "\n")
+        print(f"updated the process baselines of {out}: {table['process_rss_bytes']}")
+        return 0
     points = [p for p in POINTS if not args.points or p[0] in args.points]
     cuda = device.startswith("cuda")
     table = {
@@ -176,14 +232,11 @@ def main(argv: list[str] | None = None) -> int:
         "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "torch": torch.__version__,
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
-        "process_rss_bytes": {
-            "torch": rss_after_import("torch", cuda),
-            "stage_modules": rss_after_import(STAGE_MODULES, cuda),
-        },
+        "process_rss_bytes": process_rss(device),
         "cuda_context_bytes": cuda_context_bytes() if cuda else None,
         "notes": "seconds_per_image: median step time / batch; flops_per_image: "
         "torch.utils.flop_counter (matmuls and convolutions, 2 per MAC); "
-        "flops_per_s = flops_per_image / seconds_per_image. The work is tasks/plan.py "
+        "flops_per_s = flops_per_image / seconds_per_image. The work is tasks/plan "
         "work_step: synthesis without the KL's Cholesky factorisations and the crops, "
         "training steps with SGD.",
         "points": [measure_point(p, device, args.min_seconds, args.reps) for p in points],

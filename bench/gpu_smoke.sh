@@ -16,8 +16,12 @@
 #   bench_*   bench/bench_synthesis_gpu.py at the paper's setting (batch 200, 224 px),
 #             $SMOKE_ITERS iterations: fp32; bf16 + channels_last; the same + torch.compile
 #   sync      host-device syncs per synthesis iteration (torch.cuda.set_sync_debug_mode)
-# Files in $OUT (8 at most come back): smoke.log, env.json, pytest.xml, pipeline.json,
-# bench_fp32.json, bench_bf16_cl.json, bench_bf16_cl_compile.json, sync.json.
+#   throughput  bench/bench_throughput.py on the GPU: `d3s plan`'s table for cuda runs, written
+#             to $OUT/cuda.json and into the package (tasks/plan/throughput/cuda.json) here;
+#             copy $OUT/cuda.json there in the checkout and commit it (docs/plan.md)
+# Files in $OUT (8 at most come back): smoke.log, env.json, pipeline.json, cuda.json,
+# bench_fp32.json, bench_bf16_cl.json, bench_bf16_cl_compile.json, sync.json (pytest's result
+# is in smoke.log and the summary).
 # Exit status: 0 all passed, 1 a step failed, 3 no usable CUDA, 4 the project cannot import.
 #
 # Settings (environment): OUT (default /tmp/d3s-gpu-smoke), PYTHON (default: the first of
@@ -114,6 +118,19 @@ deps() { # the carried wheels this python lacks, then the imports
         echo "no wheelhouse at $WHEELHOUSE (bench/gpu_wheelhouse.sh makes it; carry it)"
     fi
     "$PY" bench/gpu_env.py imports
+}
+
+throughput_table() { # the GPU table, then `d3s plan` of an ImageNet-21K run reading it
+    "$PY" bench/bench_throughput.py --device cuda --out "$OUT/cuda.json" || return 1
+    cp "$OUT/cuda.json" tasks/plan/throughput/cuda.json || return 1
+    cat >/tmp/d3s-smoke-in21k.json <<'EOF'
+{"name": "in21k", "preset": "imagenet-21k", "device": "cuda",
+ "dataset": {"kind": "imagefolder", "path": "/nonexistent/in21k/train"},
+ "teachers": {"count": 5}, "synthesis": {"ipc": 10, "batch_size": 200},
+ "validation": {"students": 3, "random_real_baseline": true}}
+EOF
+    "$PY" -m flows.cli plan /tmp/d3s-smoke-in21k.json --no-data |
+        grep -E '^(plan for|teachers|synthesis|total|hours:)'
 }
 
 summary() {
@@ -220,7 +237,7 @@ main() {
     if [ -n "$files" ]; then
         # shellcheck disable=SC2086
         step pytest 150 env D3S_REQUIRE_GPU=1 "$PY" -m pytest -q -m gpu -x -p no:cacheprovider \
-            --junitxml="$OUT/pytest.xml" $files
+            $files
     else
         record pytest "FAIL (no gpu tests)" 0
     fi
@@ -245,6 +262,14 @@ main() {
     else
         step sync 90 "$PY" bench/gpu_sync_check.py --device cpu --batch 4 --size 32 \
             --iterations 2 --json "$OUT/sync.json"
+    fi
+
+    # -- d3s plan's throughput table for this device ------------------------------------------
+    if [ "$DEVICE" = cuda ]; then
+        step throughput 150 throughput_table
+    else # the CPU trial: one small point, into $OUT only (the package's cpu.json stays)
+        step throughput 120 "$PY" bench/bench_throughput.py --device cpu \
+            --points small_resnet-w16-28px --out "$OUT/cpu.json"
     fi
 
     # -- last, as it may take longest (compilation) -----------------------------------------

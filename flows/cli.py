@@ -7,7 +7,7 @@ d3s verify ROOT [--quick]                       every artifact against the manif
 d3s repair ROOT [--dry-run]                     forget damaged artifacts and what depends on
                                                 them, so the next run recomputes exactly that
 d3s study CONFIG [--root URI]                   a study (Prefect): variants, Fig. 4, report
-d3s plan CONFIG [--train-images N] [--throughput FILE] [--json]
+d3s plan CONFIG [--train-images N] [--throughput FILE] [--root URI] [--no-data] [--json]
                                                 what a run will need (counts, disk, memory,
                                                 estimated hours), before it starts
 d3s STAGE [CONFIG | --preset NAME] --root URI   one stage, without Prefect (data, teachers,
@@ -84,7 +84,9 @@ def _plan(args: argparse.Namespace) -> int:
 
     if args.train_images is not None and args.train_images < 1:
         raise ValueError(f"--train-images: {args.train_images} must be >= 1")
-    plan = make_plan(_config(args.config, args.preset), args.train_images, args.throughput)
+    cfg = _config(args.config, args.preset)
+    root = None if args.no_data else args.root or f"runs/{cfg.name}"
+    plan = make_plan(cfg, args.train_images, args.throughput, root, not args.no_data)
     print(json.dumps(plan, indent=1) if args.json else format_plan(plan))
     return 0
 
@@ -278,8 +280,22 @@ def build_parser() -> argparse.ArgumentParser:
     pl = sub.add_parser("plan", help="counts, disk, peak memory and estimated hours of a run")
     pl.add_argument("config", nargs="?", help=CONFIG_HELP)
     pl.add_argument("--preset", help=PRESET_HELP)
-    pl.add_argument("--train-images", type=int, help="training images (else known or counted)")
-    pl.add_argument("--throughput", help="throughput table (default bench/throughput/cpu.json)")
+    pl.add_argument("--train-images", type=int, help="training images (else the data's)")
+    pl.add_argument(
+        "--throughput",
+        help="throughput table (default: the package's table of the config's device kind, "
+        "tasks/plan/throughput/<cpu|cuda>.json)",
+    )
+    pl.add_argument(
+        "--root",
+        help=ROOT_HELP + ", whose data profile is read if it has one "
+        "(default: runs/<the config's name>); else the data is measured as the run will",
+    )
+    pl.add_argument(
+        "--no-data",
+        action="store_true",
+        help="read no data: the config's, the dataset kind's and the preset's values",
+    )
     pl.add_argument("--json", action="store_true", help="the whole plan as JSON")
     for st_ in stages():
         sp = sub.add_parser(

@@ -1,4 +1,4 @@
-"""`d3s plan` (tasks/plan.py): counts, disk and memory against independent computations."""
+"""`d3s plan` (tasks/plan/): counts, disk and memory against independent computations."""
 
 import json
 import math
