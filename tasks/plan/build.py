@@ -6,13 +6,15 @@ import os
 from typing import Any
 
 from storage.config import RunConfig
+from storage.profile import describe_recipe
+from tasks.stage_table import enabled
 
 from .counts import counts
 from .data import observe_data, planned_recipe, shape_sources, train_images, with_data
 from .disk import checkpoint_writes, disk
 from .hours import device_kind, hours, load_throughput
 from .memory import coreset_features, machine, memory
-from .stages import STAGE_DISK
+from .stages import ROW_ARTIFACTS
 from .text import count_text
 
 
@@ -42,17 +44,21 @@ def make_plan(
     h = hours(cfg, c, table)
     writes = checkpoint_writes(cfg, c, d, h["stages"]["synthesis"])
     rows = []
-    for stage in mem:
-        rows.append(
-            {
-                "stage": stage,
-                "count": count_text(stage, c),
-                "disk_bytes": sum(d[a]["bytes"] for a in STAGE_DISK[stage]),
-                "host_peak_bytes": mem[stage]["host_peak"],
-                "gpu_peak_bytes": mem[stage]["gpu_peak"],
-                "hours": h["stages"].get(stage),
-            }
-        )
+    for s in enabled(cfg):  # the stage table's stages for this config, in order
+        if not s.plan:  # a stage the planner has no model of
+            rows.append({"stage": s.name, "count": UNESTIMATED, "disk_bytes": None} | NONE)
+        for stage in (k for k in s.plan if k in mem):
+            rows.append(
+                {
+                    "stage": stage,
+                    "count": count_text(stage, c),
+                    "disk_bytes": sum(d[a]["bytes"] for a in ROW_ARTIFACTS[stage]),
+                    "host_peak_bytes": mem[stage]["host_peak"],
+                    "gpu_peak_bytes": mem[stage]["gpu_peak"],
+                    "hours": h["stages"].get(stage),
+                }
+            )
+    modelled = [r for r in rows if r["count"] != UNESTIMATED]
     kept = sum(a["bytes"] for a in d.values() if a["kept"])
     transient = ["teacher_checkpoint", "stats_shards", "synthesis_checkpoint", "student_checkpoint"]
     p = planned_recipe(cfg)
@@ -66,6 +72,7 @@ def make_plan(
             "sources": shape_sources(given, data, source),
         },
         "train_images": {"count": n, "source": source},
+        "recipe": describe_recipe(cfg, n),
         "data": {
             "read": data is not None,
             "where": data.where if data else _unread(given, read_data),
@@ -96,13 +103,18 @@ def make_plan(
         "stages": rows,
         "totals": {
             "disk_bytes": kept,
-            "host_peak_bytes": max(r["host_peak_bytes"] for r in rows),
+            "host_peak_bytes": max(r["host_peak_bytes"] for r in modelled),
             "gpu_peak_bytes": None
             if not cfg.device.startswith("cuda")
-            else max(r["gpu_peak_bytes"] for r in rows),
+            else max(r["gpu_peak_bytes"] for r in modelled),
             "hours": h["total"],
+            "not_estimated": [r["stage"] for r in rows if r["count"] == UNESTIMATED],
         },
     }
+
+
+UNESTIMATED = "not estimated (the planner has no model of this stage)"
+NONE = {"host_peak_bytes": None, "gpu_peak_bytes": None, "hours": None}
 
 
 def _unread(cfg: RunConfig, read_data: bool) -> str:

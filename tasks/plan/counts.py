@@ -11,7 +11,7 @@ from .units import ceil_div
 
 
 def counts(cfg: RunConfig, n_train: int) -> dict[str, dict[str, Any]]:
-    p, t, s = planned_recipe(cfg), cfg.teacher_train(), cfg.stats
+    p, t, s = planned_recipe(cfg), cfg.teacher_train(n_train), cfg.stats
     m, n = cfg.teachers.count, p.num_classes * cfg.synthesis.ipc
     trained = not cfg.teachers.import_from
     stats_batches = ceil_div(n_train, s.batch_size)

@@ -15,7 +15,15 @@ import tempfile
 from dataclasses import dataclass
 from typing import Any
 
-from storage.config import RunConfig
+from d3s_core.presets import DataShape
+from storage.config import RunConfig, load_config
+from storage.fs import RunFS
+from storage.imagefolder import IMAGE_EXTENSIONS, class_folders
+from storage.manifest import Manifest
+from storage.profile import PROFILE, read_profile
+from storage.run import Run
+from tasks.credentials import storage_options
+from tasks.stages.profile import measure_profile
 
 from .units import ceil_div
 
@@ -66,7 +74,6 @@ def reachable(cfg: RunConfig) -> bool:
 def _same_dataset(fs: Any, cfg: RunConfig) -> bool:
     """Whether the run root's saved config reads the same data as `cfg` (else its profile and
     index are another dataset's)."""
-    from storage.config import load_config
 
     try:
         return load_config(fs).dataset == cfg.dataset
@@ -81,31 +88,22 @@ def observe_data(cfg: RunConfig, root: str | None = None) -> DataFacts | None:
     None. Nothing is written: the profile is found through a Run that holds no lock (whose
     stages neither write the profile nor the dataset index), rooted at `root` when that is a
     run of this dataset (its dataset index is read) or at an empty temporary folder."""
-    from storage.fs import RunFS
-    from storage.manifest import Manifest
-    from storage.profile import PROFILE
-    from storage.run import Run
-
-    # the one call into the run's data code (tasks/stages/profile.py); re-point it here
-    from tasks.stages.profile import data_profile
 
     fs = None
     if root:
-        from tasks.credentials import storage_options
-
         fs = RunFS(root, **storage_options(cfg))
         if not _same_dataset(fs, cfg):
             fs = None
-    if fs is not None and fs.exists(PROFILE):
-        return DataFacts(data_profile(Run(fs, cfg, Manifest(fs))), f"the run's {fs.url(PROFILE)}")
+    if fs is not None and (profile := read_profile(fs)) is not None:
+        return DataFacts(profile, f"the run's {fs.url(PROFILE)}")
     if not reachable(cfg):
         return None
     where = "measured now, as the run measures it (tasks/stages/profile.py; nothing written)"
     if fs is not None:
-        return DataFacts(data_profile(Run(fs, cfg, Manifest(fs))), where)
+        return DataFacts(measure_profile(Run(fs, cfg, Manifest(fs))), where)
     with tempfile.TemporaryDirectory(prefix="d3s-plan-") as scratch:
         fs = RunFS(scratch)
-        profile = data_profile(Run(fs, cfg, Manifest(fs)))
+        profile = measure_profile(Run(fs, cfg, Manifest(fs)))
         left = os.listdir(scratch)
         assert not left, f"measuring the data profile wrote {left}"  # a lockless run writes none
     return DataFacts(profile, where)
@@ -169,13 +167,10 @@ def planned_recipe(cfg: RunConfig):
     """The recipe the run will use, fitted to the data's shape as far as it is known: the
     `dataset.*` values (declared, or the data's: `with_data`), the class folders of a local
     ImageFolder tree, else the preset's (a run finds the rest from the data: docs/datasets.md)."""
-    from d3s_core.presets import DataShape
 
     p, d = cfg.preset_obj(), cfg.dataset
     k = d.num_classes
     if k is None and d.kind == "imagefolder" and d.path and os.path.isdir(d.path):
-        from storage.imagefolder import class_folders
-
         k = len(class_folders(d.path))
     if d.kind == "mnist5k":
         k, chans, size = 10, 1, 28
@@ -188,7 +183,6 @@ def planned_recipe(cfg: RunConfig):
 
 # -- the training set's size ------------------------------------------------------------------
 def _count_image_files(root: str) -> int:
-    from storage.imagefolder import IMAGE_EXTENSIONS
 
     n = 0
     for _, _, files in os.walk(root):
@@ -240,8 +234,6 @@ def max_class_images(cfg: RunConfig, n_train: int) -> tuple[int, str]:
         big = per + (extra > 0)
         return big - round(big * ds.test_fraction), "dataset.synthetic_size"
     if ds.kind == "imagefolder" and ds.path and os.path.isdir(ds.path):
-        from storage.imagefolder import class_folders
-
         try:
             names = class_folders(ds.path)
         except ValueError:  # no class folders: the run will say so

@@ -10,6 +10,9 @@ from functools import lru_cache
 from typing import Any
 
 from storage.config import RunConfig
+from storage.fs import RunFS
+from storage.label_sizes import random_epoch
+from storage.labels import write_epoch
 
 from .data import planned_recipe
 from .model import facts_for
@@ -18,9 +21,6 @@ from .units import F32, F64
 
 # -- label bytes ------------------------------------------------------------------------------
 def _written_epoch_bytes(rows: int, classes: int, fmt: str, k: int, batch_size: int) -> int:
-    from storage.fs import RunFS
-    from storage.label_sizes import random_epoch
-    from storage.labels import write_epoch
 
     with tempfile.TemporaryDirectory() as d:
         fs = RunFS(d)

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from storage.config import RunConfig
+from tasks.stages.coreset import CHUNK
 
 from .data import max_class_images, planned_recipe
 from .disk import optimizer_slots, stats_bytes
@@ -245,7 +246,6 @@ def coreset_features(cfg: RunConfig, n_train: int) -> dict[str, Any]:
 def _coreset_pass_mem(cfg: RunConfig, n_train: int) -> dict[str, Any]:
     """One pass over the training set through the coreset teacher, class by class, in chunks
     of `CHUNK` images; each method selects IPC of one class's features at a time."""
-    from tasks.stages.coreset import CHUNK
 
     p = planned_recipe(cfg)
     f = facts_for(cfg, p.arch)

@@ -11,7 +11,11 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
 
+from d3s_core.layers import FeatureHooks, select_layers
+from d3s_core.models import build_model
+from d3s_core.stats import SuffStats, batch_moments
 from storage.config import RunConfig
 
 from .data import planned_recipe
@@ -52,8 +56,6 @@ def work_step(
     """One unit of `kind` on the batch x: (B, C, H, W) normalised, y: (B,) classes. The model
     must be `prepare`d for the kind. Synthesis is the pipeline's iteration without the
     batch-size-independent KL (a few C x C Cholesky factorisations) and without the crops."""
-    from d3s_core.layers import FeatureHooks
-    from d3s_core.stats import SuffStats, batch_moments
 
     if kind == "stats_forward":
         reduce = partial(SuffStats.from_batch, precision="mixed")
@@ -81,7 +83,6 @@ def work_step(
 
 def count_flops(kind: str, model: nn.Module, x: torch.Tensor, y: torch.Tensor, layers) -> float:
     """FLOPs of one `work_step` on x (torch's counter: matmuls and convolutions, 2 per MAC)."""
-    from torch.utils.flop_counter import FlopCounterMode
 
     prepare(kind, model)
     with FlopCounterMode(display=False) as counter:
@@ -162,8 +163,6 @@ def model_facts(
 ) -> ModelFacts:
     """The facts of one architecture at one input size, from forward passes on `meta` tensors
     (no memory, no arithmetic): batches of 2 and 3, so per-image terms are differences."""
-    from d3s_core.layers import select_layers
-    from d3s_core.models import build_model
 
     with torch.device("meta"):
         model = build_model(

@@ -64,7 +64,7 @@ def data_lines(plan: dict[str, Any]) -> list[str]:
         label = key.replace("_", " ")
         out.append(f"  {label:<10} {value:>7}  [{src[key]['how']}]")
     out += [f"  WARNING: {w}" for w in data.get("warnings", [])]
-    return out
+    return out + ([plan["recipe"]] if "recipe" in plan else [])
 
 
 def format_plan(plan: dict[str, Any]) -> str:
@@ -109,6 +109,11 @@ def format_plan(plan: dict[str, Any]) -> str:
         lines.append("  ".join(cells).rstrip())
         if i == 0 or i == len(body) - 1:
             lines.append("  ".join("-" * w for w in widths))
+    if t.get("not_estimated"):
+        lines.append(
+            f"not estimated: {', '.join(t['not_estimated'])} (no planner model; the totals "
+            "leave them out)"
+        )
     d = plan["disk"]
     lines += ["", "disk per artifact (kept unless marked transient):"]
     wide = max(26, *map(len, d["artifacts"]))
