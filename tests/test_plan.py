@@ -278,6 +278,7 @@ def test_new_stages_counts_disk_and_rows(tmp_path):
     n_train, n = 4000, p.num_classes * raw["synthesis"]["ipc"]  # mnist5k at 0.2 held out
     lb, students = raw["labels"]["batch_size"], raw["validation"]["students"]
     assert [r["stage"] for r in plan["stages"]] == [
+        "data",  # not estimated: no planner model
         "teachers",
         "stats",
         "synthesis",

@@ -12,11 +12,13 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from flows.cli import EXTRA_STAGE_NAMES, STAGE_NAMES, main
+from flows.cli import main
 from storage.config import parse_config
 from storage.run import open_run
 from tasks import plan as P
-from tasks.stages.profile import data_profile
+from tasks.stage_table import stages
+from tasks.stages import open_data
+from tasks.stages.recipe import data_profile
 from tests.test_own_dataset import grey_tree, rgb_tree, tiny
 from tests.test_plan import in21k_cfg, unit_table
 
@@ -81,8 +83,13 @@ def test_plan_takes_counts_and_shape_from_an_odd_tree(
     assert by_key["channels"].split()[1] == chw[0]
     assert by_key["image"].split()[2] == chw.split("x")[-1]
     assert "[data: " in by_key["channels"] and "[data: " in by_key["image"]
-    # the preset's values appear nowhere but in the profile's warning about its recipe
-    rest = "\n".join(line for line in lines if "WARNING: teachers:" not in line)
+    # the preset's values appear nowhere but in the warning about its recipe and the recipe's
+    # line (the teachers' epochs made from its step count on its 100,000 images)
+    rest = "\n".join(
+        line
+        for line in lines
+        if "WARNING: teachers:" not in line and not line.startswith("recipe:")
+    )
     assert "100,000" not in rest and "200 classes" not in rest and "64x64" not in rest
     assert f"{n} images, 1 batches" in out  # the stats row counts the data's images
     assert not root.exists()  # nothing written into the run root
@@ -115,6 +122,7 @@ def test_plan_equals_the_runs_profile_on_the_own_dataset_trees(tmp_path, make_tr
     planned = P.make_plan(cfg, root=str(tmp_path / "unused"))
     assert planned["data"]["where"].startswith("measured now")
     with open_run(str(tmp_path / "run"), cfg) as run:
+        open_data(run)
         prof = data_profile(run)
     v = prof["values"]
     assert planned["shape"]["classes"] == v["num_classes"]
@@ -129,7 +137,7 @@ def test_plan_reads_the_run_roots_profile(tmp_path):
     cfg = parse_config(raw)
     root = tmp_path / "run"
     with open_run(str(root), cfg) as run:
-        data_profile(run)  # written by the run: 12 images of 1x20x20
+        open_data(run)  # written by the run: 12 images of 1x20x20
     # the tree changes afterwards: the run root's profile is what the run uses, and is read
     for i in range(4, 9):
         Image.new("L", (20, 20)).save(data / "train" / "kind_0" / f"{i}.png")
@@ -186,12 +194,15 @@ def test_throughput_tables_are_package_data():
     assert '"tasks.plan" = ["throughput/*.json"]' in pyproject
 
 
-def test_plan_stage_keys_are_one_table():
-    _, cfg = __import__("tests.test_plan", fromlist=["extended_cfg"]).extended_cfg()
-    plan = P.make_plan(cfg)
-    assert [r["stage"] for r in plan["stages"]] == [
-        k for k in P.PLAN_STAGES if k in {r["stage"] for r in plan["stages"]}
-    ]
+def test_plan_rows_follow_the_stage_table():
+    """Every stage of the table the config enables is planned, in the table's order: its rows
+    of the planner's model, or one "not estimated" row (the data stage)."""
+    raw = json.loads((Path(__file__).resolve().parents[1] / "configs/demo-mnist.json").read_text())
+    raw["validation"] |= {"protocols": ["soft", "hard"], "coresets": ["herding"], "full_data": True}
+    plan = P.make_plan(parse_config(raw))
+    want = [k for s in stages() for k in (s.plan or (s.name,))]
+    assert [r["stage"] for r in plan["stages"]] == want
     assert set(plan["hours"]["stages"]) <= set(P.PLAN_STAGES)
+    assert plan["totals"]["not_estimated"] == ["data"]
     runs = {v["run_stage"] for v in P.PLAN_STAGES.values()}
-    assert runs == set(STAGE_NAMES) | set(EXTRA_STAGE_NAMES)
+    assert runs == {s.name for s in stages() if s.plan}
