@@ -4,7 +4,7 @@
 A Zarr store is finished when the manifest records its checksum; until then readers of the
 pipeline ignore it. Zarr's own resize-then-write is not atomic, so the images array is created
 once at its full size and each batch fills its own chunk, committed by a batch record written
-after the chunk (see storage/run.py: syn_commit).
+after the chunk (see storage/layout.py: syn_commit).
 """
 
 from __future__ import annotations
