@@ -7,7 +7,7 @@
 Class folders are named like DD-Ranking's own random-real sets (`{class_idx:05d}`, its
 utils/data.py `get_random_data_path`): torchvision's ImageFolder numbers sorted folder names, so
 folder c is label c, which is the run's class c, which is the c-th sorted class folder of the
-dataset's own `train/` tree (storage/imagefolder.py `class_folders` sorts the same way). Pixels
+dataset's own `train/` tree (storage/folder_tree.py `class_folders` sorts the same way). Pixels
 are the stored normalised images mapped back by the store's `mean`/`std` attributes, clamped to
 [0, 1] and rounded to uint8: a round trip is within 0.5/255 of the stored pixel (plus clamping).
 

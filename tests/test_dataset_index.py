@@ -17,12 +17,14 @@ from PIL import Image
 from safetensors.torch import save_file
 
 import storage.dataset_index as dataset_index
+import storage.folder_tree as folder_tree
 import storage.imagefolder as imagefolder
 import tasks.stages.baseline as baseline
 from d3s_core.labelling import derive_seed
 from storage.config import parse_config
 from storage.fs import RunFS
-from storage.imagefolder import ImageFolderDataset, scan_tree, tree_fingerprint
+from storage.folder_tree import scan_tree, tree_fingerprint
+from storage.imagefolder import ImageFolderDataset
 from storage.manifest import CorruptArtifact
 from storage.run import BASELINE, attach_run, images_of, open_run
 from storage.webdataset import TarShardDataset
@@ -85,7 +87,7 @@ def forbid_listing(monkeypatch):
     def fail(*a, **k):
         raise AssertionError("the tree was listed again")
 
-    for mod in (imagefolder, dataset_index):
+    for mod in (folder_tree, imagefolder, dataset_index):
         for name in ("scan_tree", "class_folders", "class_files", "tree_fingerprint", "list_tree"):
             if hasattr(mod, name):
                 monkeypatch.setattr(mod, name, fail)
