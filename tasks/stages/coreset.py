@@ -16,7 +16,6 @@ from storage.run import Run, baseline_prefix, images_of
 from storage.states import has_state, load_state, remove_state, save_state
 
 from ..terminal import Count
-from .baseline import write_real_set
 from .common import (
     ClassRows,
     Progress,
@@ -27,6 +26,7 @@ from .common import (
     no_progress,
 )
 from .profile import recipe
+from .real_images import write_real_set
 from .synthesis import distilled_classes
 
 CHECKPOINT = "baselines/coresets/checkpoint"
