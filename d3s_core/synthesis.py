@@ -38,6 +38,7 @@ from .loss import (
 from .models import freeze
 from .precision import AutocastMode, CompiledForward, network_autocast, to_channels_last
 from .stats import CovMatmul, at_least_float32, batch_moments
+from .teachers import check_bool, check_choice, check_numbers, check_range
 
 __all__ = [
     "DTYPES",
@@ -111,8 +112,6 @@ class SynthesisConfig:
     cov_matmul: CovMatmul = "full"
 
     def __post_init__(self) -> None:
-        from .teachers import check_bool, check_choice, check_numbers, check_range
-
         check_range("iterations", self.iterations, ge=1, integer=True)
         check_range("lr", self.lr, ge=0)  # 0: the initial images unchanged (a baseline)
         for i, beta in enumerate(check_numbers("betas", self.betas, length=2)):

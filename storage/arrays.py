@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 import torch
 import zarr
+from zarr.codecs import BytesCodec, ShardingCodec
 
 from .fs import RunFS
 
@@ -189,8 +190,6 @@ class _RawShards:
 
     @staticmethod
     def layout(fs: RunFS, rel: str, array: Any) -> _RawShards | None:
-        from zarr.codecs import BytesCodec, ShardingCodec
-
         try:
             codecs = array.metadata.codecs
             sharding = codecs[0] if len(codecs) == 1 else None

@@ -34,7 +34,9 @@ from typing import Any
 
 import numpy as np
 import torch
+import torchvision
 from PIL import Image
+from safetensors.torch import load as st_load
 
 from .arrays import _open_group, image_chunks, image_count
 from .fs import RunFS
@@ -101,8 +103,6 @@ def teacher_name(meta: dict[str, Any]) -> str:
 
 def ddranking_resnet(name: str, num_classes: int, image_size: int) -> torch.nn.Module:
     """The model DD-Ranking builds for `name` with use_torchvision=True (its get_resnet)."""
-    import torchvision
-
     depth = int(name.split("-")[1])
     model = getattr(torchvision.models, f"resnet{depth}")(num_classes=num_classes)
     if image_size in LOW_RES_SIZES:
@@ -112,8 +112,6 @@ def ddranking_resnet(name: str, num_classes: int, image_size: int) -> torch.nn.M
 
 
 def _teacher_state(fs: RunFS, m: int) -> tuple[str, dict[str, torch.Tensor], dict[str, Any]]:
-    from safetensors.torch import load as st_load
-
     meta = read_teacher_meta(fs, m)
     name = teacher_name(meta)
     Manifest(fs).verify(teacher_weights(m))

@@ -16,6 +16,8 @@ def storage_options(cfg: RunConfig) -> dict[str, Any]:
     name = cfg.storage.secret_block
     if not name:
         return {}
+    # Prefect (~2 s to import) only when a Secret block is named: `d3s repair` and the
+    # single-stage commands (`d3s teachers ROOT`, ...) otherwise run without it.
     from prefect.blocks.system import Secret
 
     try:
