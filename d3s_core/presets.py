@@ -50,13 +50,13 @@ class StudentConfig:
     """Validation (Alg. 4, Table 10)."""
 
     arch: str = "resnet18"
-    optimizer: str = "adamw"
+    optimizer: OptimizerName = "adamw"
     lr: float = 1e-3
     momentum: float = 0.9
     weight_decay: float = 1e-4
     batch_size: int = 128
     epochs: int = 300
-    schedule: str = "cosine"
+    schedule: ScheduleName = "cosine"
     temperature: float = 20.0
     students: int = 5
 

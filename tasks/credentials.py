@@ -21,7 +21,9 @@ def storage_options(cfg: RunConfig) -> dict[str, Any]:
     from prefect.blocks.system import Secret
 
     try:
-        value = Secret.load(name).get()
+        block = Secret.load(name)
+        assert isinstance(block, Secret)  # called synchronously (typed Secret | Coroutine)
+        value = block.get()
     except ValueError as e:
         raise ValueError(f"storage.secret_block: no Prefect Secret block named {name!r}") from e
     if not isinstance(value, dict):

@@ -7,6 +7,7 @@ from __future__ import annotations
 import torch
 
 from d3s_core.labelling import derive_seed
+from storage.config import Protocol
 from storage.run import BASELINE, FULL_DATA, Run, baseline_prefix, images_of
 
 from .common import ClassRows, Progress, class_rows, data_splits, no_progress
@@ -85,10 +86,10 @@ def validate_set(
     trains them on its class labels. Progress in equal parts of `span`. Returns {protocol:
     summary URL}."""
     protocols = run.config.validation.protocols
-    steps = [("labels", None)] if "soft" in protocols else []
+    steps: list[tuple[str, Protocol | None]] = [("labels", None)] if "soft" in protocols else []
     steps += [("students" if p == "soft" else "hard-label students", p) for p in protocols]
     lo, width = span[0], (span[1] - span[0]) / len(steps)
-    out = {}
+    out: dict[str, str] = {}
     for k, (what, protocol) in enumerate(steps):
         part = (lo + k * width, lo + (k + 1) * width)
         relabelled = baseline_progress(progress, what, stage, name, part)
