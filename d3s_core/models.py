@@ -3,6 +3,7 @@ model by name, and a width-scaled small ResNet for CPU tests and the demo."""
 
 from __future__ import annotations
 
+import torchvision
 from torch import nn
 from torchvision.models import resnet as tv_resnet
 
@@ -93,7 +94,7 @@ def build_model(
         _adapt_stem(model, in_chans, low_res)
         return model
     if arch.startswith("timm:"):
-        import timm
+        import timm  # ~0.4 s more to import; only timm:<name> architectures need it
 
         if low_res:
             raise ValueError(f"low_res is only defined for ResNets, not for {arch!r}")
@@ -107,8 +108,6 @@ def build_model(
             "dataset.channels: 3 (greyscale replicated into RGB) or use a ResNet or a "
             "timm:<name> model, which take any channel count"
         )
-    import torchvision
-
     return torchvision.models.get_model(arch, weights=None, num_classes=num_classes)
 
 
@@ -119,13 +118,11 @@ def check_arch(arch: str, low_res: bool | None = None, key: str = "arch") -> Non
     if arch in TORCHVISION_RESNETS or arch == "small_resnet":
         return
     if arch.startswith("timm:"):
-        import timm
+        import timm  # ~0.4 s more to import; only timm:<name> architectures need it
 
         if not timm.is_model(arch.removeprefix("timm:")):
             raise ValueError(f"{key}: {arch!r} is not a timm model name")
     else:
-        import torchvision
-
         names = torchvision.models.list_models(module=torchvision.models)
         if arch not in names:
             raise ValueError(

@@ -23,6 +23,7 @@ from __future__ import annotations
 # what it needs when it runs; tests/test_cli_help.py checks sys.modules after --help.
 import argparse
 import json
+import logging
 import sys
 from typing import TYPE_CHECKING, Any
 
@@ -201,8 +202,6 @@ def headline(root: str, cfg: RunConfig) -> list[str]:
 def run_one_stage(name: str, root: str, cfg: RunConfig) -> int:
     """`d3s <stage>`: the stage's runner on the run, its log lines ("data: ...", "warning:
     ...") on stderr, its result (a URL, or a list of them) on stdout."""
-    import logging
-
     from storage.run import open_run
     from tasks.credentials import storage_options
     from tasks.terminal import TerminalProgress, bars_enabled
@@ -224,10 +223,10 @@ def run_one_stage(name: str, root: str, cfg: RunConfig) -> int:
     return 0
 
 
-class _StageLogFormat:
+class _StageLogFormat(logging.Formatter):
     """ "warning: <message>" for warnings and worse, the message alone below."""
 
-    def format(self, record: Any) -> str:
+    def format(self, record: logging.LogRecord) -> str:
         msg = record.getMessage()
         return f"{record.levelname.lower()}: {msg}" if record.levelno >= 30 else msg
 

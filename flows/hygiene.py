@@ -150,23 +150,23 @@ def crash_leftovers(
     fid = flow_run_id or runtime.id
     if not fid:
         return done
-    done.flow_run_id = UUID(str(fid))
+    done.flow_run_id = uid = UUID(str(fid))
     try:
         if client is None:
             with get_client(sync_client=True) as c:
-                return _crash_leftovers(c, done)
-        return _crash_leftovers(client, done)
+                return _crash_leftovers(c, uid, done)
+        return _crash_leftovers(client, uid, done)
     except Exception:  # hygiene must never fail the run it tidies up for
         _logger().warning("crash hygiene for flow run %s failed", fid, exc_info=True)
         return done
 
 
-def _crash_leftovers(client: SyncPrefectClient, done: Cleanup) -> Cleanup:
-    fr = client.read_flow_run(done.flow_run_id)
+def _crash_leftovers(client: SyncPrefectClient, flow_run_id: UUID, done: Cleanup) -> Cleanup:
+    fr = client.read_flow_run(flow_run_id)
     done.attempt = fr.run_count or 1
     stale = [
         tr
-        for tr in _not_final_task_runs(client, done.flow_run_id)
+        for tr in _not_final_task_runs(client, flow_run_id)
         if (tr.flow_run_run_count or 0) < done.attempt
     ]
     by_attempt: dict[int, list] = {}
@@ -174,7 +174,7 @@ def _crash_leftovers(client: SyncPrefectClient, done: Cleanup) -> Cleanup:
         by_attempt.setdefault(tr.flow_run_run_count or 0, []).append(tr)
     for attempt, runs in sorted(by_attempt.items()):
         message = (
-            f"attempt {attempt} of flow run {fr.name or done.flow_run_id} crashed "
+            f"attempt {attempt} of flow run {fr.name or flow_run_id} crashed "
             f"(its process died); {SUPERSEDED} by attempt {done.attempt}"
         )
         _crash_task_runs(client, runs, message, done)

@@ -31,7 +31,7 @@ def stage_flow(name: str) -> Flow[..., Any]:
 
     run_stage.__name__ = f"{name.replace('-', '_')}_flow"
     run_stage.__doc__ = f"Run (or resume) the {name} stage of one D3S run alone: {s.doc}."
-    return flow(run_stage, name=f"d3s-{name}", flow_run_name=f"{name}-{{config.name}}")
+    return flow(name=f"d3s-{name}", flow_run_name=f"{name}-{{config.name}}")(run_stage)
 
 
 def __getattr__(attr: str) -> Flow[..., Any]:

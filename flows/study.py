@@ -55,7 +55,7 @@ def baseline(root: str, config: RunConfig, kind: str = "random-real") -> list[st
         c = config.model_dump(mode="json")
         stage_task("data")(root, c)
         got = stage_task(BASELINE_STAGES[kind])(root, c)
-    return list(got) if isinstance(got, list) else [got]
+    return [str(u) for u in got] if isinstance(got, list) else [str(got)]
 
 
 @flow(name="d3s-study", flow_run_name=_study_name, log_prints=True)

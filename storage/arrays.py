@@ -1,10 +1,11 @@
-"""Zarr stores: full-dataset statistics (`stats.zarr`) and distilled images
-(`synthesis/images.zarr`). Readable with plain `zarr.open_group(url)`.
+"""Zarr stores: full-dataset statistics (`stats.zarr`) and image sets (distilled:
+`synthesis/images.zarr`; the baselines' real images, with their `train_indices`). Readable with
+plain `zarr.open_group(url)`.
 
 A Zarr store is finished when the manifest records its checksum; until then readers of the
 pipeline ignore it. Zarr's own resize-then-write is not atomic, so the images array is created
 once at its full size and each batch fills its own chunk, committed by a batch record written
-after the chunk (see storage/run.py: syn_commit).
+after the chunk (see storage/layout.py: syn_commit).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from typing import Any
 import numpy as np
 import torch
 import zarr
+from zarr.codecs import BytesCodec, ShardingCodec
 
 from .fs import RunFS
 
@@ -143,6 +145,28 @@ def image_count(fs: RunFS, rel: str) -> int:
     return int(_open_group(fs, rel, "r")["images"].shape[0])  # type: ignore[union-attr]
 
 
+# -- real-image sets (the baselines) ---------------------------------------------------------
+TRAIN_INDICES = "train_indices"
+
+
+def write_train_indices(fs: RunFS, rel: str, order: torch.Tensor) -> None:
+    """`train_indices` (N,) int64 of an image store of real images: the training sample of
+    each row."""
+    g = _open_group(fs, rel, "a")
+    g.create_array(TRAIN_INDICES, shape=order.shape, dtype="int64", overwrite=True)[:] = (
+        order.numpy()
+    )
+
+
+def train_indices(fs: RunFS, rel: str) -> torch.Tensor:
+    """(N,) int64 training sample of each row of a baseline image store (the `train_indices`
+    array; stores written before it have the list in their attributes)."""
+    g = _open_group(fs, rel, "r")
+    if TRAIN_INDICES in g:
+        return torch.from_numpy(np.asarray(g[TRAIN_INDICES][:]))  # type: ignore[index]
+    return torch.tensor(g.attrs[TRAIN_INDICES], dtype=torch.int64)  # type: ignore[arg-type]
+
+
 _EMPTY = 2**64 - 1  # a shard index entry of an inner chunk never written
 
 
@@ -166,8 +190,6 @@ class _RawShards:
 
     @staticmethod
     def layout(fs: RunFS, rel: str, array: Any) -> _RawShards | None:
-        from zarr.codecs import BytesCodec, ShardingCodec
-
         try:
             codecs = array.metadata.codecs
             sharding = codecs[0] if len(codecs) == 1 else None

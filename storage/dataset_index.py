@@ -37,8 +37,8 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
+from .folder_tree import class_files, class_folders
 from .fs import RunFS
-from .imagefolder import class_files, class_folders
 from .manifest import CorruptArtifact
 
 INDEX = "dataset/index.json"

@@ -7,7 +7,7 @@
 Class folders are named like DD-Ranking's own random-real sets (`{class_idx:05d}`, its
 utils/data.py `get_random_data_path`): torchvision's ImageFolder numbers sorted folder names, so
 folder c is label c, which is the run's class c, which is the c-th sorted class folder of the
-dataset's own `train/` tree (storage/imagefolder.py `class_folders` sorts the same way). Pixels
+dataset's own `train/` tree (storage/folder_tree.py `class_folders` sorts the same way). Pixels
 are the stored normalised images mapped back by the store's `mean`/`std` attributes, clamped to
 [0, 1] and rounded to uint8: a round trip is within 0.5/255 of the stored pixel (plus clamping).
 
@@ -34,7 +34,9 @@ from typing import Any
 
 import numpy as np
 import torch
+import torchvision
 from PIL import Image
+from safetensors.torch import load as st_load
 
 from .arrays import _open_group, image_chunks, image_count
 from .fs import RunFS
@@ -101,8 +103,6 @@ def teacher_name(meta: dict[str, Any]) -> str:
 
 def ddranking_resnet(name: str, num_classes: int, image_size: int) -> torch.nn.Module:
     """The model DD-Ranking builds for `name` with use_torchvision=True (its get_resnet)."""
-    import torchvision
-
     depth = int(name.split("-")[1])
     model = getattr(torchvision.models, f"resnet{depth}")(num_classes=num_classes)
     if image_size in LOW_RES_SIZES:
@@ -112,8 +112,6 @@ def ddranking_resnet(name: str, num_classes: int, image_size: int) -> torch.nn.M
 
 
 def _teacher_state(fs: RunFS, m: int) -> tuple[str, dict[str, torch.Tensor], dict[str, Any]]:
-    from safetensors.torch import load as st_load
-
     meta = read_teacher_meta(fs, m)
     name = teacher_name(meta)
     Manifest(fs).verify(teacher_weights(m))

@@ -1,19 +1,18 @@
 """ImageFolder trees (the ImageNet layout `train/<class>/*.JPEG`, and a separate validation tree
 with the same class folders), streamed from disk.
 
-Every image is read, converted and resized here, with errors that name the file: a missing
-root, an empty class folder, an unreadable file, an image mode that cannot become the model's
-channels, a degenerate size. A run lists a tree once, into its dataset index
-(storage/dataset_index.py); the datasets here read that listing.
+Every image is read, converted and resized here, with errors that name the file: an unreadable
+file, an image mode that cannot become the model's channels, a degenerate size (a missing root
+or an empty class folder: storage/folder_tree.py, which lists the tree). A run lists a tree
+once, into its dataset index (storage/dataset_index.py); the datasets here read that listing.
 """
 
 from __future__ import annotations
 
-import hashlib
 import os
 from collections.abc import Sequence
 from pathlib import Path
-from typing import IO, TYPE_CHECKING
+from typing import IO
 
 import torch
 from PIL import Image, UnidentifiedImageError
@@ -21,57 +20,18 @@ from torchvision.transforms import functional as TF
 
 from d3s_core.dataprofile import CROP_RATIO_IMAGENET, GREY_MODES
 
-if TYPE_CHECKING:
-    from .dataset_index import FolderListing
+from .dataset_index import FolderListing
 
-IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".ppm", ".pgm"}
+# Re-exported for tasks/plan.py, which still takes them from here (storage/folder_tree.py
+# lists trees without importing torch).
+from .folder_tree import IMAGE_EXTENSIONS as IMAGE_EXTENSIONS
+from .folder_tree import class_folders as class_folders
+
 RGB_CONVERTIBLE = {"RGB", "L", "P", "CMYK", "RGBA", "LA", "YCbCr"}
 MIN_SIDE = 8
 # ImageNet's evaluation transform: the short side resized to size * 8/7 (256 for 224), then a
 # centre crop. A run whose images already share one short side uses 1.0 (no resampling).
 CROP_RATIO = CROP_RATIO_IMAGENET
-
-
-def class_folders(root: str | os.PathLike[str]) -> list[str]:
-    """Names of the class folders under `root`, sorted (hidden folders left out)."""
-    base = Path(root)
-    if not base.is_dir():
-        raise FileNotFoundError(f"{base}: dataset folder does not exist")
-    classes = sorted(d.name for d in base.iterdir() if d.is_dir() and not d.name.startswith("."))
-    if not classes:
-        raise ValueError(f"{base}: no class folders (expected {base}/<class>/<image files>)")
-    return classes
-
-
-def class_files(root: str | os.PathLike[str], name: str) -> list[str]:
-    """Image files of class folder `name` (any depth), as paths relative to `root`, in the
-    order of sorted `Path`s (component by component, not as strings)."""
-    base = Path(root)
-    files = sorted(
-        f for f in (base / name).rglob("*") if f.is_file() and f.suffix.lower() in IMAGE_EXTENSIONS
-    )
-    if not files:
-        raise ValueError(
-            f"{base / name}: class folder holds no image files "
-            f"({', '.join(sorted(IMAGE_EXTENSIONS))})"
-        )
-    return [str(f.relative_to(base)) for f in files]
-
-
-def scan_tree(root: str | os.PathLike[str]) -> tuple[list[str], list[tuple[str, int]]]:
-    """(class names sorted, samples [(relative path, class index)] sorted). A Python list of
-    every file: storage.dataset_index lists a tree class by class into Arrow columns instead."""
-    classes = class_folders(root)
-    return classes, [(rel, c) for c, name in enumerate(classes) for rel in class_files(root, name)]
-
-
-def tree_fingerprint(root: str | os.PathLike[str], samples: list[tuple[str, int]]) -> str:
-    """Hash of every file's relative path, size and class: changes when the data does."""
-    h = hashlib.sha256()
-    base = Path(root)
-    for rel, c in samples:
-        h.update(f"{rel}\0{(base / rel).stat().st_size}\0{c}\n".encode())
-    return "imagefolder:" + h.hexdigest()
 
 
 def decode_image(
@@ -177,8 +137,6 @@ class ImageFolderDataset(torch.utils.data.Dataset):
         self.root = Path(root)
         self.crop_ratio, self.to_grey = crop_ratio, to_grey
         if listing is None:
-            from .dataset_index import FolderListing  # it lists trees with this module
-
             listing = FolderListing.scan(self.root)
         self.listing = listing
         self.classes = listing.classes
@@ -196,8 +154,8 @@ class ImageFolderDataset(torch.utils.data.Dataset):
         return len(self.listing)
 
     def fingerprint(self) -> str:
-        """`tree_fingerprint` of the tree as it was listed (the index's, when it came from
-        one: the files are not stat'ed again)."""
+        """`storage.folder_tree.tree_fingerprint` of the tree as it was listed (the index's,
+        when it came from one: the files are not stat'ed again)."""
         return self.listing.fingerprint
 
     def load(self, i: int) -> Image.Image:

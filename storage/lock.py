@@ -31,6 +31,7 @@ delete (a small window in which a lease taken over just then is deleted). Other 
 
 from __future__ import annotations
 
+import fcntl
 import json
 import logging
 import os
@@ -42,6 +43,8 @@ import uuid
 import weakref
 from dataclasses import dataclass
 from typing import Any
+
+from fsspec.asyn import sync
 
 from .fs import RunFS
 
@@ -100,8 +103,6 @@ class RunLock:
 
     # -- local roots ----------------------------------------------------------------------
     def _acquire_flock(self) -> None:
-        import fcntl
-
         self.fs.makedirs("")
         path = self.fs.path(LOCK_FILE)
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
@@ -387,8 +388,6 @@ class _S3Object(_LeaseObject):
             self.s3.invalidate_cache(self.path)  # s3fs's listings cache
 
     def get(self) -> tuple[bytes, str | None] | None:
-        from fsspec.asyn import sync
-
         async def read() -> tuple[bytes, str]:
             out = await self.s3._call_s3("get_object", Bucket=self.bucket, Key=self.key)
             body = out["Body"]
@@ -427,7 +426,7 @@ def _error_code(e: BaseException | None) -> tuple[str, int]:
 
 def _is_s3(fs: Any) -> bool:
     try:
-        import s3fs
+        import s3fs  # an optional backend (~0.5 s to import): local roots never need it
     except ImportError:
         return False
     return isinstance(fs, s3fs.S3FileSystem)

@@ -17,8 +17,8 @@ import json
 from typing import Any
 
 from .fs import RunFS
+from .layout import student_dir, summary_of, syn_commit, teacher_meta
 from .manifest import CorruptArtifact
-from .run import student_dir, summary_of, syn_commit, teacher_meta
 
 BATCHES = "synthesis/batches"
 GRID_META = "synthesis/png/grid.json"

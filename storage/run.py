@@ -1,4 +1,5 @@
-"""A run: its root, configuration, manifest and writer lock, and the layout of its artifacts.
+"""A run: its root, configuration, manifest and writer lock; the layout of its artifacts
+(storage/layout.py, re-exported here).
 
 See docs/artifacts.md for every file's schema.
 """
@@ -18,74 +19,54 @@ from .config import (
     save_config,
 )
 from .fs import RunFS
+from .layout import (
+    BASELINE,
+    BASELINE_KINDS,
+    FULL_DATA,
+    STATS,
+    SYN_CHECKPOINT,
+    SYN_IMAGES,
+    baseline_prefix,
+    images_of,
+    labels_epoch,
+    student_dir,
+    summary_of,
+    syn_commit,
+    syn_isu,
+    teacher_checkpoint,
+    teacher_meta,
+    teacher_weights,
+    validation_dir,
+)
 from .lock import RunLock
 from .manifest import Manifest
+from .records import read_record, read_summary, read_teacher_metas
 
-
-def teacher_weights(m: int) -> str:
-    return f"teachers/teacher_{m}.safetensors"
-
-
-def teacher_meta(m: int) -> str:
-    return f"teachers/teacher_{m}.json"
-
-
-def teacher_checkpoint(m: int) -> str:
-    return f"teachers/checkpoints/teacher_{m}"
-
-
-STATS = "stats.zarr"
-SYN_IMAGES = "synthesis/images.zarr"
-SYN_CHECKPOINT = "synthesis/checkpoint/state"
-
-
-def syn_commit(b: int) -> str:
-    return f"synthesis/batches/batch_{b:06d}.json"
-
-
-def syn_isu(b: int) -> str:
-    return f"synthesis/isu/after_batch_{b:06d}"
-
-
-# The baselines (a seeded random subset of real training images, coreset selections of real
-# images, the full training set) live under baselines/<kind>/ with the distilled set's layout:
-# images.zarr, labels/, validation/ (soft protocol), validation-hard/ (hard protocol).
-BASELINE_KINDS = ("random-real", "herding", "k-center", "full-data")
-
-
-def baseline_prefix(kind: str) -> str:
-    if kind not in BASELINE_KINDS:
-        raise ValueError(f"unknown baseline {kind!r}; expected one of {BASELINE_KINDS}")
-    return f"baselines/{kind}/"
-
-
-BASELINE = baseline_prefix("random-real")
-FULL_DATA = baseline_prefix("full-data")  # students only (validation-hard/): no image store
-
-
-def images_of(prefix: str = "") -> str:
-    return f"{prefix}images.zarr" if prefix else SYN_IMAGES
-
-
-def labels_epoch(e: int, prefix: str = "") -> str:
-    return f"{prefix}labels/epoch={e}/part-0.parquet"
-
-
-def validation_dir(prefix: str = "", protocol: str = "soft") -> str:
-    """Where an image set's students of one protocol live: `validation` (soft, the paper's
-    knowledge distillation) or `validation-hard` (class labels, cross-entropy)."""
-    if protocol not in ("soft", "hard"):
-        raise ValueError(f"unknown protocol {protocol!r}; expected 'soft' or 'hard'")
-    return f"{prefix}validation" if protocol == "soft" else f"{prefix}validation-hard"
-
-
-def student_dir(arch: str, seed: int, prefix: str = "", protocol: str = "soft") -> str:
-    return f"{validation_dir(prefix, protocol)}/{arch.replace(':', '_')}-seed{seed}"
-
-
-def summary_of(prefix: str = "", protocol: str = "soft") -> str:
-    return f"{validation_dir(prefix, protocol)}/summary.json"
-
+# The Run, and the layout of its artifacts (storage/layout.py) re-exported: callers take the
+# paths from here with the Run.
+__all__ = [
+    "Run",
+    "attach_run",
+    "open_run",
+    "read_results",
+    "BASELINE",
+    "BASELINE_KINDS",
+    "FULL_DATA",
+    "STATS",
+    "SYN_CHECKPOINT",
+    "SYN_IMAGES",
+    "baseline_prefix",
+    "images_of",
+    "labels_epoch",
+    "student_dir",
+    "summary_of",
+    "syn_commit",
+    "syn_isu",
+    "teacher_checkpoint",
+    "teacher_meta",
+    "teacher_weights",
+    "validation_dir",
+]
 
 # Locks this process holds, by run URL, with a count of the Runs using each: a flow and the
 # tasks it runs in threads share one lock (a second flock from the same process would fail).
@@ -117,8 +98,6 @@ def read_results(fs: RunFS, teachers: int) -> dict[str, Any]:
     """A finished run's accuracies: {"teachers": [teacher metadata], "summary": the distilled
     set's validation summary (soft protocol; hard where the run validates only that),
     "baseline": the random-real baseline's summary (same protocol) or None}."""
-    from .records import read_record, read_summary, read_teacher_metas  # records imports run
-
     protocol = "soft" if fs.exists(summary_of()) else "hard"
     return {
         "teachers": read_teacher_metas(fs, teachers),

@@ -16,10 +16,14 @@ def storage_options(cfg: RunConfig) -> dict[str, Any]:
     name = cfg.storage.secret_block
     if not name:
         return {}
+    # Prefect (~2 s to import) only when a Secret block is named: `d3s repair` and the
+    # single-stage commands (`d3s teachers ROOT`, ...) otherwise run without it.
     from prefect.blocks.system import Secret
 
     try:
-        value = Secret.load(name).get()
+        block = Secret.load(name)
+        assert isinstance(block, Secret)  # called synchronously (typed Secret | Coroutine)
+        value = block.get()
     except ValueError as e:
         raise ValueError(f"storage.secret_block: no Prefect Secret block named {name!r}") from e
     if not isinstance(value, dict):

@@ -16,7 +16,9 @@ from __future__ import annotations
 import multiprocessing
 import os
 import threading
+from collections.abc import Sized
 from typing import Any
+from uuid import UUID
 
 import torch
 from prefect import flow, task, unmapped
@@ -123,6 +125,7 @@ def _gather(futures: list, what: str) -> list:
     """Results as they complete, with a progress artifact that moves."""
     done, out = 0, []
     art = create_progress_artifact(0.0, description=f"{what} on Dask: 0/{len(futures)}")
+    assert isinstance(art, UUID)  # called synchronously (typed UUID | Coroutine)
     for fut in as_completed(futures):
         out.append(fut.result())
         done += 1
@@ -138,6 +141,7 @@ def stats_plan_task(root: str, config: dict[str, Any]) -> list[tuple[int, int]]:
     cfg = parse_config(config)
     run = attach_run(root, cfg, **storage_options(cfg))
     train, _, _ = data_splits(run)
+    assert isinstance(train, Sized)  # every split has a length (typed as a plain Dataset)
     return missing_shards(run, len(train))
 
 

@@ -27,6 +27,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from functools import cache
 from typing import Any
+from uuid import UUID
 
 from prefect import Task, task
 from prefect.artifacts import (
@@ -99,7 +100,9 @@ class PrefectProgress:
         self.terminal = TerminalProgress() if bars_enabled() else None
         self.logger = get_run_logger()
         self.fraction = 0.0
-        self.artifact = create_progress_artifact(0.0, description=f"{stage}: starting")
+        artifact = create_progress_artifact(0.0, description=f"{stage}: starting")
+        assert isinstance(artifact, UUID)  # called synchronously (typed UUID | Coroutine)
+        self.artifact = artifact
         self.last_update = time.time()
         self.last_tenth = -1
 
@@ -159,32 +162,40 @@ def _run_stage(name: str, root: str, config: dict[str, Any]) -> Any:
             progress.terminal.close()
 
 
+StageTask = Task[[str, dict[str, Any]], object]  # its runner's result: URLs
+
+
 @cache
-def stage_task(name: str) -> Task[..., Any]:
+def stage_task(name: str) -> StageTask:
     """The Prefect task of stage `name` (tasks/stage_table.py), made on first use."""
     s = stage(name)
 
-    def fn(root: str, config: dict[str, Any]) -> Any:
+    def fn(root: str, config: dict[str, Any]) -> object:
         return _run_stage(name, root, config)
 
     fn.__name__ = s.task_name()
     fn.__doc__ = s.doc
-    options: dict[str, Any] = (
-        {"cache_key_fn": stage_cache_key(s), "persist_result": True}
-        if s.cached
-        else {"cache_policy": NO_CACHE}
-    )
+    # Retried on transient I/O only (an object store or network file system hiccup); the retry
+    # resumes from the stage's checkpoint. Anything else fails at once.
+    delays: list[float] = [10, 60, 300]
+    if not s.cached:
+        return task(
+            name=name,
+            task_run_name=name,
+            cache_policy=NO_CACHE,
+            retries=3,
+            retry_delay_seconds=delays,
+            retry_condition_fn=retry_on_transient_io,
+        )(fn)
     return task(
-        fn,
         name=name,
         task_run_name=name,
-        # Transient I/O only (an object store or network file system hiccup); the retry resumes
-        # from the stage's checkpoint. Anything else fails at once.
+        cache_key_fn=stage_cache_key(s),
+        persist_result=True,
         retries=3,
-        retry_delay_seconds=[10, 60, 300],
+        retry_delay_seconds=delays,
         retry_condition_fn=retry_on_transient_io,
-        **options,
-    )
+    )(fn)
 
 
 def validation_rows(groups: list[tuple[str, dict[str, Any]]]) -> list[dict[str, Any]]:

@@ -7,12 +7,14 @@ The report is derived: it is rewritten after every flow run and is not in the ma
 
 from __future__ import annotations
 
+import base64
 import io
 import re
 import statistics
 import time
 from typing import Any
 
+import zarr
 from matplotlib.figure import Figure
 
 from storage.config import RunConfig
@@ -20,6 +22,8 @@ from storage.fs import RunFS
 from storage.profile import describe_profile, describe_recipe, read_profile
 from storage.records import batch_records, read_match, student_metrics
 from storage.run import BASELINE, STATS, read_results
+from tasks.scores import FULL, RANDOM, markdown_table, run_accuracies, score_rows
+from tasks.stages.recipe import teacher_warnings
 from tasks.stages.synthesis import GRID_CLASSES, GRID_IMAGES
 
 REPORT = "report/report.md"
@@ -49,8 +53,6 @@ KL_TABLE_BATCHES = 7  # batch columns of a per-layer table: with the layer colum
 def layer_names(fs: RunFS, teachers: int) -> dict[int, list[str]]:
     """Each teacher's measured layers (module names), from the attributes of stats.zarr's
     per-teacher groups (no array is read); teachers without statistics are left out."""
-    import zarr
-
     if not fs.exists(STATS):
         return {}
     opts = None if fs.local else fs.storage_options or None
@@ -300,8 +302,6 @@ def data_markdown(fs: RunFS, cfg: RunConfig, teachers: list[dict[str, Any]]) -> 
     """The "Data and recipe" section: what the run took from its data, its config and its
     preset (dataset/profile.json), and the warnings where the recipe looks off for the data,
     the teachers' convergence included."""
-    from tasks.stages.recipe import teacher_warnings
-
     profile = read_profile(fs)
     lines = ["## Data and recipe", ""]
     if profile is None:  # a run from before data profiles: the preset's shape
@@ -322,8 +322,6 @@ def scores_markdown(cfg: RunConfig, fs: RunFS) -> list[str]:
     """The "Scores" section: every image set the run validated under every protocol, with
     DD-Ranking's scores (tasks/scores.py); empty when the run validated only its distilled set
     under one protocol."""
-    from tasks.scores import FULL, RANDOM, markdown_table, run_accuracies, score_rows
-
     accs = run_accuracies(fs)
     if sum(len(v) for v in accs.values()) < 2:
         return []
@@ -457,7 +455,6 @@ def write_report(fs: RunFS, cfg: RunConfig) -> str:
 def inline_images(fs: RunFS, markdown: str) -> str:
     """The report with its PNGs as data: URIs (the Prefect UI renders those offline; an image
     artifact only stores a link)."""
-    import base64
 
     def sub(m: re.Match[str]) -> str:
         data = base64.b64encode(fs.read_bytes(f"report/{m.group(2)}")).decode()

@@ -93,7 +93,7 @@ def collect(fs: RunFS, plan: StudyPlan) -> dict[str, Any]:
             q["delta_vs_random_real"] = _delta(q, real, p)
         for k in ("delta_vs_reference", "delta_vs_random_real"):
             r[k] = r["protocols"][r["protocol"]][k]
-    sweeps = {}
+    sweeps: dict[str, list[dict[str, Any]]] = {}
     for sweep, points in plan.sweeps.items():
         sweeps[sweep] = []
         for value, cell in points:
@@ -114,7 +114,7 @@ def collect(fs: RunFS, plan: StudyPlan) -> dict[str, Any]:
                     "std": s["std"],
                 }
             )
-    data = {"teachers_top1": teachers, "variants": rows, "sweeps": sweeps}
+    data: dict[str, Any] = {"teachers_top1": teachers, "variants": rows, "sweeps": sweeps}
     data["scores"] = {
         "random": None if real is None else real["variant"],
         "full": None if full is None else full["variant"],

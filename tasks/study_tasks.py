@@ -52,13 +52,12 @@ def _share(root: str, config: dict[str, Any], cell: str) -> dict[str, list[str]]
 
 # Not cached: cheap and idempotent (an artifact already seeded is verified and kept).
 share_task = task(
-    _share,
     name="share",
     task_run_name="share-{cell}",
     retries=3,
     retry_delay_seconds=[10, 60, 300],
     retry_condition_fn=retry_on_transient_io,
-)
+)(_share)
 
 
 def _match(root: str, config: dict[str, Any]) -> list[str]:
@@ -86,7 +85,7 @@ def _match(root: str, config: dict[str, Any]) -> list[str]:
 
 
 # Not cached: cheap when nothing changed (each cell's numbers are kept with its images' hash).
-match_task = task(_match, name="study-match", task_run_name="study-match")
+match_task = task(name="study-match", task_run_name="study-match")(_match)
 
 
 def _report(root: str, config: dict[str, Any]) -> str:
@@ -136,4 +135,4 @@ def _report(root: str, config: dict[str, Any]) -> str:
 
 
 # Not cached: reflects the cells as they are now.
-study_report_task = task(_report, name="study-report", task_run_name="study-report")
+study_report_task = task(name="study-report", task_run_name="study-report")(_report)

@@ -51,7 +51,11 @@ def card_line(stage: str, info: dict[str, Any]) -> str:
     """A progress card's line: "synthesis: batch 3/523, iter 120/1000"; the baseline's names
     itself ("random-real baseline labels, epoch 2/30")."""
     text = card_text(info)
-    named = {"baseline": "random-real", "coresets": ("herding", "k-center"), "full-data": "full"}
+    named: dict[str, str | tuple[str, ...]] = {
+        "baseline": "random-real",
+        "coresets": ("herding", "k-center"),
+        "full-data": "full",
+    }
     return text if stage in named and text.startswith(named[stage]) else f"{stage}: {text}"
 
 

@@ -51,7 +51,8 @@ def launch(root: str, cfg: RunConfig, log: Callable[[str], None] = print) -> str
             cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
         )
         assert proc.stdout is not None
-        url, tail = None, []
+        url: str | None = None
+        tail: list[str] = []
         for line in proc.stdout:
             line = line.rstrip()
             log(line)

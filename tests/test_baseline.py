@@ -5,11 +5,11 @@ import numpy as np
 import torch
 import zarr
 
+from storage.arrays import train_indices
 from storage.config import parse_config
 from storage.fs import RunFS
 from storage.run import BASELINE, images_of, labels_epoch, open_run, summary_of
 from tasks.stages import EXTRA_STAGES, STAGES
-from tasks.stages.baseline import train_indices
 from tasks.stages.common import data_splits
 
 from .configs import SMALL

@@ -14,12 +14,12 @@ from torch import nn
 from torchvision.models import resnet18
 
 from d3s_core.coresets import herding, k_center_greedy, penultimate_features
+from storage.arrays import train_indices
 from storage.config import parse_config
 from storage.fs import RunFS
 from storage.run import baseline_prefix, images_of, open_run
 from storage.states import has_state
 from tasks.stages import STAGES, open_data
-from tasks.stages.baseline import train_indices
 from tasks.stages.common import class_rows, data_splits, load_teacher
 from tasks.stages.coreset import CHECKPOINT, select_coresets
 

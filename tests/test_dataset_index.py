@@ -17,12 +17,16 @@ from PIL import Image
 from safetensors.torch import save_file
 
 import storage.dataset_index as dataset_index
+import storage.folder_tree as folder_tree
 import storage.imagefolder as imagefolder
 import tasks.stages.baseline as baseline
+import tasks.stages.real_images as real_images
 from d3s_core.labelling import derive_seed
+from storage.arrays import train_indices
 from storage.config import parse_config
+from storage.folder_tree import scan_tree, tree_fingerprint
 from storage.fs import RunFS
-from storage.imagefolder import ImageFolderDataset, scan_tree, tree_fingerprint
+from storage.imagefolder import ImageFolderDataset
 from storage.manifest import CorruptArtifact
 from storage.profile import write_profile
 from storage.run import BASELINE, attach_run, images_of, open_run
@@ -87,7 +91,7 @@ def forbid_listing(monkeypatch):
     def fail(*a, **k):
         raise AssertionError("the tree was listed again")
 
-    for mod in (imagefolder, dataset_index):
+    for mod in (folder_tree, imagefolder, dataset_index):
         for name in ("scan_tree", "class_folders", "class_files", "tree_fingerprint", "list_tree"):
             if hasattr(mod, name):
                 monkeypatch.setattr(mod, name, fail)
@@ -279,13 +283,13 @@ def test_baseline_equals_the_old_store_written_a_batch_at_a_time(
             {"preset": "demo-mnist", "dataset": {"kind": kind, "synthetic_size": 60}, **extra}
         )
     writes = []
-    write = baseline.write_image_batch
+    write = real_images.write_image_batch
 
     def spy(fs, rel, start, images):
         writes.append((start, len(images)))
         write(fs, rel, start, images)
 
-    monkeypatch.setattr(baseline, "write_image_batch", spy)
+    monkeypatch.setattr(real_images, "write_image_batch", spy)
     with open_run(tmp_path / "run", cfg) as run:
         STAGES["data"](run)
         tr, _, _ = data_splits(run)
@@ -297,7 +301,7 @@ def test_baseline_equals_the_old_store_written_a_batch_at_a_time(
     assert np.array_equal(np.asarray(g["classes"][:]), classes.numpy())
     assert np.asarray(g["train_indices"][:]).tolist() == order
     assert g["train_indices"].dtype == np.int64 and "train_indices" not in g.attrs
-    assert baseline.train_indices(RunFS(tmp_path / "run"), images_of(BASELINE)).tolist() == order
+    assert train_indices(RunFS(tmp_path / "run"), images_of(BASELINE)).tolist() == order
     assert g["images"].shards == (8, 1, 28, 28)
     assert writes == [(0, 8), (8, 8), (16, 4)]  # one shard per batch, never the whole set
 
@@ -305,7 +309,7 @@ def test_baseline_equals_the_old_store_written_a_batch_at_a_time(
 def test_baseline_reads_train_indices_of_older_stores(tmp_path):
     g = zarr.open_group(str(tmp_path / "old.zarr"), mode="w")
     g.attrs["train_indices"] = [4, 1, 7]
-    assert baseline.train_indices(RunFS(tmp_path), "old.zarr").tolist() == [4, 1, 7]
+    assert train_indices(RunFS(tmp_path), "old.zarr").tolist() == [4, 1, 7]
 
 
 # -- tar shards: counts and fingerprint from the index ---------------------------------------------

@@ -43,7 +43,7 @@ def make_plan(
     mem = memory(cfg, c, mach)
     h = hours(cfg, c, table)
     writes = checkpoint_writes(cfg, c, d, h["stages"]["synthesis"])
-    rows = []
+    rows: list[dict[str, Any]] = []
     for s in enabled(cfg):  # the stage table's stages for this config, in order
         if not s.plan:  # a stage the planner has no model of
             rows.append({"stage": s.name, "count": UNESTIMATED, "disk_bytes": None} | NONE)

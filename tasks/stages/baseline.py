@@ -4,22 +4,19 @@ students as the distilled set. Every distillation method must beat it (issue 4's
 
 from __future__ import annotations
 
-import numpy as np
 import torch
-import zarr
 
 from d3s_core.labelling import derive_seed
-from storage.arrays import create_images, write_image_batch
-from storage.fs import RunFS
+from storage.config import Protocol
 from storage.run import BASELINE, FULL_DATA, Run, baseline_prefix, images_of
 
-from .common import ClassRows, Progress, class_rows, data_splits, index_batches, no_progress
+from .common import ClassRows, Progress, class_rows, data_splits, no_progress
+from .coreset import select_coresets
 from .labels import label_run
+from .real_images import write_real_set
 from .recipe import recipe
 from .synthesis import distilled_classes
 from .validation import validate
-
-TRAIN_INDICES = "train_indices"
 
 
 def draw_real(rows: ClassRows, classes: torch.Tensor, num_classes: int, ipc: int, seed: int):
@@ -53,64 +50,6 @@ def random_real_subset(run: Run) -> str:
     classes = distilled_classes(p.num_classes, cfg.synthesis.ipc)
     order = draw_real(class_rows(run, train), classes, p.num_classes, cfg.synthesis.ipc, cfg.seed)
     return write_real_set(run, rel, order, classes, "random real subset", "baseline")
-
-
-def write_real_set(
-    run: Run,
-    rel: str,
-    order: torch.Tensor,
-    classes: torch.Tensor,
-    kind: str,
-    stage: str,
-    attrs: dict | None = None,
-) -> str:
-    """Write an image store of real training images: row r is training sample order[r], of
-    class classes[r] (the distilled set's class order), with its `train_indices`; read one
-    synthesis-batch-sized chunk at a time through the run's DataLoader path (memory: one
-    chunk), then recorded in the manifest under `stage`. `attrs`: more store attributes."""
-    cfg, p = run.config, recipe(run)
-    train, _, _ = data_splits(run)
-    bsz = cfg.synthesis.batch_size
-    shape = (p.in_chans, p.image_size, p.image_size)
-    attrs = {
-        "mean": list(p.mean),
-        "std": list(p.std),
-        "space": "normalised",
-        "kind": kind,
-        **(attrs or {}),
-    }
-    create_images(run.fs, rel, len(classes), shape, bsz, classes, attrs)
-    _write_train_indices(run.fs, rel, order)
-    chunks = [chunk.tolist() for chunk in order.split(bsz)]
-    for k, (x, y) in enumerate(index_batches(run, train, chunks)):
-        want = classes[k * bsz : k * bsz + len(y)].to(y.device)
-        if not torch.equal(y, want):
-            raise ValueError(f"{run.fs.url(rel)}: rows {k * bsz}.. are not of their classes")
-        write_image_batch(run.fs, rel, k * bsz, x)
-    run.manifest.record(rel, stage)
-    return run.fs.url(rel)
-
-
-def _group(fs: RunFS, rel: str, mode: str) -> zarr.Group:
-    opts = None if fs.local else fs.storage_options or None
-    return zarr.open_group(fs.url(rel), mode=mode, storage_options=opts)  # type: ignore[arg-type]
-
-
-def _write_train_indices(fs: RunFS, rel: str, order: torch.Tensor) -> None:
-    """`train_indices` (N,) int64: the training sample of each row."""
-    g = _group(fs, rel, "a")
-    g.create_array(TRAIN_INDICES, shape=order.shape, dtype="int64", overwrite=True)[:] = (
-        order.numpy()
-    )
-
-
-def train_indices(fs: RunFS, rel: str) -> torch.Tensor:
-    """(N,) int64 training sample of each row of a baseline image store (the `train_indices`
-    array; stores written before it have the list in their attributes)."""
-    g = _group(fs, rel, "r")
-    if TRAIN_INDICES in g:
-        return torch.from_numpy(np.asarray(g[TRAIN_INDICES][:]))  # type: ignore[index]
-    return torch.tensor(g.attrs[TRAIN_INDICES], dtype=torch.int64)  # type: ignore[arg-type]
 
 
 BASELINE_NAME = "random-real baseline"  # how its progress is labelled (not as the real stages)
@@ -147,10 +86,10 @@ def validate_set(
     trains them on its class labels. Progress in equal parts of `span`. Returns {protocol:
     summary URL}."""
     protocols = run.config.validation.protocols
-    steps = [("labels", None)] if "soft" in protocols else []
+    steps: list[tuple[str, Protocol | None]] = [("labels", None)] if "soft" in protocols else []
     steps += [("students" if p == "soft" else "hard-label students", p) for p in protocols]
     lo, width = span[0], (span[1] - span[0]) / len(steps)
-    out = {}
+    out: dict[str, str] = {}
     for k, (what, protocol) in enumerate(steps):
         part = (lo + k * width, lo + (k + 1) * width)
         relabelled = baseline_progress(progress, what, stage, name, part)
@@ -172,7 +111,6 @@ def baseline_coresets(run: Run, progress: Progress = no_progress) -> list[str]:
     """The coreset baselines (`validation.coresets`): one pass over the training set selects
     every method's images (tasks/stages/coreset.py; the stage's first tenth), then each set's
     students under each protocol."""
-    from .coreset import select_coresets
 
     def selecting(stage: str, fraction: float, info: dict) -> None:
         progress("coresets", 0.1 * fraction, {"selection": "teacher features", **info})

@@ -226,9 +226,15 @@ def folder_splits(run: Run, dec: Decode, write_index: bool = False) -> tuple[Dat
             return out
         return FolderListing.scan(sources[split])
 
-    rules = {"crop_ratio": dec.crop_ratio, "to_grey": dec.to_grey}
     train = ImageFolderDataset(
-        ds.path, dec.image_size, dec.in_chans, dec.mean, dec.std, listing=listing("train"), **rules
+        ds.path,
+        dec.image_size,
+        dec.in_chans,
+        dec.mean,
+        dec.std,
+        listing=listing("train"),
+        crop_ratio=dec.crop_ratio,
+        to_grey=dec.to_grey,
     )
     if dec.num_classes is not None and len(train.classes) != dec.num_classes:
         raise ValueError(
@@ -243,7 +249,8 @@ def folder_splits(run: Run, dec: Decode, write_index: bool = False) -> tuple[Dat
         dec.std,
         expect_classes=train.classes,
         listing=listing("val"),
-        **rules,
+        crop_ratio=dec.crop_ratio,
+        to_grey=dec.to_grey,
     )
     if writes:  # index.json last: it commits the column files (checked above)
         assert run.lock is not None

@@ -16,7 +16,6 @@ from storage.run import Run, baseline_prefix, images_of
 from storage.states import has_state, load_state, remove_state, save_state
 
 from ..terminal import Count
-from .baseline import write_real_set
 from .common import (
     ClassRows,
     Progress,
@@ -26,6 +25,7 @@ from .common import (
     load_teacher,
     no_progress,
 )
+from .real_images import write_real_set
 from .recipe import recipe
 from .synthesis import distilled_classes
 

@@ -33,7 +33,7 @@ def match_images(run: Run, images: RunFS, rel: str) -> dict[str, Any]:
         teachers.append(MeasuredTeacher(model, layers, targets))
     chunks = ((x.to(device), y) for x, y in image_chunks(images, rel))
     results = set_match(teachers, chunks, ridge)
-    per_teacher = [
+    per_teacher: list[dict[str, Any]] = [
         {
             "kl": float(r.kl.sum()),
             "kl_per_layer": [float(k) for k in r.kl],

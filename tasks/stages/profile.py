@@ -140,10 +140,12 @@ def measure_profile(run: Run) -> dict[str, Any]:
     )
 
     # -- channels and size --
+    chans: int
     headers = HeaderSummary()
     if files:
         for lo in range(0, len(rows), HEADER_CHUNK):
-            headers.add(train.headers(rows[lo : lo + HEADER_CHUNK].tolist()))  # type: ignore[attr-defined]
+            assert not isinstance(train, NormalisedImages)  # files: a tree or tar shards
+            headers.add(train.headers(rows[lo : lo + HEADER_CHUNK].tolist()))
         if d.channels is not None:
             chans, sources["channels"] = d.channels, "config: dataset.channels"
         else:

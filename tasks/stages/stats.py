@@ -11,7 +11,7 @@ pairwise tree (Chan's formula) when all are there."""
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sized
 from contextlib import ExitStack
 from functools import partial
 
@@ -154,6 +154,7 @@ def compute_stats(run: Run, progress: Progress = no_progress) -> str:
     for m in range(cfg.teachers.count):  # a damaged or missing teacher is an error here too
         run.manifest.verify(teacher_weights(m))
     train, _, fingerprint = data_splits(run)
+    assert isinstance(train, Sized)  # every split has a length (typed as a plain Dataset)
     n_shards = shard_count(run, len(train))
     unfinished = []
     for m in range(cfg.teachers.count):

@@ -134,14 +134,8 @@ def _train_one(
     torch.manual_seed(derive_seed(cfg.seed, plan.seed, 300))
     student = new_model(p, plan.arch).to(cfg.device)
     steps_per_epoch = -(-n // cfg.labels.batch_size)
-    opt = make_optimizer(
-        student.parameters(),
-        sc.optimizer,
-        sc.lr,
-        sc.weight_decay,  # type: ignore[arg-type]
-        sc.momentum,
-    )
-    sched = make_scheduler(opt, sc.schedule, steps_per_epoch * plan.epochs)  # type: ignore[arg-type]
+    opt = make_optimizer(student.parameters(), sc.optimizer, sc.lr, sc.weight_decay, sc.momentum)
+    sched = make_scheduler(opt, sc.schedule, steps_per_epoch * plan.epochs)
     order = epoch_schedule(
         label_epochs,
         plan.epochs,

@@ -1,0 +1,49 @@
+"""Image stores of real training images: the baselines' sets (the random-real subset,
+tasks/stages/baseline.py; the coreset selections, tasks/stages/coreset.py), written in the
+distilled set's layout with the training sample of each row (`train_indices`)."""
+
+from __future__ import annotations
+
+import torch
+
+from storage.arrays import create_images, write_image_batch, write_train_indices
+from storage.run import Run
+
+from .common import data_splits, index_batches
+from .recipe import recipe
+
+
+def write_real_set(
+    run: Run,
+    rel: str,
+    order: torch.Tensor,
+    classes: torch.Tensor,
+    kind: str,
+    stage: str,
+    attrs: dict | None = None,
+) -> str:
+    """Write an image store of real training images: row r is training sample order[r], of
+    class classes[r] (the distilled set's class order), with its `train_indices`; read one
+    synthesis-batch-sized chunk at a time through the run's DataLoader path (memory: one
+    chunk), then recorded in the manifest under `stage`. `attrs`: more store attributes."""
+    cfg, p = run.config, recipe(run)
+    train, _, _ = data_splits(run)
+    bsz = cfg.synthesis.batch_size
+    shape = (p.in_chans, p.image_size, p.image_size)
+    attrs = {
+        "mean": list(p.mean),
+        "std": list(p.std),
+        "space": "normalised",
+        "kind": kind,
+        **(attrs or {}),
+    }
+    create_images(run.fs, rel, len(classes), shape, bsz, classes, attrs)
+    write_train_indices(run.fs, rel, order)
+    chunks = [chunk.tolist() for chunk in order.split(bsz)]
+    for k, (x, y) in enumerate(index_batches(run, train, chunks)):
+        want = classes[k * bsz : k * bsz + len(y)].to(y.device)
+        if not torch.equal(y, want):
+            raise ValueError(f"{run.fs.url(rel)}: rows {k * bsz}.. are not of their classes")
+        write_image_batch(run.fs, rel, k * bsz, x)
+    run.manifest.record(rel, stage)
+    return run.fs.url(rel)
