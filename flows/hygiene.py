@@ -20,6 +20,7 @@ import logging
 from dataclasses import dataclass, field
 from uuid import UUID
 
+from prefect import get_run_logger
 from prefect.client.orchestration import SyncPrefectClient, get_client
 from prefect.client.schemas.actions import ArtifactUpdate
 from prefect.client.schemas.filters import (
@@ -37,6 +38,7 @@ from prefect.client.schemas.filters import (
     TaskRunFilterStateType,
 )
 from prefect.client.schemas.objects import StateType
+from prefect.runtime import flow_run as runtime
 from prefect.states import Crashed
 
 log = logging.getLogger("d3s.hygiene")
@@ -45,8 +47,6 @@ log = logging.getLogger("d3s.hygiene")
 def _logger():
     """The flow run's logger (its lines show in the UI) inside a run, else a plain one."""
     try:
-        from prefect import get_run_logger
-
         return get_run_logger()
     except Exception:
         return log
@@ -144,8 +144,6 @@ def crash_leftovers(
 
     `flow_run_id` defaults to the flow run this is called in; outside a flow run, or when the
     API cannot be reached, it does nothing (and logs why)."""
-    from prefect.runtime import flow_run as runtime
-
     done = Cleanup()
     fid = flow_run_id or runtime.id
     if not fid:
