@@ -42,7 +42,7 @@ PRESET_HELP = (
     "the preset (recipe) to use, e.g. demo-mnist (d3s_core/presets.py); overrides the "
     "config's \"preset\" (default: the config's, else demo-mnist)"
 )
-REPORT = "report/report.md"  # tasks.report.REPORT (not imported: matplotlib, torch)
+REPORT = "report/report.md"  # reporting.report.REPORT (not imported: matplotlib, torch)
 ROOT_HELP = "the run's directory: a local path or an fsspec URL such as s3://bucket/runs/x"
 
 
@@ -186,7 +186,7 @@ def headline(root: str, cfg: RunConfig) -> list[str]:
             f"baseline    held-out top-1 {_mean_std(base)}, on a random real subset of "
             f"{base['distilled_images']} images"
         )
-    from tasks.scores import pct, run_accuracies, score_rows
+    from reporting.scores import pct, run_accuracies, score_rows
 
     rows = score_rows(run_accuracies(fs))
     if len(rows) > 2:  # more than the distilled set and the random subset under one protocol

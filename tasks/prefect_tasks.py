@@ -40,12 +40,7 @@ from prefect.cache_policies import NO_CACHE
 from prefect.context import TaskRunContext
 from prefect.logging import get_run_logger
 
-from storage.config import RunConfig, parse_config, run_id
-from storage.fs import RunFS
-from storage.integrity import check, plan_repair, refresh_fingerprints, repair
-from storage.manifest import REMEDY, CorruptArtifact, Manifest
-from storage.run import attach_run, open_run, read_results
-from tasks.report import (
+from reporting.report import (
     KL_TABLE_BATCHES,
     REPORT,
     batch_records,
@@ -54,7 +49,12 @@ from tasks.report import (
     layer_names,
     write_report,
 )
-from tasks.scores import run_accuracies, score_rows, table_rows
+from reporting.scores import run_accuracies, score_rows, table_rows
+from storage.config import RunConfig, parse_config, run_id
+from storage.fs import RunFS
+from storage.integrity import check, plan_repair, refresh_fingerprints, repair
+from storage.manifest import REMEDY, CorruptArtifact, Manifest
+from storage.run import attach_run, open_run, read_results
 
 from .credentials import storage_options
 from .retry import retry_on_transient_io

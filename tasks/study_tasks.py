@@ -9,12 +9,12 @@ from prefect import task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.logging import get_run_logger
 
+from reporting.report import inline_images
+from reporting.scores import table_rows
 from storage.fs import RunFS
 from storage.run import attach_run, images_of, open_run
 from storage.share import seed_run
 from storage.study import SHARED, StudySpec, plan_study, read_match, write_match
-from tasks.report import inline_images
-from tasks.scores import table_rows
 
 from .credentials import storage_options
 from .retry import retry_on_transient_io

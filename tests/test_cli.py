@@ -139,7 +139,7 @@ def test_run_prints_report_and_headline(tmp_path, capsys, monkeypatch):
     out = capsys.readouterr().out
     assert "summary.json" not in out
     lines = out.splitlines()
-    from tasks.report import REPORT
+    from reporting.report import REPORT
 
     assert lines[0].startswith("report") and lines[0].endswith(REPORT)
     assert "85.0 % (mean of 2 teachers)" in lines[1]

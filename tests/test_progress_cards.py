@@ -9,10 +9,7 @@ import pytest
 import torch
 
 import tasks.prefect_tasks as pt
-from storage.config import parse_config
-from storage.fs import RunFS
-from storage.run import open_run
-from tasks.report import (
+from reporting.report import (
     KL_TABLE_BATCHES,
     batch_records,
     layer_kl_markdown,
@@ -21,8 +18,11 @@ from tasks.report import (
     report_markdown,
     spread,
 )
+from reporting.study_report import _spread
+from storage.config import parse_config
+from storage.fs import RunFS
+from storage.run import open_run
 from tasks.stages import EXTRA_STAGES, STAGES
-from tasks.study_report import _spread
 from tasks.terminal import Count, describe
 
 from .configs import SMALL

@@ -16,12 +16,12 @@ from d3s_core.scores import (
     paired_scores,
 )
 from d3s_core.students import train_hard_batches
+from reporting.scores import markdown_table, run_accuracies, score_rows
 from storage.config import parse_config
 from storage.fs import RunFS
 from storage.integrity import dependents
 from storage.records import read_record, read_student_metrics
 from storage.run import FULL_DATA, labels_epoch, open_run, student_dir, summary_of
-from tasks.scores import markdown_table, run_accuracies, score_rows
 from tasks.stages import EXTRA_STAGES, STAGES
 from tasks.stages.common import data_splits
 

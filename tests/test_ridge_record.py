@@ -14,8 +14,8 @@ import tasks.stages.synthesis as syn
 from d3s_core.isu import RunningStats
 from d3s_core.loss import cholesky_with_ridge, kl_layers, kl_layers_unchecked, prepare_target
 from d3s_core.synthesis import RidgeLog, run_iterations
+from reporting.report import batch_records, batches_markdown, ridge_cell, ridge_summary
 from storage.run import open_run, syn_commit
-from tasks.report import batch_records, batches_markdown, ridge_cell, ridge_summary
 
 from .helpers import CFG, fresh_state, measured, streaming_config
 

@@ -8,11 +8,11 @@ import statistics
 
 import pytest
 
+from reporting.study_report import STUDY_JSON, STUDY_MD, write_study_report
 from storage.fs import RunFS
 from storage.records import write_record, write_summary
 from storage.run import teacher_meta
 from storage.study import StudySpec, plan_study
-from tasks.study_report import STUDY_JSON, STUDY_MD, write_study_report
 
 from .configs import SMALL
 

@@ -1,7 +1,7 @@
 """The study's report: `report/study.md` with `report/variants.png` (mean ± std top-1 per
 variant) and `report/fig4.png` (the Fig. 4 view: accuracy vs labelled epochs and vs student
 training epochs), the scores table (every variant under every protocol, DD-Ranking's IOR, HLR
-and LRS against the random-real and full-data variants: tasks/scores.py), plus
+and LRS against the random-real and full-data variants: reporting/scores.py), plus
 `report/study.json` with every number. The accuracies are read back from the cells' run roots;
 only the scores are derived from them.
 """
@@ -14,11 +14,11 @@ from typing import Any
 
 from matplotlib.figure import Figure
 
+from reporting.scores import markdown_table, score_rows
 from storage.fs import RunFS
 from storage.records import read_record, write_record
 from storage.run import summary_of, teacher_meta
 from storage.study import SHARED, Cell, StudyPlan, StudySpec, read_match, student_epochs
-from tasks.scores import markdown_table, score_rows
 
 STUDY_MD = "report/study.md"
 STUDY_JSON = "report/study.json"
@@ -124,7 +124,7 @@ def collect(fs: RunFS, plan: StudyPlan) -> dict[str, Any]:
 
 
 def score_rows_of(data: dict[str, Any]) -> list[dict[str, Any]]:
-    """tasks/scores.py's rows (Spreads) for the collected numbers: every variant under every
+    """reporting/scores.py's rows (Spreads) for the collected numbers: every variant under every
     protocol it has, IOR against the random-real variant, HLR and LRS against the full-data
     variant (data["scores"]["random"], ["full"]; None where the study has none)."""
     accs = {

@@ -17,12 +17,12 @@ from typing import Any
 import zarr
 from matplotlib.figure import Figure
 
+from reporting.scores import FULL, RANDOM, markdown_table, run_accuracies, score_rows
 from storage.config import RunConfig
 from storage.fs import RunFS
 from storage.profile import describe_profile, describe_recipe, read_profile
 from storage.records import batch_records, read_match, student_metrics
 from storage.run import BASELINE, STATS, read_results
-from tasks.scores import FULL, RANDOM, markdown_table, run_accuracies, score_rows
 from tasks.stages.recipe import teacher_warnings
 from tasks.stages.synthesis import GRID_CLASSES, GRID_IMAGES
 
@@ -320,7 +320,7 @@ def data_markdown(fs: RunFS, cfg: RunConfig, teachers: list[dict[str, Any]]) -> 
 
 def scores_markdown(cfg: RunConfig, fs: RunFS) -> list[str]:
     """The "Scores" section: every image set the run validated under every protocol, with
-    DD-Ranking's scores (tasks/scores.py); empty when the run validated only its distilled set
+    DD-Ranking's scores (reporting/scores.py); empty when the run validated only its distilled set
     under one protocol."""
     accs = run_accuracies(fs)
     if sum(len(v) for v in accs.values()) < 2:
