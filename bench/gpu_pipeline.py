@@ -3,10 +3,10 @@
 The config is the tests' tiny synthetic one (tests/test_resume_kill.py CONFIG, smaller):
 160 synthetic 28 px images of 10 classes, 2 teachers, 2 synthesis batches of 10 images (so
 batch 2 mixes the ISU statistics of batch 1), labels and one validation student. Each stage of
-tasks.stages.STAGES runs in this process, as `python -m tasks.stages` runs them, between
+tasks.stages.STAGES (the stage table's, data first) runs in this process, between
 torch.cuda.reset_peak_memory_stats and max_memory_allocated / max_memory_reserved. Then
-`python -m tasks.stages ROOT --config CONFIG` runs over the finished run in a fresh process:
-every stage verifies its artifacts and returns. `--json PATH` writes the figures.
+`d3s STAGE CONFIG --root ROOT` runs each of them over the finished run in a fresh process (one
+shell command): every stage verifies its artifacts and returns. `--json PATH` writes the figures.
 
     python bench/gpu_pipeline.py /tmp/smoke-run --device cuda --json pipeline.json
     .venv/bin/python bench/gpu_pipeline.py /tmp/smoke-run --device cpu
@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import subprocess
 import sys
 import time
@@ -117,16 +118,18 @@ def main(argv: list[str] | None = None) -> int:
             **os.environ,
             "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
         }
-        cmd = [sys.executable, "-m", "tasks.stages", str(root), "--config", str(config_path)]
+        d3s = f"{shlex.quote(sys.executable)} -m flows.cli"
+        where = f"{shlex.quote(str(config_path))} --root {shlex.quote(str(root))}"
+        cmd = " && ".join(f"{d3s} {name} {where}" for name in STAGES)
         start = time.perf_counter()
-        proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
+        proc = subprocess.run(cmd, shell=True, cwd=REPO, env=env, capture_output=True, text=True)
         rerun = {
             "returncode": proc.returncode,
             "seconds": time.perf_counter() - start,
             "output": (proc.stdout + proc.stderr)[-4000:],
         }
         print(
-            f"$ python -m tasks.stages {root} --config {config_path}  (rc {proc.returncode}, "
+            f"$ d3s STAGE {config_path} --root {root} for {', '.join(STAGES)}  (rc {proc.returncode}, "
             f"{rerun['seconds']:.1f} s)"
         )
         print(rerun["output"], end="" if rerun["output"].endswith("\n") else "\n")
