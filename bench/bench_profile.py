@@ -45,8 +45,8 @@ def main() -> int:
 
     from storage.config import parse_config
     from storage.run import open_run
-    from tasks.stages.common import batches, data_splits
     from tasks.stages import open_data
+    from tasks.stages.common import batches, data_splits
     from tasks.stages.recipe import data_profile
 
     with tempfile.TemporaryDirectory() as tmp:

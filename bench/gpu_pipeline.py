@@ -129,8 +129,8 @@ def main(argv: list[str] | None = None) -> int:
             "output": (proc.stdout + proc.stderr)[-4000:],
         }
         print(
-            f"$ d3s STAGE {config_path} --root {root} for {', '.join(STAGES)}  (rc {proc.returncode}, "
-            f"{rerun['seconds']:.1f} s)"
+            f"$ d3s STAGE {config_path} --root {root} for {', '.join(STAGES)}  "
+            f"(rc {proc.returncode}, {rerun['seconds']:.1f} s)"
         )
         print(rerun["output"], end="" if rerun["output"].endswith("\n") else "\n")
     ok = failed is None and batches_done == SYNTHESIS_BATCHES and rerun.get("returncode") == 0

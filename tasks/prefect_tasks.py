@@ -26,7 +26,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from functools import cache
-from typing import Any
+from typing import Any, cast
 from uuid import UUID
 
 from prefect import Task, task
@@ -100,9 +100,8 @@ class PrefectProgress:
         self.terminal = TerminalProgress() if bars_enabled() else None
         self.logger = get_run_logger()
         self.fraction = 0.0
-        artifact = create_progress_artifact(0.0, description=f"{stage}: starting")
-        assert isinstance(artifact, UUID)  # called synchronously (typed UUID | Coroutine)
-        self.artifact = artifact
+        # Called synchronously: its result is the artifact's id (typed UUID | Coroutine).
+        self.artifact = cast(UUID, create_progress_artifact(0.0, description=f"{stage}: starting"))
         self.last_update = time.time()
         self.last_tenth = -1
 

@@ -11,6 +11,7 @@ from prefect.logging import get_run_logger
 
 from reporting.report import inline_images
 from reporting.scores import table_rows
+from reporting.study_report import STUDY_MD, score_rows_of, write_study_report
 from storage.fs import RunFS
 from storage.run import attach_run, images_of, open_run
 from storage.share import seed_run
@@ -19,7 +20,6 @@ from storage.study import SHARED, StudySpec, plan_study, read_match, write_match
 from .credentials import storage_options
 from .retry import retry_on_transient_io
 from .stages.match import match_unless_known
-from .study_report import STUDY_MD, score_rows_of, write_study_report
 
 
 def at(root: str, rel: str) -> str:

@@ -260,6 +260,11 @@ def test_an_extra_stage_in_the_table_is_everywhere(
     assert "echo/" in dependents("teachers/teacher_0.json")  # through the images
     assert dependents("echo/count.json") == ["echo/count.json"]
     assert "echo" in build_parser().format_help()
+    from tasks.plan import make_plan
+
+    plan = make_plan(parse_config(CONFIG), read_data=False)
+    rows = [r["stage"] for r in plan["stages"]]
+    assert rows[-1] == "echo" and plan["totals"]["not_estimated"] == ["data", "echo"]
 
     root = tmp_path / "run"
     shutil.copytree(finished, root)
