@@ -24,7 +24,7 @@ with the same `{m}`/`{s}` where both name one: teacher 1's statistics depend on 
 from __future__ import annotations
 
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from functools import cache
 from importlib import import_module
@@ -57,7 +57,9 @@ class Stage:
     cached: bool = True  # False: the flow runs it every time (it verifies and returns)
     fanout: str | None = None  # "module:function": its Dask part, run first when config.dask
     summary: bool = False  # it returns one of the distilled set's validation summaries
-    plan: tuple[str, ...] = ()  # the planner's rows for this stage (tasks/plan.py)
+    # Its rows of `d3s plan` (tasks/plan/): row -> "module:function" of the working set the
+    # runner allocates, stated beside the runner (tasks/stages/working_set.py). None: no model.
+    plan: Mapping[str, str] = field(default_factory=dict)
 
     @property
     def writes(self) -> tuple[str, ...]:
@@ -133,6 +135,11 @@ def _hard(cfg: RunConfig) -> bool:
     return "hard" in cfg.validation.protocols
 
 
+# The students' and labels' working sets, shared by the distilled set and the baselines.
+LABELS_WS = "tasks.stages.labels:labels_working_set"
+SOFT_WS = "tasks.stages.validation:validation_working_set"
+HARD_WS = "tasks.stages.validation:hard_working_set"
+
 STAGES: tuple[Stage, ...] = (
     Stage(
         "data",
@@ -151,7 +158,7 @@ STAGES: tuple[Stage, ...] = (
         artifacts=(Artifact("teachers/teacher_{m}."),),
         version=1,
         after=("data",),
-        plan=("teachers",),
+        plan={"teachers": "tasks.stages.teachers:teachers_working_set"},
     ),
     Stage(
         "stats",
@@ -162,7 +169,7 @@ STAGES: tuple[Stage, ...] = (
         version=1,
         after=("teachers",),
         fanout="tasks.dask_stages:stats_fanout",
-        plan=("stats",),
+        plan={"stats": "tasks.stages.stats:stats_working_set"},
     ),
     Stage(
         "synthesis",
@@ -172,7 +179,7 @@ STAGES: tuple[Stage, ...] = (
         artifacts=(Artifact("synthesis/", ("teachers/", "stats.zarr/")),),
         version=1,
         after=("stats",),
-        plan=("synthesis",),
+        plan={"synthesis": "tasks.stages.synthesis:synthesis_working_set"},
     ),
     Stage(
         "labels",
@@ -184,7 +191,7 @@ STAGES: tuple[Stage, ...] = (
         after=("synthesis",),
         enabled=_soft,
         fanout="tasks.dask_stages:labels_fanout",
-        plan=("labels",),
+        plan={"labels": LABELS_WS},
     ),
     Stage(
         "validation",
@@ -196,7 +203,7 @@ STAGES: tuple[Stage, ...] = (
         after=("labels",),
         enabled=_soft,
         summary=True,
-        plan=("validation",),
+        plan={"validation": SOFT_WS},
     ),
     Stage(
         "validation-hard",
@@ -209,7 +216,7 @@ STAGES: tuple[Stage, ...] = (
         after=("synthesis",),
         enabled=_hard,
         summary=True,
-        plan=("validation_hard",),
+        plan={"validation_hard": HARD_WS},
     ),
     Stage(
         "baseline",
@@ -221,12 +228,12 @@ STAGES: tuple[Stage, ...] = (
         extra=True,
         after=("teachers",),
         enabled=lambda cfg: cfg.validation.random_real_baseline,
-        plan=(
-            "baseline_images",
-            "baseline_labels",
-            "baseline_validation",
-            "baseline_validation_hard",
-        ),
+        plan={
+            "baseline_images": "tasks.stages.real_images:real_subset_working_set",
+            "baseline_labels": LABELS_WS,
+            "baseline_validation": SOFT_WS,
+            "baseline_validation_hard": HARD_WS,
+        },
     ),
     Stage(
         "coresets",
@@ -242,7 +249,12 @@ STAGES: tuple[Stage, ...] = (
         extra=True,
         after=("teachers",),
         enabled=lambda cfg: bool(cfg.validation.coresets),
-        plan=("coresets", "coreset_labels", "coreset_validation", "coreset_validation_hard"),
+        plan={
+            "coresets": "tasks.stages.coreset:coresets_working_set",
+            "coreset_labels": LABELS_WS,
+            "coreset_validation": SOFT_WS,
+            "coreset_validation_hard": HARD_WS,
+        },
     ),
     Stage(
         "full-data",
@@ -254,7 +266,7 @@ STAGES: tuple[Stage, ...] = (
         extra=True,
         after=("data",),
         enabled=lambda cfg: cfg.validation.full_data,
-        plan=("full_data",),
+        plan={"full_data": "tasks.stages.validation:full_data_working_set"},
     ),
 )
 

@@ -30,16 +30,7 @@ from .data import (
 )
 from .disk import checkpoint_writes, label_epoch_bytes, optimizer_slots, stats_bytes
 from .hours import device_kind, load_throughput, rate, table_path
-from .memory import (
-    BACKWARD_BUFFERS,
-    EVAL_BATCH,
-    KL_WORK_COPIES,
-    LOGIT_COPIES,
-    PER_IMAGE_BYTES,
-    Machine,
-    coreset_features,
-    machine,
-)
+from .memory import BACKWARD_BUFFERS, Machine, coreset_features, machine, work
 from .model import WORK_KINDS, ModelFacts, count_flops, facts_for, model_facts, prepare, work_step
 from .stages import PLAN_STAGES, STAGE_DISK
 from .text import format_plan, human_bytes, human_hours
@@ -47,15 +38,11 @@ from .units import F32, F64, GiB, ceil_div
 
 __all__ = [
     "BACKWARD_BUFFERS",
-    "EVAL_BATCH",
     "F32",
     "F64",
     "GiB",
-    "KL_WORK_COPIES",
     "KNOWN_MAX_CLASS_IMAGES",
     "KNOWN_TRAIN_IMAGES",
-    "LOGIT_COPIES",
-    "PER_IMAGE_BYTES",
     "PLAN_STAGES",
     "STAGE_DISK",
     "WORK_KINDS",
@@ -74,6 +61,7 @@ __all__ = [
     "label_epoch_bytes",
     "load_throughput",
     "machine",
+    "work",
     "make_plan",
     "max_class_images",
     "model_facts",

@@ -25,9 +25,10 @@ from .common import (
     load_teacher,
     no_progress,
 )
-from .real_images import write_real_set
+from .real_images import real_subset_working_set, write_real_set
 from .recipe import recipe
 from .synthesis import distilled_classes
+from .working_set import F32, F64, Phase, Work, phase
 
 CHECKPOINT = "baselines/coresets/checkpoint"
 CHUNK = 256  # images read and embedded at a time
@@ -199,3 +200,24 @@ def _write(run: Run, method: str, picks: torch.Tensor, dim: int) -> None:
     write_real_set(
         run, rel, torch.tensor(order, dtype=torch.int64), classes, KIND[method], "coresets", attrs
     )
+
+
+def coresets_working_set(w: Work) -> dict[str, Phase]:
+    """One pass over the training set through the coreset teacher, class by class, in chunks
+    of `CHUNK` images (each method selects IPC of one class's features at a time); then each
+    set written as the random-real baseline's is."""
+    f, p = w.teacher, w.p
+    rows, dim = w.coreset_rows, w.coreset_dim
+    sets, k, ipc = len(w.cfg.validation.coresets), p.num_classes, w.cfg.synthesis.ipc
+    device = {
+        "teacher weights": f.weight_bytes,
+        "chunk x (image + forward)": CHUNK * (w.chw * F32 + f.forward_live),
+        # float32 (the chunks' features concatenated) + the selection's float64 copy
+        f"one class's features ({rows:,} x {dim:,}: float32 + float64)": rows * dim * (F32 + F64),
+    }
+    host = {
+        **w.loader(CHUNK),
+        "per-class training rows (int64)": w.n_train * 8,
+        "selections (sets x classes x IPC int64, + checkpoint copy)": 2 * sets * k * ipc * 8,
+    }
+    return {"pass": phase(host, device), "write": real_subset_working_set(w)["subset"]}

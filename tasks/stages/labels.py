@@ -18,6 +18,7 @@ from storage.run import Run, images_of, labels_epoch
 from ..terminal import Count
 from .common import Progress, load_teachers, no_progress, trimmed
 from .recipe import recipe
+from .working_set import EPOCH_INDEX_BYTES, F32, Phase, Work, phase
 
 
 def missing_epochs(run: Run, prefix: str = "") -> list[int]:
@@ -72,6 +73,28 @@ def _reads_back(run: Run, rel: str, e: int) -> None:
     """A worker's file is whole (atomic) and must read back: every row group, one at a time."""
     for _ in read_epoch_batches(run.fs, rel, e):
         pass
+
+
+def labels_working_set(w: Work) -> dict[str, Phase]:
+    """A label batch: the M teachers, its rows and crops through one teacher, the logits of
+    each labeller and their mean; on the host the prefetched rows, the batch on its way to
+    Parquet and the epoch's index vectors."""
+    cfg, f = w.cfg, w.teacher
+    b, k = cfg.labels.batch_size, w.p.num_classes
+    img = w.chw * F32
+    m = cfg.teachers.count
+    lab = m if cfg.labels.teachers == "ensemble" else 1
+    device = {
+        "M x teacher weights": m * f.weight_bytes,
+        "batch x (rows + crops + forward)": b * (2 * img + f.forward_live),
+        "logits (each labeller + mean)": b * k * F32 * (lab + 2),
+    }
+    host = {
+        "prefetched image rows (workers x 2 + 1)": w.prefetch * b * img,
+        "label batch on its way to Parquet": b * k * F32 * 4,
+        "per-image index vectors": w.n * EPOCH_INDEX_BYTES,
+    }
+    return {"label": phase(host, device)}
 
 
 def label_run(run: Run, progress: Progress = no_progress, prefix: str = "") -> str:

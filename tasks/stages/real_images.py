@@ -11,6 +11,21 @@ from storage.run import Run
 
 from .common import data_splits, index_batches
 from .recipe import recipe
+from .working_set import F32, Phase, Work, phase
+
+
+def real_subset_working_set(w: Work) -> dict[str, Phase]:
+    """A real-image set written one synthesis-batch-sized chunk at a time: the chunk, the
+    per-class training rows (int64), the per-image classes and picks (16 bytes an image)."""
+    b = w.cfg.synthesis.batch_size
+    chunk = b * w.chw * F32
+    host = {
+        **w.loader(b),
+        "chunk (float32)": chunk,
+        "per-class training rows (int64)": w.n_train * 8,
+        "per-image classes + picks": w.n * 16,
+    }
+    return {"subset": phase(host, {"chunk (float32)": chunk})}
 
 
 def write_real_set(

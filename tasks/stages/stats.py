@@ -34,6 +34,7 @@ from .common import (
     sequential_batches,
     trimmed,
 )
+from .working_set import F32, F64, Phase, Work, phase
 
 
 def _stats_key(m: int) -> str:
@@ -142,6 +143,23 @@ def compute_shard(
 def load_shard(run: Run, m: int, s: int) -> list[SuffStats]:
     state, _ = load_state(run.fs, shard_key(m, s))
     return [SuffStats(n, mu, m2) for n, mu, m2 in state["stats"]]
+
+
+def stats_working_set(w: Work) -> dict[str, Phase]:
+    """The pass: the M teachers, a batch through them with its centred buffer, the float64
+    accumulators (twice while merging); then one teacher's shards loaded for the merge."""
+    s, f = w.cfg.stats, w.teacher
+    m, st = w.cfg.teachers.count, w.stats_bytes(f.channels)
+    centred = F64 if s.precision == "float64" else F32
+    device = {
+        "M x weights": m * f.weight_bytes,
+        "batch x (image + forward + centred buffer)": s.batch_size
+        * (w.chw * F32 + f.forward_live + f.largest_measured * centred // F32),
+        "accumulators (M x layers x C^2 float64, x2 while merging)": 2 * m * st,
+    }
+    host = {**w.loader(s.batch_size), "shard write (2 copies)": 2 * st}
+    merge = {"one teacher's shards loaded for the merge": w.shards * st, "merged + written": 2 * st}
+    return {"pass": phase(host, device), "merge": phase(merge, {})}
 
 
 def compute_stats(run: Run, progress: Progress = no_progress) -> str:

@@ -60,6 +60,7 @@ from ..torchrun import launch
 from .common import ClassRows, Progress, class_rows, data_splits, load_teachers, no_progress
 from .recipe import recipe
 from .stats import load_targets
+from .working_set import F32, F64, Phase, Work, phase
 
 log = logging.getLogger("d3s")  # the Prefect task forwards it to the run's log
 
@@ -176,6 +177,41 @@ def _init_images(run: Run, train, pools: ClassRows, labels: torch.Tensor, b: int
 def _barrier(world: World | None) -> None:
     if world is not None:
         world.barrier()
+
+
+KL_WORK_COPIES = 6  # C x C float64 per measured layer alive in Eq. 1's forward and backward
+CROP_DRAW_BYTES = 17  # one recorded crop draw (4 int32 box + flip), kept for an interval
+
+
+def synthesis_working_set(w: Work) -> dict[str, Phase]:
+    """One batch's iteration: the M teachers and their targets, the ISU statistics, the batch's
+    state with its interval-start copy, one teacher's forward and backward, Eq. 1's matrices,
+    the interval's crop draws; the checkpoint's copies on the host."""
+    cfg, f = w.cfg, w.teacher
+    wide = 2 if cfg.synthesis_cfg().dtype == "float64" else 1
+    b = cfg.synthesis.batch_size
+    img = w.chw * F32 * wide
+    m = cfg.teachers.count
+    sq = sum(c * c for c in f.channels) * F64
+    lin = sum(f.channels) * F64
+    ckpt = 3 * b * img
+    device = {
+        "M x teacher weights": m * f.weight_bytes * wide,
+        "targets (M x layers: mean, cov, chol, stacked chol)": m * (2 * lin + 3 * sq),
+        "ISU running stats (before + after a batch)": 2 * m * (lin + sq),
+        "state + interval-start copy (6 x batch images)": 2 * ckpt,
+        "gradient + crops (2 x batch images)": 2 * b * img,
+        "batch x saved activations (one teacher)": b * f.saved_input * wide,
+        "backward buffers": b * w.backward["synthesis"] * f.largest_activation * wide,
+        "Eq. 1 working set (one teacher)": KL_WORK_COPIES * sq,
+        "crop draws of an interval": b * cfg.synthesis.checkpoint_every * CROP_DRAW_BYTES,
+    }
+    host = {
+        "checkpoint snapshot + clone + blob": 3 * ckpt,
+        "ISU state write (2 copies)": 2 * m * (lin + sq),
+        "per-image classes (int64)": w.n * 8,
+    }
+    return {"iterate": phase(host, device)}
 
 
 def synthesize(run: Run, progress: Progress = no_progress, world: World | None = None) -> str:

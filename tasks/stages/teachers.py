@@ -27,8 +27,24 @@ from .common import (
     save_teacher,
 )
 from .recipe import recipe, teacher_recipe, teacher_warnings
+from .working_set import F32, Phase, Work, phase
 
 log = logging.getLogger("d3s")  # the Prefect task forwards it to the run's log
+
+
+def teachers_working_set(w: Work) -> dict[str, Phase]:
+    """One teacher in training (they train one after another): weights, grads, optimiser state,
+    a batch with its saved activations; the checkpoint's copies on the host."""
+    t, f = w.cfg.teacher_train(), w.teacher
+    opt = w.optimizer_slots(t.optimizer, t.momentum) * f.params * F32
+    device = {
+        "weights + grads": f.weight_bytes + f.params * F32,
+        "optimiser state": opt,
+        "batch x (image + saved activations)": t.batch_size * (w.chw * F32 + f.saved_train),
+        "backward buffers": t.batch_size * w.backward["train"] * f.largest_activation,
+    }
+    host = {**w.loader(t.batch_size), "checkpoint write (2 copies)": 2 * (f.weight_bytes + opt)}
+    return {"train": phase(host, device)}
 
 
 def train_teachers(run: Run, progress: Progress = no_progress) -> list[str]:

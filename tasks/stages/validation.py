@@ -15,6 +15,7 @@ from __future__ import annotations
 import statistics
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -39,6 +40,7 @@ from .common import (
     trimmed,
 )
 from .recipe import recipe, teacher_recipe
+from .working_set import EPOCH_INDEX_BYTES, F32, Phase, Work, phase
 
 
 @dataclass
@@ -204,6 +206,59 @@ def _train_one(
     run.manifest.record(f"{d}/metrics.json", "validation")
     remove_state(run.fs, f"{d}/checkpoint")
     return acc
+
+
+EVAL_BATCH = 256  # held_out_top1's batch
+
+
+def _held_out(w: Work, f: Any) -> Phase:
+    """held_out_top1: the student's weights and one evaluation batch through it."""
+    held = {
+        "weights": f.weight_bytes,
+        "held-out batch x (image + forward)": EVAL_BATCH * (w.chw * F32 + f.forward_live),
+    }
+    return phase(w.loader(EVAL_BATCH), held)
+
+
+def validation_working_set(w: Work, hard: bool = False) -> dict[str, Phase]:
+    """Students on an image set of w.n images, one at a time: a training student (weights,
+    grads, optimiser state, a batch of rows with crops) and the logits of the label batch, its
+    softmaxes and gradients; `hard`: on the class labels (the student's logits and their
+    gradient, no label batch). On the host the prefetched rows, the label batch read back, the
+    epoch's index vectors and the checkpoint's copies; then held-out top-1."""
+    f, b, k = w.student, w.cfg.labels.batch_size, w.p.num_classes
+    device = w.student_train_device("rows")
+    host = {"prefetched image rows (workers x 2 + 1)": w.prefetch * b * w.chw * F32}
+    if hard:
+        device["logits (student + grads)"] = b * k * F32 * 2
+    else:
+        device["logits (labels, student, softmaxes, grads)"] = b * k * F32 * 6
+        host["label batch read back"] = b * k * F32 * 3
+    host["per-image index vectors"] = w.n * EPOCH_INDEX_BYTES
+    host["checkpoint write (2 copies)"] = 2 * (f.weight_bytes + device["optimiser state"])
+    return {"train": phase(host, device), "held-out": _held_out(w, f)}
+
+
+def hard_working_set(w: Work) -> dict[str, Phase]:
+    """The hard protocol's students (`validation_working_set`, hard)."""
+    return validation_working_set(w, hard=True)
+
+
+def full_data_working_set(w: Work) -> dict[str, Phase]:
+    """Hard-protocol students on the whole training set, streamed through the run's
+    DataLoader in batches of labels.batch_size: a training student with the logits and their
+    gradient, the epoch's permutation, the checkpoint's copies; then held-out top-1."""
+    f, b, k = w.student, w.cfg.labels.batch_size, w.p.num_classes
+    device = {
+        **w.student_train_device("image"),
+        "logits (student + grads)": b * k * F32 * 2,
+    }
+    host = {
+        **w.loader(b),
+        "epoch permutation (int64)": w.n_train * 8,
+        "checkpoint write (2 copies)": 2 * (f.weight_bytes + device["optimiser state"]),
+    }
+    return {"train": phase(host, device), "held-out": _held_out(w, f)}
 
 
 def validate(
