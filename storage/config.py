@@ -19,7 +19,7 @@ import json
 import math
 import uuid
 from dataclasses import replace
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 from pydantic import Field, ValidationError, field_validator, model_validator
 
@@ -278,6 +278,9 @@ class RunConfig(Strict):
     """Everything that determines a run's results. `preset` supplies defaults (Tables 8-10);
     the per-stage sections override them."""
 
+    # The most the data's size scales the teachers' epochs (`teacher_epochs_for`).
+    MAX_EPOCH_SCALE: ClassVar[int] = 10
+
     schema_version: int = Field(SCHEMA_VERSION, ge=1)
     name: str = "d3s"
     preset: str = "demo-mnist"
@@ -438,7 +441,10 @@ class RunConfig(Strict):
             return None
         batch = self.teachers.train.over(p.teacher).batch_size
         tuned = p.teacher.epochs * math.ceil(p.train_images / p.teacher.batch_size)
-        return max(1, math.ceil(tuned / math.ceil(n / batch)))
+        epochs = math.ceil(tuned / math.ceil(n / batch))
+        # Data far smaller than the preset's (ImageNet's schedule on a few thousand images)
+        # would repeat it thousands of times: at most MAX_EPOCH_SCALE x the preset's epochs.
+        return max(1, min(epochs, self.MAX_EPOCH_SCALE * p.teacher.epochs))
 
     def synthesis_cfg(self) -> SynthesisConfig:
         return self.synthesis.params.over(self.preset_obj().synthesis)

@@ -75,9 +75,13 @@ def describe_recipe(cfg: Any, train_images: int | None = None) -> str:
     if sources.get("teachers.train.epochs", (None, ""))[1] == "data":
         p, epochs = cfg.preset_obj(), sources["teachers.train.epochs"][0]
         steps = p.teacher.epochs * -(-p.train_images // p.teacher.batch_size)
+        scale = cfg.MAX_EPOCH_SCALE
+        capped = epochs == scale * p.teacher.epochs
         out += (
             f"; set by the data's size: teachers.train.epochs = {epochs}, the preset's {steps:,} "
             f"optimizer steps ({p.teacher.epochs} epochs over its {p.train_images:,} images) on "
-            f"these {train_images:,} training images (teachers.train.epochs, if set, wins)"
+            f"these {train_images:,} training images"
+            + (f", capped at {scale}x the preset's epochs" if capped else "")
+            + " (teachers.train.epochs, if set, wins)"
         )
     return out

@@ -234,6 +234,10 @@ def test_teacher_epochs_follow_the_presets_step_count_unless_set():
     assert cfg.teacher_train(4000).epochs == 4  # the preset's own size
     assert cfg.teacher_train(1437).epochs == 11
     assert cfg.teacher_train(100_000).epochs == 1
+    # At most 10x the preset's epochs: ImageNet-21K's schedule on 4,000 digits would be 216,020.
+    big = parse_config({"preset": "imagenet-21k", "dataset": folder})
+    assert big.teacher_train(4000).epochs == 10 * big.preset_obj().teacher.epochs
+    assert "capped at 10x the preset's epochs" in describe_recipe(big, 4000)
     assert cfg.recipe_sources(1437)["teachers.train.epochs"] == (11, "data")
     assert "set by the data's size: teachers.train.epochs = 11" in describe_recipe(cfg, 1437)
     for over in (
