@@ -23,6 +23,7 @@ from typing import Any, ClassVar, Literal
 
 from pydantic import Field, ValidationError, field_validator, model_validator
 
+from d3s_core.models import check_arch
 from d3s_core.presets import (
     PRESETS,
     DataShape,
@@ -333,8 +334,6 @@ class RunConfig(Strict):
 
     @model_validator(mode="after")
     def _buildable_archs(self) -> RunConfig:
-        from d3s_core.models import check_arch  # timm: only once a config is validated
-
         assert self.model.arch is not None  # filled from the preset
         check_arch(self.model.arch, self.model.low_res, "model.arch")
         check_arch(self.student_arch(), self.model.low_res, "validation.arch")
