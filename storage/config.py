@@ -443,7 +443,8 @@ class RunConfig(Strict):
         epochs = math.ceil(tuned / math.ceil(n / batch))
         # Data far smaller than the preset's (ImageNet's schedule on a few thousand images)
         # would repeat it thousands of times: at most MAX_EPOCH_SCALE x the preset's epochs.
-        return max(1, min(epochs, self.MAX_EPOCH_SCALE * p.teacher.epochs))
+        epochs = max(1, min(epochs, self.MAX_EPOCH_SCALE * p.teacher.epochs))
+        return None if epochs == p.teacher.epochs else epochs  # the preset's stand
 
     def synthesis_cfg(self) -> SynthesisConfig:
         return self.synthesis.params.over(self.preset_obj().synthesis)

@@ -15,7 +15,7 @@ import tempfile
 from dataclasses import dataclass
 from typing import Any
 
-from d3s_core.presets import DataShape
+from d3s_core.presets import PRESETS, DataShape
 from storage.config import RunConfig, load_config
 from storage.fs import RunFS
 from storage.imagefolder import IMAGE_EXTENSIONS, class_folders
@@ -27,13 +27,10 @@ from tasks.stages.profile import measure_profile
 
 from .units import ceil_div
 
-# Training images of the presets' datasets, for configs whose data is not on this machine.
+# Training images of the presets' datasets, for configs whose data is not on this machine:
+# each preset's own count (d3s_core/presets.py `train_images`).
 KNOWN_TRAIN_IMAGES = {
-    "imagenet-1k": 1_281_167,  # ILSVRC-2012 train
-    # The paper's ImageNet-21K is Ridnik et al.'s ImageNet-21K-P, winter-21 release (10,450
-    # classes, ~11 M images): 11,060,239 train / 522,500 validation (timm/imagenet-w21-p).
-    "imagenet-21k": 11_060_239,
-    "tiny-imagenet": 100_000,  # 200 classes x 500
+    name: PRESETS[name].train_images for name in ("imagenet-1k", "imagenet-21k", "tiny-imagenet")
 }
 MNIST5K_PER_CLASS, MNIST5K_CLASSES = 500, 10  # the bundled digits: 500 of each class
 # The largest class of the presets' training sets (the coreset pass holds one class's features).
