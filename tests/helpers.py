@@ -1,7 +1,11 @@
 """Small shared builders for the tests."""
 
 import io
+import json
+import subprocess
+import sys
 import tarfile
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -23,6 +27,7 @@ from storage.labels import BOX_COLUMNS, write_epoch, write_schema
 from storage.manifest import Manifest
 from storage.run import SYN_IMAGES, labels_epoch, open_run
 from storage.webdataset import TarShardDataset
+from tasks.plan import WORK_KINDS
 from tasks.stages import STAGES
 
 from .configs import SYN
@@ -262,3 +267,120 @@ def v1_table(lab: EpochLabels, fmt: str, k: int = 3) -> pa.Table:
     meta = {b"d3s_labels_schema": b"1", b"d3s_label_format": fmt.encode()}
     meta[b"d3s_classes"] = str(logits.shape[1]).encode()
     return pa.table(cols).replace_schema_metadata(meta)
+
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def probe(root: Path, classes: int, ipc: int, size: int, *extra: str) -> dict:
+    """bench/scale_probe.py on a synthetic run of `classes` x `ipc` images of `size` px in a
+    process of its own: its JSON report (peak RSS per stage)."""
+    cmd = [
+        sys.executable,
+        str(REPO / "bench" / "scale_probe.py"),
+        "--root",
+        str(root),
+        "--classes",
+        str(classes),
+        "--ipc",
+        str(ipc),
+        "--size",
+        str(size),
+        "--label-epochs",
+        "1",
+        "--student-epochs",
+        "1",
+        "--forbid-whole-sets",
+        *extra,
+    ]
+    done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=3000)
+    assert done.returncode == 0, done.stderr[-4000:]
+    return json.loads(done.stdout)
+
+
+# -- ImageFolder trees of shapes no preset has (tests/test_own_dataset.py, test_plan_data.py) --
+def rgb_image(c: int, i: int, size: int, rng: np.random.Generator) -> Image.Image:
+    """A class-dependent colour and stripe over noise."""
+    base = np.array([(37 * c) % 256, (91 * c + 40) % 256, (53 * c + 120) % 256], dtype=np.float64)
+    px = rng.normal(base, 40.0, size=(size, size, 3))
+    px[:, (c * 3) % size : (c * 3) % size + 3] = 255
+    return Image.fromarray(np.clip(px, 0, 255).astype(np.uint8), "RGB")
+
+
+def _grey_image(c: int, w: int, h: int, rng: np.random.Generator) -> Image.Image:
+    px = rng.normal(60 + 70 * c, 30.0, size=(h, w))
+    return Image.fromarray(np.clip(px, 0, 255).astype(np.uint8), "L")
+
+
+def rgb_tree(root: Path, classes: int = 10, per_class: int = 12, val: int = 3) -> Path:
+    rng = np.random.default_rng(0)
+    for split, n in (("train", per_class), ("val", val)):
+        for c in range(classes):
+            d = root / split / f"class_{c:02d}"
+            d.mkdir(parents=True)
+            for i in range(n):
+                rgb_image(c, i, 32, rng).save(d / f"{i}.png")
+    return root
+
+
+GREY_SIZES = [(23, 31), (40, 29), (35, 35), (27, 44), (52, 33), (30, 26)]
+
+
+def grey_tree(root: Path, classes: int = 3, per_class: int = 12, val: int = 3) -> Path:
+    rng = np.random.default_rng(1)
+    names = ["cat", "dog", "eel"][:classes]
+    for split, n in (("train", per_class), ("val", val)):
+        for c, name in enumerate(names):
+            d = root / split / name
+            d.mkdir(parents=True)
+            for i in range(n):
+                w, h = GREY_SIZES[(i + c) % len(GREY_SIZES)]
+                _grey_image(c, w, h, rng).save(d / f"{i}.png")
+    return root
+
+
+def tiny(dataset: dict, **over) -> dict:
+    """Every stage at a few seconds' worth of work."""
+    cfg = {
+        "preset": "demo-mnist",
+        "dataset": {"kind": "imagefolder", **dataset},
+        "model": {"width": 4},
+        "teachers": {"count": 1, "train": {"epochs": 1, "batch_size": 32}},
+        "stats": {"batch_size": 64, "workers": 0, "checkpoint_batches": 2},
+        "synthesis": {
+            "ipc": 1,
+            "batch_size": 8,
+            "checkpoint_every": 5,
+            "checkpoint_seconds": 0,
+            "params": {"iterations": 5},
+        },
+        "labels": {"epochs": 2, "batch_size": 8},
+        "validation": {"students": 1, "epochs": 1, "checkpoint_every_epochs": 1},
+    }
+    for k, v in over.items():
+        cfg[k] = {**cfg.get(k, {}), **v} if isinstance(v, dict) else v
+    return cfg
+
+
+# -- plan configs (tests/test_plan.py, test_plan_data.py) ----------------------------------
+def in21k_cfg(ipc: int, **synthesis):
+    return parse_config(
+        {
+            "name": "in21k",
+            "preset": "imagenet-21k",
+            "device": "cuda",
+            "dataset": {"kind": "imagefolder", "path": "/nonexistent/in21k/train"},
+            "teachers": {"count": 5},
+            "stats": {"batch_size": 256, "workers": 8},
+            "synthesis": {"ipc": ipc, "batch_size": 200, **synthesis},
+            "labels": {"epochs": 300, "batch_size": 128, "format": "fp16"},
+            "validation": {"students": 3, "random_real_baseline": True},
+        }
+    )
+
+
+def unit_table(tmp_path, rate: float = 1e9) -> Path:
+    point = {k: {"flops_per_image": 1e8, "flops_per_s": rate} for k in WORK_KINDS}
+    table = tmp_path / "t.json"
+    table.write_text(json.dumps({"device": "test", "points": [{"name": "x", "work": point}]}))
+    return table

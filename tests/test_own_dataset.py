@@ -22,68 +22,7 @@ from storage.run import open_run, read_results
 from tasks.stages import STAGES, open_data
 from tasks.stages.recipe import data_profile, recipe
 
-
-def _rgb_image(c: int, i: int, size: int, rng: np.random.Generator) -> Image.Image:
-    """A class-dependent colour and stripe over noise."""
-    base = np.array([(37 * c) % 256, (91 * c + 40) % 256, (53 * c + 120) % 256], dtype=np.float64)
-    px = rng.normal(base, 40.0, size=(size, size, 3))
-    px[:, (c * 3) % size : (c * 3) % size + 3] = 255
-    return Image.fromarray(np.clip(px, 0, 255).astype(np.uint8), "RGB")
-
-
-def _grey_image(c: int, w: int, h: int, rng: np.random.Generator) -> Image.Image:
-    px = rng.normal(60 + 70 * c, 30.0, size=(h, w))
-    return Image.fromarray(np.clip(px, 0, 255).astype(np.uint8), "L")
-
-
-def rgb_tree(root: Path, classes: int = 10, per_class: int = 12, val: int = 3) -> Path:
-    rng = np.random.default_rng(0)
-    for split, n in (("train", per_class), ("val", val)):
-        for c in range(classes):
-            d = root / split / f"class_{c:02d}"
-            d.mkdir(parents=True)
-            for i in range(n):
-                _rgb_image(c, i, 32, rng).save(d / f"{i}.png")
-    return root
-
-
-GREY_SIZES = [(23, 31), (40, 29), (35, 35), (27, 44), (52, 33), (30, 26)]
-
-
-def grey_tree(root: Path, classes: int = 3, per_class: int = 12, val: int = 3) -> Path:
-    rng = np.random.default_rng(1)
-    names = ["cat", "dog", "eel"][:classes]
-    for split, n in (("train", per_class), ("val", val)):
-        for c, name in enumerate(names):
-            d = root / split / name
-            d.mkdir(parents=True)
-            for i in range(n):
-                w, h = GREY_SIZES[(i + c) % len(GREY_SIZES)]
-                _grey_image(c, w, h, rng).save(d / f"{i}.png")
-    return root
-
-
-def tiny(dataset: dict, **over) -> dict:
-    """Every stage at a few seconds' worth of work."""
-    cfg = {
-        "preset": "demo-mnist",
-        "dataset": {"kind": "imagefolder", **dataset},
-        "model": {"width": 4},
-        "teachers": {"count": 1, "train": {"epochs": 1, "batch_size": 32}},
-        "stats": {"batch_size": 64, "workers": 0, "checkpoint_batches": 2},
-        "synthesis": {
-            "ipc": 1,
-            "batch_size": 8,
-            "checkpoint_every": 5,
-            "checkpoint_seconds": 0,
-            "params": {"iterations": 5},
-        },
-        "labels": {"epochs": 2, "batch_size": 8},
-        "validation": {"students": 1, "epochs": 1, "checkpoint_every_epochs": 1},
-    }
-    for k, v in over.items():
-        cfg[k] = {**cfg.get(k, {}), **v} if isinstance(v, dict) else v
-    return cfg
+from .helpers import grey_tree, rgb_image, rgb_tree, tiny
 
 
 def run_all(root: Path, raw: dict) -> dict:
@@ -280,7 +219,7 @@ def test_webdataset_classes_channels_and_size_come_from_the_shards(tmp_path):
             for i in range(n):
                 c = i % 4
                 buf = io.BytesIO()
-                _rgb_image(c, i, 24, rng).resize((30, 24)).save(buf, "PNG")
+                rgb_image(c, i, 24, rng).resize((30, 24)).save(buf, "PNG")
                 for name, blob in ((f"{i:05d}.png", buf.getvalue()), (f"{i:05d}.cls", b"%d" % c)):
                     info = tarfile.TarInfo(name)
                     info.size = len(blob)

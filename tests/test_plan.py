@@ -19,6 +19,8 @@ from storage.labels import write_epoch
 from tasks import plan as P
 from tasks.stages.working_set import EPOCH_INDEX_BYTES
 
+from .helpers import in21k_cfg, unit_table
+
 DEMO = Path(__file__).resolve().parents[1] / "configs" / "demo-mnist.json"
 
 
@@ -39,22 +41,6 @@ def epochs_of(raw: dict, p) -> tuple[int, int]:
     """(teacher epochs, student epochs) of a config: its own, else its preset's."""
     teacher = raw["teachers"].get("train", {}).get("epochs", p.teacher.epochs)
     return teacher, raw["validation"].get("epochs", p.student.epochs)
-
-
-def in21k_cfg(ipc: int, **synthesis):
-    return parse_config(
-        {
-            "name": "in21k",
-            "preset": "imagenet-21k",
-            "device": "cuda",
-            "dataset": {"kind": "imagefolder", "path": "/nonexistent/in21k/train"},
-            "teachers": {"count": 5},
-            "stats": {"batch_size": 256, "workers": 8},
-            "synthesis": {"ipc": ipc, "batch_size": 200, **synthesis},
-            "labels": {"epochs": 300, "batch_size": 128, "format": "fp16"},
-            "validation": {"students": 3, "random_real_baseline": True},
-        }
-    )
 
 
 def test_demo_counts():
@@ -261,13 +247,6 @@ def extended_cfg(**validation):
         }
     )
     return raw, parse_config(raw)
-
-
-def unit_table(tmp_path, rate: float = 1e9) -> Path:
-    point = {k: {"flops_per_image": 1e8, "flops_per_s": rate} for k in P.WORK_KINDS}
-    table = tmp_path / "t.json"
-    table.write_text(json.dumps({"device": "test", "points": [{"name": "x", "work": point}]}))
-    return table
 
 
 def test_new_stages_counts_disk_and_rows(tmp_path):

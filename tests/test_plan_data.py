@@ -19,8 +19,8 @@ from tasks import plan as P
 from tasks.stage_table import stages
 from tasks.stages import open_data
 from tasks.stages.recipe import data_profile
-from tests.test_own_dataset import grey_tree, rgb_tree, tiny
-from tests.test_plan import in21k_cfg, unit_table
+
+from .helpers import grey_tree, in21k_cfg, rgb_tree, tiny, unit_table
 
 
 def odd_tree(root: Path, classes: int, per_class: int, size: tuple[int, int], mode: str) -> Path:

@@ -18,7 +18,9 @@ import pytest
 
 from storage.config import parse_config
 from tasks import plan as P
-from tests.test_scale import REPO, probe
+from tasks.stage_table import by_name
+
+from .helpers import REPO, probe
 
 TOLERANCE = 0.25
 
@@ -60,6 +62,9 @@ def test_plan_peak_host_memory_within_25_percent_of_the_probe(tmp_path, request)
     assert from_root["shape"] == {**plan["shape"], "sources": from_root["shape"]["sources"]}
     lines, bad = [], []
     for stage, m in measured["stages"].items():
+        if not by_name()[stage].plan:  # the planner has no model of it (the data stage)
+            lines.append(f"{stage}: not estimated, measured {m['peak_rss_mib']:.0f} MiB")
+            continue
         keys = [k for k in P.stages.of_run_stage(stage) if k in mem]
         assert keys, stage
         planned = max(mem[k]["host_peak"] for k in keys) / 2**20

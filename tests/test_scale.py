@@ -25,40 +25,14 @@ batch x classes logits and their gradients (1024 x 10,450 x 4 B = 41 MiB each), 
 with the classes, not the images.
 """
 
-import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
+from .helpers import probe
+
 BOUND_MIB = 1536  # process (torch, zarr, pyarrow: ~0.7 GiB) + one stage's working set
 GROWTH_MIB = 96  # more images may add per-image vectors (permutations, classes), not sets
-
-
-def probe(root: Path, classes: int, ipc: int, size: int, *extra: str) -> dict:
-    cmd = [
-        sys.executable,
-        str(REPO / "bench" / "scale_probe.py"),
-        "--root",
-        str(root),
-        "--classes",
-        str(classes),
-        "--ipc",
-        str(ipc),
-        "--size",
-        str(size),
-        "--label-epochs",
-        "1",
-        "--student-epochs",
-        "1",
-        "--forbid-whole-sets",
-        *extra,
-    ]
-    done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=3000)
-    assert done.returncode == 0, done.stderr[-4000:]
-    return json.loads(done.stdout)
 
 
 def assert_flat(small: dict, big: dict, factor: int) -> None:
