@@ -125,13 +125,25 @@ def verify(root: str, quick: bool) -> int:
 def repair_cmd(root: str, dry_run: bool) -> int:
     """Forget damaged or missing artifacts and everything computed from them (full check)."""
     from storage.config import load_config
-    from storage.integrity import check, plan_repair, repair
+    from storage.integrity import check, finish_pending_repair, plan_repair, repair
+    from storage.manifest import BrokenManifest, Manifest
     from storage.run import open_run
     from tasks.credentials import storage_options
 
     fs = _open_fs(root)
     cfg = load_config(fs)
     with open_run(root, cfg, **storage_options(cfg)) as run:
+        finished = finish_pending_repair(run.fs)
+        if finished:
+            print(f"finished an interrupted repair: forgot {len(finished)} artifact(s)")
+        try:
+            Manifest(run.fs).entries()
+        except BrokenManifest as e:
+            print(f"damaged  {str(e).split('; ')[0]}")
+            if dry_run:
+                print("would restore the manifest's previous generation, then check against it")
+                return 0
+            print(f"manifest.json: {Manifest(run.fs).restore_previous()}")
         problems, _ = check(run.fs, quick=False)
         plan = plan_repair(run.fs, problems)
         for p in problems:

@@ -14,9 +14,10 @@ from prefect.runtime import flow_run
 
 from flows.hygiene import crash_leftovers
 from storage.config import RunConfig
+from storage.manifest import CorruptArtifact
 from storage.run import open_run
 from tasks.credentials import storage_options
-from tasks.prefect_tasks import check_task, report_task, stage_task
+from tasks.prefect_tasks import check_task, repair_task, report_task, stage_task
 from tasks.stage_table import enabled, resolve
 
 
@@ -47,18 +48,34 @@ def distill(
     # The flow holds the run's writer lock for its whole life (the tasks share it), and the
     # run exists before the first cache key is computed.
     with open_run(root, config, **storage_options(config)):
-        futures: dict[str, Any] = {"check": check_task(root, c, repair)}
-        summaries = []
-        # Every stage the config enables (tasks/stage_table.py), in the table's order, each
-        # after the stages it reads from (the first after the check); a stage with a Dask part
-        # runs that part on the cluster first.
-        for s in enabled(config):
-            after = [futures[a] for a in s.after if a in futures] or [futures["check"]]
-            if s.fanout is not None and config.dask is not None:
-                resolve(s.fanout)(root, config, after)
-            futures[s.name] = stage_task(s.name)(root, c, wait_for=after)
-            if s.summary:
-                summaries.append(futures[s.name])
-        report_task(root, c)
-        summary_uri = summaries[0]
-    return summary_uri
+        check = check_task(root, c, repair)
+        repaired: set[str] = set()
+        while True:
+            try:
+                return _stages(root, config, check)
+            except CorruptArtifact as e:
+                # What a stage's own check found (a full hash, a file it could not read): with
+                # `repair`, forgotten with what was computed from it, and the stages run again
+                # (finished ones return at once). Once per artifact: a second time is a fault.
+                if not repair or e.rel is None or e.rel in repaired:
+                    raise
+                repaired.add(e.rel)
+                repair_task(root, c, e.rel, str(e).split("; run `d3s")[0])
+
+
+def _stages(root: str, config: RunConfig, check: Any) -> str:
+    """Every stage the config enables (tasks/stage_table.py), in the table's order, each after
+    the stages it reads from (the first after the check); a stage with a Dask part runs that
+    part on the cluster first. Then the report; the first summary's URI."""
+    c = config.model_dump(mode="json")
+    futures: dict[str, Any] = {"check": check}
+    summaries = []
+    for s in enabled(config):
+        after = [futures[a] for a in s.after if a in futures] or [futures["check"]]
+        if s.fanout is not None and config.dask is not None:
+            resolve(s.fanout)(root, config, after)
+        futures[s.name] = stage_task(s.name)(root, c, wait_for=after)
+        if s.summary:
+            summaries.append(futures[s.name])
+    report_task(root, c)
+    return summaries[0]

@@ -12,20 +12,55 @@ from __future__ import annotations
 
 import hashlib
 import os
-from collections.abc import Iterator
-from typing import Any
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from functools import wraps
+from typing import Any, ParamSpec, TypeVar
 
+import google_crc32c
 import numpy as np
 import torch
 import zarr
 from zarr.codecs import BytesCodec, ShardingCodec
 
 from .fs import RunFS
+from .manifest import REMEDY, CorruptArtifact
+
+P = ParamSpec("P")
+R = TypeVar("R")
 
 
 def _open_group(fs: RunFS, rel: str, mode: str) -> zarr.Group:
     opts = None if fs.local else fs.storage_options or None
     return zarr.open_group(fs.url(rel), mode=mode, storage_options=opts)  # type: ignore[arg-type]
+
+
+@contextmanager
+def readable(fs: RunFS, rel: str) -> Iterator[None]:
+    """Zarr's and the codecs' errors on a damaged store (a checksum that fails, metadata that
+    is not JSON, a chunk of the wrong size: ValueError, KeyError, TypeError) as CorruptArtifact
+    naming the store, with the remedy; I/O errors pass through (retried where transient)."""
+    try:
+        yield
+    except (ValueError, KeyError, TypeError) as e:
+        raise CorruptArtifact(
+            f"{fs.url(rel)}: cannot be read ({type(e).__name__}: {e}); "
+            + REMEDY.format(root=fs.url()),
+            rel,
+        ) from None
+
+
+def _reads(fn: Callable[P, R]) -> Callable[P, R]:
+    """`readable` around a reader whose first two arguments are (fs, rel)."""
+
+    @wraps(fn)
+    def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
+        fs, rel = args[0], args[1]
+        assert isinstance(fs, RunFS) and isinstance(rel, str)
+        with readable(fs, rel):
+            return fn(*args, **kwargs)
+
+    return wrapper
 
 
 # -- statistics ------------------------------------------------------------------------------
@@ -50,6 +85,7 @@ def write_teacher_stats(
         lg.attrs.update({"module": name, "count": int(n), "channels": c})
 
 
+@_reads
 def read_teacher_stats(fs: RunFS, rel: str, teacher: int) -> dict[str, Any]:
     """{'layers': [...], 'fingerprint': str, 'stats': [(count, mean, cov), ...]} float64."""
     g = _open_group(fs, rel, "r")[f"teacher_{teacher}"]
@@ -108,14 +144,17 @@ def image_chunks(
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """(images, classes) `chunk` rows at a time: a whole ImageNet-scale set (IPC 50 at 224 px
     is 30 GB) never sits in memory at once."""
-    g = _open_group(fs, rel, "r")
-    images, classes = g["images"], g["classes"]
+    with readable(fs, rel):
+        g = _open_group(fs, rel, "r")
+        images, classes = g["images"], g["classes"]
     for start in range(0, images.shape[0], chunk):  # type: ignore[union-attr]
         stop = start + chunk
-        yield (
-            torch.from_numpy(np.asarray(images[start:stop])),  # type: ignore[index]
-            torch.from_numpy(np.asarray(classes[start:stop])),  # type: ignore[index]
-        )
+        with readable(fs, rel):
+            got = (
+                torch.from_numpy(np.asarray(images[start:stop])),  # type: ignore[index]
+                torch.from_numpy(np.asarray(classes[start:stop])),  # type: ignore[index]
+            )
+        yield got
 
 
 def read_image_rows(fs: RunFS, rel: str, start: int, stop: int) -> torch.Tensor:
@@ -128,6 +167,22 @@ def images_sha256(images: torch.Tensor) -> str:
     return hashlib.sha256(images.detach().cpu().float().contiguous().numpy().tobytes()).hexdigest()
 
 
+def drop_image_shards(fs: RunFS, rel: str, first_row: int) -> None:
+    """Delete the shard files of the rows from `first_row` on (a shard boundary: synthesis
+    writes one batch per shard), so that rewriting those batches never reads a damaged shard
+    back (Zarr reads a shard's index before writing into it)."""
+    with readable(fs, rel):
+        array = _open_group(fs, rel, "r")["images"]
+        rows = int(array.metadata.chunk_grid.chunk_shape[0])  # type: ignore[union-attr]
+        n, *rest = (int(d) for d in array.shape)  # type: ignore[union-attr]
+        key = array.metadata.encode_chunk_key  # type: ignore[union-attr]
+    if first_row % rows:
+        raise ValueError(f"{fs.url(rel)}: row {first_row} is not a shard boundary ({rows} rows)")
+    for s in range(first_row // rows, -(-n // rows)):
+        fs.remove(f"{rel}/images/{key((s, *[0] * len(rest)))}")
+
+
+@_reads
 def read_images(fs: RunFS, rel: str) -> tuple[torch.Tensor, torch.Tensor]:
     """The whole set in memory: small sets and tests only (stages stream: `ImageRows`)."""
     g = _open_group(fs, rel, "r")
@@ -136,11 +191,13 @@ def read_images(fs: RunFS, rel: str) -> tuple[torch.Tensor, torch.Tensor]:
     return images, classes
 
 
+@_reads
 def read_classes(fs: RunFS, rel: str) -> torch.Tensor:
     """(N,) int64 class of each image (8 bytes per image: 0.8 MB at ImageNet-21K)."""
     return torch.from_numpy(np.asarray(_open_group(fs, rel, "r")["classes"][:]))  # type: ignore[index]
 
 
+@_reads
 def image_count(fs: RunFS, rel: str) -> int:
     return int(_open_group(fs, rel, "r")["images"].shape[0])  # type: ignore[union-attr]
 
@@ -158,6 +215,7 @@ def write_train_indices(fs: RunFS, rel: str, order: torch.Tensor) -> None:
     )
 
 
+@_reads
 def train_indices(fs: RunFS, rel: str) -> torch.Tensor:
     """(N,) int64 training sample of each row of a baseline image store (the `train_indices`
     array; stores written before it have the list in their attributes)."""
@@ -179,8 +237,8 @@ class _RawShards:
     against Zarr's own reader in tests/test_streaming_labels.py. `layout` is None for any other
     store (compressed, other chunking, remote): the caller uses Zarr."""
 
-    def __init__(self, path: str, array: Any):
-        self.path = path
+    def __init__(self, path: str, store: str, array: Any):
+        self.path, self.store = path, store
         self.dtype = np.dtype(array.dtype)
         self.row_shape = tuple(array.shape[1:])
         self.row_bytes = int(np.prod(self.row_shape)) * self.dtype.itemsize
@@ -206,7 +264,7 @@ class _RawShards:
             )
         except AttributeError:
             return None
-        return _RawShards(fs.path(rel), array) if ok else None
+        return _RawShards(fs.path(rel), rel, array) if ok else None
 
     def _shard_file(self, s: int) -> str:
         return f"{self.path}/images/c/{s}" + "/0" * len(self.row_shape)
@@ -214,10 +272,20 @@ class _RawShards:
     def _offsets(self, s: int, fd: int) -> np.ndarray:
         if s not in self._index:
             size = os.fstat(fd).st_size
-            raw = os.pread(fd, self.index_bytes, size - self.index_bytes)
+            raw = os.pread(fd, self.index_bytes, max(0, size - self.index_bytes))
+            # The index's CRC-32C (as Zarr checks it): a truncated or overwritten shard is
+            # refused here, not read as rows of whatever bytes now sit at the recorded offsets.
+            if len(raw) != self.index_bytes or google_crc32c.value(raw[:-4]) != int.from_bytes(
+                raw[-4:], "little"
+            ):
+                raise ValueError("its shard index fails its CRC-32C check (truncated or damaged)")
             if len(self._index) > 1024:
                 self._index.clear()
-            self._index[s] = np.frombuffer(raw[:-4], "<u8").reshape(-1, 2)
+            offsets = np.frombuffer(raw[:-4], "<u8").reshape(-1, 2)
+            written = offsets[offsets[:, 0] != _EMPTY]
+            if len(written) and int((written[:, 0] + written[:, 1]).max()) > size:
+                raise ValueError("its index points past the end of the file (truncated)")
+            self._index[s] = offsets
         return self._index[s]
 
     def read(self, rows: np.ndarray) -> np.ndarray:
@@ -239,11 +307,12 @@ class _RawShards:
                         out[i] = np.nan
                         continue
                     if nbytes != self.row_bytes:
-                        raise ValueError(
-                            f"{self._shard_file(int(s))}: row {rows[i]} is {nbytes} bytes, "
-                            f"expected {self.row_bytes}"
-                        )
+                        raise ValueError(f"row {rows[i]} is {nbytes} bytes, not {self.row_bytes}")
                     flat[i] = np.frombuffer(os.pread(fd, self.row_bytes, int(offset)), np.uint8)
+            except ValueError as e:
+                raise CorruptArtifact(
+                    f"{self._shard_file(int(s))}: cannot be read: {e}", self.store
+                ) from None
             finally:
                 os.close(fd)
         return out
@@ -268,7 +337,8 @@ class ImageRows(torch.utils.data.Dataset):
 
     def _images(self) -> Any:
         if self._array is None:
-            self._array = _open_group(self.fs, self.rel, "r")["images"]
+            with readable(self.fs, self.rel):
+                self._array = _open_group(self.fs, self.rel, "r")["images"]
             self._raw = _RawShards.layout(self.fs, self.rel, self._array)
         return self._array
 
@@ -283,7 +353,8 @@ class ImageRows(torch.utils.data.Dataset):
         if self._raw is not None:
             return torch.from_numpy(self._raw.read(idx))
         uniq, inverse = np.unique(idx, return_inverse=True)
-        rows = np.asarray(array.get_orthogonal_selection((uniq,)))
+        with readable(self.fs, self.rel):
+            rows = np.asarray(array.get_orthogonal_selection((uniq,)))
         return torch.from_numpy(rows[inverse])
 
     def __getitem__(self, i: int) -> torch.Tensor:

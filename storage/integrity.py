@@ -15,8 +15,14 @@ Two depths of check:
 
 `repair` forgets damaged or missing artifacts and every artifact computed from them, and
 deletes their files, so that the next run recomputes exactly that. A damaged distilled-image
-store keeps its intact leading batches: only the first damaged batch and those after it (ISU
-makes each batch depend on the ones before) are redone.
+store keeps its intact leading batches: only the first batch that cannot be proven (its commit
+record missing or damaged, its shard unreadable, its rows not those the record hashed) and
+those after it (ISU makes each batch depend on the ones before) are redone, their shard files
+deleted. Besides the manifest's artifacts, the check covers the synthesis commit records (not in
+the manifest): a quick check counts them, a full check reads each against its own checksum.
+
+A repair is written down before it starts (`repair.json`, atomically): one that is killed
+part-way is finished by the next `d3s run` or `d3s repair` before anything else.
 """
 
 from __future__ import annotations
@@ -29,8 +35,20 @@ from typing import Any
 
 from tasks.stage_table import dependents  # the stages' reads, closed transitively
 
+from .arrays import (
+    _open_group,
+    drop_image_shards,
+    image_count,
+    images_sha256,
+    read_image_rows,
+    readable,
+)
 from .fs import RunFS
-from .manifest import Manifest, fingerprint
+from .layout import SYN_IMAGES, syn_commit
+from .manifest import CorruptArtifact, Manifest, fingerprint
+from .records import BATCHES, read_batch_record
+
+PENDING = "repair.json"  # a repair written down before it starts, removed when done
 
 
 @dataclass(frozen=True)
@@ -77,12 +95,42 @@ def check(
         if not rel.startswith(prefixes):
             continue
         problem, now = _inspect(fs, rel, entries[rel], quick)
+        if problem is None and rel == SYN_IMAGES:
+            problem = _records_problem(fs, quick)
         if problem is not None:
             problems.append(problem)
             continue
         if now is not None and entries[rel].get("fingerprint") != now:
             fresh[rel] = now
     return problems, fresh
+
+
+def _records_problem(fs: RunFS, quick: bool) -> Problem | None:
+    """The commit records of a finished image store: one per batch (quick: counted), each
+    intact (full: read against its own checksum)."""
+    names = [n for n in fs.listdir(BATCHES) if re.match(r"batch_\d+\.json$", n)]
+    try:
+        expected = len(_batch_starts(fs))
+        if len(names) != expected:
+            return Problem(
+                SYN_IMAGES,
+                "damaged",
+                f"{len(names)} commit records under {fs.url(BATCHES)}, {expected} batches",
+            )
+        if not quick:
+            for b in range(1, expected + 1):
+                read_batch_record(fs, b)
+    except CorruptArtifact as e:
+        return Problem(SYN_IMAGES, "damaged", str(e).split("; run `d3s")[0])
+    return None
+
+
+def _batch_starts(fs: RunFS) -> list[int]:
+    """The first row of each synthesis batch (one shard each)."""
+    with readable(fs, SYN_IMAGES):
+        array = _open_group(fs, SYN_IMAGES, "r")["images"]
+        rows = int(array.metadata.chunk_grid.chunk_shape[0])  # type: ignore[union-attr]
+    return list(range(0, image_count(fs, SYN_IMAGES), rows))
 
 
 def refresh_fingerprints(fs: RunFS, fresh: dict[str, dict[str, Any]]) -> None:
@@ -119,44 +167,79 @@ def plan_repair(fs: RunFS, problems: list[Problem]) -> RepairPlan:
 
 
 def _first_damaged_batch(fs: RunFS) -> int:
-    """The first synthesis batch whose images no longer match its commit record (1 if the
-    store cannot be read at all)."""
-    from .arrays import images_sha256, read_image_rows  # torch and zarr only when repairing
-
-    commits = sorted(f for f in fs.listdir("synthesis/batches") if f.endswith(".json"))
-    for name in commits:  # one batch's rows in memory at a time
-        rec = json.loads(fs.read_bytes(f"synthesis/batches/{name}"))
+    """The first synthesis batch that cannot be proven: its commit record missing or damaged,
+    its shard unreadable, or its rows not the ones the record hashed. 1 when the store's own
+    metadata cannot be read, or when every batch is proven (the damage is then in the store's
+    metadata or class array, which the stage writes once, before the first batch)."""
+    try:
+        starts = _batch_starts(fs)
+    except CorruptArtifact:
+        return 1
+    for b, start in enumerate(starts, 1):  # one batch's rows in memory at a time
+        if not fs.exists(syn_commit(b)):
+            return b
         try:
-            rows = read_image_rows(
-                fs, "synthesis/images.zarr", rec["start"], rec["start"] + rec["count"]
-            )
-        except Exception:  # the store cannot be read: redo it all, as before
-            return 1
-        if images_sha256(rows) != rec["images_sha256"]:
-            return int(rec["batch"])
-    return len(commits) + 1
+            rec = read_batch_record(fs, b)
+            rows = read_image_rows(fs, SYN_IMAGES, start, start + int(rec["count"]))
+        except (CorruptArtifact, KeyError, TypeError, ValueError):
+            return b
+        if rec.get("start") != start or images_sha256(rows) != rec.get("images_sha256"):
+            return b
+    return 1
 
 
 def repair(fs: RunFS, plan: RepairPlan) -> None:
-    """Carry out `plan`: the manifest entries first (an artifact not in the manifest is
-    unfinished, whatever is on disk), then the files. The caller holds the writer lock."""
+    """Carry out `plan`: written down first (`repair.json`), then the manifest entries (an
+    artifact not in the manifest is unfinished, whatever is on disk), then the files. The
+    caller holds the writer lock."""
     if not plan.forget:
         return
-    Manifest(fs).forget_all(plan.forget)
-    for rel in plan.forget:
-        if rel == "synthesis/images.zarr" and plan.first_batch is not None:
-            _forget_batches_from(fs, plan.first_batch)
+    fs.write_bytes(
+        PENDING, json.dumps({"forget": plan.forget, "first_batch": plan.first_batch}).encode()
+    )
+    _carry_out(fs, plan.forget, plan.first_batch)
+
+
+def finish_pending_repair(fs: RunFS) -> list[str]:
+    """Finish a repair that was killed part-way (the forgotten artifacts, or [] if none was
+    pending). The caller holds the writer lock."""
+    if not fs.exists(PENDING):
+        return []
+    try:
+        pending = json.loads(fs.read_bytes(PENDING))
+        forget, first = list(pending["forget"]), pending["first_batch"]
+    except (ValueError, KeyError, TypeError):  # written atomically: only a later damage
+        fs.remove(PENDING)
+        return []
+    _carry_out(fs, forget, first)
+    return forget
+
+
+def _carry_out(fs: RunFS, forget: list[str], first_batch: int | None) -> None:
+    """Every step idempotent: a second call after a kill does what the first left undone."""
+    manifest = Manifest(fs)
+    if any(manifest.is_recorded(rel) for rel in forget):
+        manifest.forget_all(forget)
+    for rel in forget:
+        if rel == SYN_IMAGES and first_batch not in (None, 1):
+            _forget_batches_from(fs, int(first_batch))  # type: ignore[arg-type]
             continue
+        if rel == SYN_IMAGES:
+            _forget_batches_from(fs, 1)
         fs.remove(rel, recursive=True)
-    for rel in plan.forget:  # an emptied directory level of a label epoch, a student
+    for rel in forget:  # an emptied directory level of a label epoch, a student
         parent = posixpath.dirname(rel)
         if parent and fs.exists(parent) and not fs.listdir(parent):
             fs.remove(parent, recursive=True)
+    fs.remove(PENDING)
 
 
 def _forget_batches_from(fs: RunFS, first: int) -> None:
-    """Synthesis redoes batches >= first: their commit records and the ISU statistics after
-    them go, and so do the checkpoint and the grid; earlier batches' chunks stay."""
+    """Synthesis redoes batches >= first: their shard files, their commit records and the ISU
+    statistics after them go, and so do the checkpoint and the grid; earlier batches' shards
+    stay (from batch 1: the whole store goes)."""
+    if first > 1 and fs.exists(SYN_IMAGES):
+        drop_image_shards(fs, SYN_IMAGES, _batch_starts(fs)[first - 1])
     for name in fs.listdir("synthesis/batches"):
         m = re.match(r"batch_(\d+)\.json$", name)
         if m and int(m.group(1)) >= first:

@@ -3,10 +3,18 @@
 An artifact is recorded only after it is completely written, so "in the manifest" means
 "finished". A stage verifies what it reads against the manifest and stops with an error naming
 the file (or recomputes it) when the bytes on disk differ.
+
+The manifest checks itself: it carries the SHA-256 of its own content (`self_sha256`), so a
+flipped byte that still parses as JSON is found as surely as one that does not. Every write
+keeps the previous generation beside it (`manifest.prev.json`, written atomically first):
+a manifest that is damaged, or lost while its previous generation is there, is refused with
+one line naming `d3s repair ROOT`, which restores the previous generation and checks every
+artifact against it (an artifact recorded after it is simply recomputed).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import time
 from collections.abc import Callable
@@ -15,13 +23,51 @@ from typing import Any
 from .fs import RunFS
 
 MANIFEST = "manifest.json"
+PREVIOUS = "manifest.prev.json"  # the generation before the last write
 
-
-REMEDY = "run `d3s repair {root}` to forget it and what was computed from it, then run again"
+REMEDY = (
+    "run `d3s repair {root}` to forget it and what was computed from it, then run again "
+    "(or `d3s run --repair`)"
+)
 
 
 class CorruptArtifact(RuntimeError):
-    """An artifact on disk does not match its recorded checksum, or has vanished."""
+    """An artifact on disk does not match its recorded checksum, cannot be read, or has
+    vanished. `rel`: the manifest entry it belongs to, where one does (what `d3s run --repair`
+    forgets and recomputes when a stage finds it)."""
+
+    def __init__(self, message: str, rel: str | None = None):
+        super().__init__(message)
+        self.rel = rel
+
+    def __reduce__(self) -> tuple[Any, ...]:  # `rel` survives a pickled task result
+        return (type(self), (str(self), self.rel))
+
+
+class BrokenManifest(CorruptArtifact):
+    """manifest.json itself is damaged or lost: `d3s repair` restores the previous generation."""
+
+
+def _self_sha256(data: dict[str, Any]) -> str:
+    body = {k: v for k, v in data.items() if k != "self_sha256"}
+    return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
+
+
+def parse_manifest(raw: bytes, where: str) -> dict[str, Any]:
+    """A manifest's content, or BrokenManifest naming `where` (not JSON, not a manifest, or not
+    the bytes it was written as)."""
+    try:
+        data = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise BrokenManifest(f"{where}: not valid JSON ({e})") from None
+    if not isinstance(data, dict) or not isinstance(data.get("artifacts"), dict):
+        raise BrokenManifest(f"{where}: not a manifest (no 'artifacts' object)")
+    if "self_sha256" in data and data["self_sha256"] != _self_sha256(data):
+        raise BrokenManifest(f"{where}: its content does not match its own checksum")
+    for rel, entry in data["artifacts"].items():
+        if not isinstance(entry, dict) or not isinstance(entry.get("sha256"), str):
+            raise BrokenManifest(f"{where}: entry {rel!r} has no checksum")
+    return data
 
 
 def fingerprint(fs: RunFS, rel: str) -> dict[str, Any] | None:
@@ -53,14 +99,51 @@ class Manifest:
 
     def _load(self) -> dict[str, Any]:
         if not self.fs.exists(MANIFEST):
+            if self.fs.exists(PREVIOUS):  # written before every manifest write: it was lost
+                raise BrokenManifest(
+                    f"{self.fs.url(MANIFEST)}: missing, but its previous generation "
+                    f"{PREVIOUS} is there; {self.restore_remedy()}"
+                )
             return {"version": 1, "artifacts": {}}
         try:
-            data = json.loads(self.fs.read_bytes(MANIFEST))
-        except json.JSONDecodeError as e:
-            raise CorruptArtifact(f"{self.fs.url(MANIFEST)}: not valid JSON ({e})") from e
-        if not isinstance(data, dict) or "artifacts" not in data:
-            raise CorruptArtifact(f"{self.fs.url(MANIFEST)}: missing 'artifacts'")
-        return data
+            return parse_manifest(self.fs.read_bytes(MANIFEST), self.fs.url(MANIFEST))
+        except BrokenManifest as e:
+            raise BrokenManifest(f"{e}; {self.restore_remedy()}") from None
+
+    def restore_remedy(self) -> str:
+        root = self.fs.url()
+        if self.fs.exists(PREVIOUS):
+            return (
+                f"run `d3s repair {root}`: it restores the previous generation ({PREVIOUS}) "
+                "and checks every artifact against it (or `d3s run --repair`)"
+            )
+        return (
+            f"no previous generation ({PREVIOUS}) to restore: run `d3s repair {root}` "
+            "to start a new manifest (every artifact is then recomputed)"
+        )
+
+    def restore_previous(self) -> str:
+        """Replace a damaged or lost manifest by its previous generation (or, without one, an
+        empty manifest); what was done, in words. Artifacts recorded since are recomputed;
+        the caller checks every artifact against the restored manifest."""
+        try:
+            if self.fs.exists(MANIFEST):
+                parse_manifest(self.fs.read_bytes(MANIFEST), MANIFEST)
+                return "the manifest is intact: nothing restored"
+        except BrokenManifest:
+            pass
+        data: dict[str, Any] = {"version": 1, "artifacts": {}}
+        done = f"started a new, empty manifest (no {PREVIOUS})"
+        if self.fs.exists(PREVIOUS):
+            try:
+                data = parse_manifest(self.fs.read_bytes(PREVIOUS), self.fs.url(PREVIOUS))
+                done = f"restored the previous generation ({len(data['artifacts'])} artifacts)"
+            except BrokenManifest as e:
+                done = f"started a new, empty manifest ({e})"
+        # Forgetting is what a restore amounts to: cached stage results must not stand.
+        data["generation"] = data.get("generation", 0) + 1
+        self._write(data, keep_previous=False)
+        return done
 
     def entries(self) -> dict[str, dict[str, Any]]:
         return dict(self._load()["artifacts"])
@@ -78,8 +161,16 @@ class Manifest:
         return digest
 
     def _save(self, data: dict[str, Any]) -> None:
+        self._write(data, keep_previous=True)
+
+    def _write(self, data: dict[str, Any], keep_previous: bool) -> None:
         if self.guard is not None:
             self.guard()
+        if keep_previous and self.fs.exists(MANIFEST):
+            # The generation being replaced, kept whole (it was just read and parsed).
+            self.fs.write_bytes(PREVIOUS, self.fs.read_bytes(MANIFEST))
+        data = {k: v for k, v in data.items() if k != "self_sha256"}
+        data["self_sha256"] = _self_sha256(data)
         self.fs.write_bytes(MANIFEST, json.dumps(data, indent=1, sort_keys=True).encode())
 
     def forget(self, prefix: str) -> None:
@@ -126,13 +217,15 @@ class Manifest:
         if not self.fs.exists(rel):
             raise CorruptArtifact(
                 f"{self.fs.url(rel)}: missing (the manifest records it); "
-                + REMEDY.format(root=self.fs.url())
+                + REMEDY.format(root=self.fs.url()),
+                rel,
             )
         actual = self.fs.sha256(rel)
         if actual != expected:
             raise CorruptArtifact(
                 f"{self.fs.url(rel)}: checksum mismatch (manifest {expected[:12]}..., "
                 f"on disk {actual[:12]}...); the file was changed or damaged after it was written; "
-                + REMEDY.format(root=self.fs.url())
+                + REMEDY.format(root=self.fs.url()),
+                rel,
             )
         return actual

@@ -13,12 +13,13 @@ Stages pass dicts in and get dicts back; the manifest records (and verifies) wha
 
 from __future__ import annotations
 
+import hashlib
 import json
 from typing import Any
 
 from .fs import RunFS
-from .layout import student_dir, summary_of, syn_commit, teacher_meta
-from .manifest import CorruptArtifact
+from .layout import SYN_IMAGES, student_dir, summary_of, syn_commit, teacher_meta
+from .manifest import REMEDY, CorruptArtifact
 
 BATCHES = "synthesis/batches"
 GRID_META = "synthesis/png/grid.json"
@@ -56,19 +57,45 @@ def read_teacher_metas(fs: RunFS, count: int) -> list[dict[str, Any]]:
 
 
 # -- synthesis ------------------------------------------------------------------------------
+# A commit record is not in the manifest (the images store is, once every batch is committed):
+# it carries the SHA-256 of its own content, so a changed byte that still parses is found too.
+RECORD_SHA = "record_sha256"
+
+
+def _content_sha(record: dict[str, Any]) -> str:
+    body = {k: v for k, v in record.items() if k != RECORD_SHA}
+    return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
+
+
 def write_batch_record(fs: RunFS, b: int, record: dict[str, Any]) -> str:
-    write_record(fs, syn_commit(b), record)
+    write_record(fs, syn_commit(b), {**record, RECORD_SHA: _content_sha(record)})
     return syn_commit(b)
 
 
 def read_batch_record(fs: RunFS, b: int) -> dict[str, Any]:
-    return read_record(fs, syn_commit(b))
+    """Batch b's commit record; CorruptArtifact (of the images store, which repair redoes from
+    this batch on) when it is not JSON or not the bytes it was written as."""
+    return _checked_record(fs, syn_commit(b))
+
+
+def _checked_record(fs: RunFS, rel: str) -> dict[str, Any]:
+    try:
+        record = read_record(fs, rel)
+    except CorruptArtifact as e:
+        raise CorruptArtifact(f"{e}; {REMEDY.format(root=fs.url())}", SYN_IMAGES) from None
+    if RECORD_SHA in record and record[RECORD_SHA] != _content_sha(record):
+        raise CorruptArtifact(
+            f"{fs.url(rel)}: a synthesis commit record whose content does not match its own "
+            f"checksum; {REMEDY.format(root=fs.url())}",
+            SYN_IMAGES,
+        )
+    return record
 
 
 def batch_records(fs: RunFS) -> list[dict[str, Any]]:
     """Every committed batch's record, in batch order."""
     names = sorted(n for n in fs.listdir(BATCHES) if n.endswith(".json"))
-    return [read_record(fs, f"{BATCHES}/{n}") for n in names]
+    return [_checked_record(fs, f"{BATCHES}/{n}") for n in names]
 
 
 def committed_batches(fs: RunFS) -> int:

@@ -52,8 +52,15 @@ from reporting.report import (
 from reporting.scores import run_accuracies, score_rows, table_rows
 from storage.config import RunConfig, parse_config, run_id
 from storage.fs import RunFS
-from storage.integrity import check, plan_repair, refresh_fingerprints, repair
-from storage.manifest import REMEDY, CorruptArtifact, Manifest
+from storage.integrity import (
+    Problem,
+    check,
+    finish_pending_repair,
+    plan_repair,
+    refresh_fingerprints,
+    repair,
+)
+from storage.manifest import REMEDY, BrokenManifest, CorruptArtifact, Manifest
 from storage.run import attach_run, open_run, read_results
 
 from .credentials import storage_options
@@ -282,7 +289,16 @@ def check_run(root: str, config: RunConfig, fix: bool, log=print) -> list[str]:
     damaged artifacts and what was computed from them are forgotten instead (returned), for
     the stages to recompute. The caller holds the writer lock."""
     fs = RunFS(root, **storage_options(config))
-    problems, fresh = check(fs, quick=True)
+    finished = finish_pending_repair(fs)
+    if finished:
+        log(f"repair: finished an interrupted repair ({len(finished)} artifact(s) forgotten)")
+    try:
+        problems, fresh = check(fs, quick=True)
+    except BrokenManifest:
+        if not fix:
+            raise  # names the file and `d3s repair ROOT`
+        log(f"repair: {fs.url('manifest.json')}: {Manifest(fs).restore_previous()}")
+        problems, fresh = check(fs, quick=True)
     refresh_fingerprints(fs, fresh)
     if not problems:
         return []
@@ -291,7 +307,6 @@ def check_run(root: str, config: RunConfig, fix: bool, log=print) -> list[str]:
         raise CorruptArtifact(
             f"{len(problems)} damaged or missing artifact(s): {listing}. "
             + REMEDY.format(root=fs.url())
-            + " (or `d3s run --repair`)"
         )
     plan = plan_repair(fs, problems)
     repair(fs, plan)
@@ -303,6 +318,22 @@ def check_run(root: str, config: RunConfig, fix: bool, log=print) -> list[str]:
 @task(name="check", task_run_name="check-artifacts", cache_policy=NO_CACHE)
 def check_task(root: str, config: dict[str, Any], fix: bool = False) -> list[str]:
     return check_run(root, parse_config(config), fix, get_run_logger().warning)
+
+
+def repair_found(root: str, config: RunConfig, rel: str, found: str, log=print) -> list[str]:
+    """Forget `rel` (which a stage found damaged: a full hash, a file it could not read, a
+    commit record) and what was computed from it, for the stages to recompute."""
+    fs = RunFS(root, **storage_options(config))
+    plan = plan_repair(fs, [Problem(rel, "damaged", found)])
+    repair(fs, plan)
+    batches = f" (synthesis from batch {plan.first_batch})" if plan.first_batch else ""
+    log(f"repair: {found}; forgot {len(plan.forget)} artifact(s){batches}: {plan.forget}")
+    return plan.forget
+
+
+@task(name="repair", task_run_name="repair-{rel}", cache_policy=NO_CACHE)
+def repair_task(root: str, config: dict[str, Any], rel: str, found: str) -> list[str]:
+    return repair_found(root, parse_config(config), rel, found, get_run_logger().warning)
 
 
 # Not cached: the report is cheap and reflects the run as it is now.
