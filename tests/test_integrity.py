@@ -39,13 +39,14 @@ def sha(path):
 
 
 def files(root):
-    """{relative path: sha256} of every file of a run except the manifest and the lock."""
+    """{relative path: sha256} of every file of a run except the manifest (and its previous
+    generation) and the lock."""
     out = {}
     for dirpath, _, names in os.walk(root):
         for n in names:
             p = os.path.join(dirpath, n)
             rel = os.path.relpath(p, root)
-            if rel not in ("manifest.json",) and not rel.startswith(".lock"):
+            if not rel.startswith(("manifest.", ".lock")):
                 out[rel] = sha(Path(p))
     return out
 
