@@ -19,7 +19,7 @@ from typing import Any
 
 from .fs import RunFS
 from .layout import SYN_IMAGES, student_dir, summary_of, syn_commit, teacher_meta
-from .manifest import REMEDY, CorruptArtifact
+from .manifest import REMEDY, CorruptArtifact, Manifest
 
 BATCHES = "synthesis/batches"
 GRID_META = "synthesis/png/grid.json"
@@ -29,6 +29,16 @@ MATCH = "report/match.json"
 def write_record(fs: RunFS, rel: str, record: dict[str, Any], indent: int | None = 1) -> None:
     """One JSON record, atomically (all of it or the previous version)."""
     fs.write_bytes(rel, json.dumps(record, indent=indent).encode())
+
+
+def read_recorded(fs: RunFS, rel: str) -> dict[str, Any]:
+    """A record the manifest covers (teacher metadata, student metrics, summaries), checked
+    against its checksum first where it is recorded (a few KB: a changed digit in a metric is
+    refused, naming the file, not reported)."""
+    manifest = Manifest(fs)
+    if manifest.is_recorded(rel):
+        manifest.verify(rel)
+    return read_record(fs, rel)
 
 
 def read_record(fs: RunFS, rel: str) -> dict[str, Any]:
@@ -49,7 +59,7 @@ def write_teacher_meta(fs: RunFS, m: int, meta: dict[str, Any]) -> str:
 
 
 def read_teacher_meta(fs: RunFS, m: int) -> dict[str, Any]:
-    return read_record(fs, teacher_meta(m))
+    return read_recorded(fs, teacher_meta(m))
 
 
 def read_teacher_metas(fs: RunFS, count: int) -> list[dict[str, Any]]:
@@ -128,7 +138,7 @@ def write_student_metrics(
 def read_student_metrics(
     fs: RunFS, arch: str, seed: int, prefix: str = "", protocol: str = "soft"
 ) -> dict[str, Any]:
-    return read_record(fs, student_metrics_path(arch, seed, prefix, protocol))
+    return read_recorded(fs, student_metrics_path(arch, seed, prefix, protocol))
 
 
 def student_metrics(
@@ -152,7 +162,7 @@ def write_summary(
 def read_summary(fs: RunFS, prefix: str = "", protocol: str = "soft") -> dict[str, Any] | None:
     """The validation summary of `protocol` under `prefix`, or None where there is none."""
     rel = summary_of(prefix, protocol)
-    return read_record(fs, rel) if fs.exists(rel) else None
+    return read_recorded(fs, rel) if fs.exists(rel) else None
 
 
 # -- report ---------------------------------------------------------------------------------

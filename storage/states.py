@@ -16,6 +16,7 @@ import hashlib
 import json
 import posixpath
 import threading
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -97,27 +98,46 @@ def has_state(fs: RunFS, rel: str) -> bool:
 
 def load_state(fs: RunFS, rel: str) -> tuple[Any, dict[str, Any]]:
     """Read a state written by `save_state`; raises CorruptArtifact naming the file if the
-    tensors do not match the checksum in the marker."""
+    marker is not a state's, its tensors file is gone, or the tensors do not match the checksum
+    in the marker."""
+    marker = fs.url(rel + ".json")
     try:
         record = json.loads(fs.read_bytes(f"{rel}.json"))
-    except json.JSONDecodeError as e:
-        raise CorruptArtifact(f"{fs.url(rel + '.json')}: not valid JSON ({e})") from e
-    path = posixpath.join(posixpath.dirname(rel), record["tensors_file"])
-    blob = fs.read_bytes(path)
-    if hashlib.sha256(blob).hexdigest() != record["tensors_sha256"]:
+        path = posixpath.join(posixpath.dirname(rel), record["tensors_file"])
+        structure, checksum, meta = record["structure"], record["tensors_sha256"], record["meta"]
+    except (ValueError, KeyError, TypeError) as e:
+        raise CorruptArtifact(f"{marker}: not a state's marker ({type(e).__name__}: {e})") from None
+    try:
+        blob = fs.read_bytes(path)
+    except FileNotFoundError:
+        raise CorruptArtifact(f"{fs.url(path)}: missing (named by {marker})") from None
+    if hashlib.sha256(blob).hexdigest() != checksum:
         raise CorruptArtifact(f"{fs.url(path)}: checksum mismatch")
     tensors = st_load(blob)
-    return _unflatten(record["structure"], tensors), record["meta"]
+    return _unflatten(structure, tensors), meta
+
+
+def resume_state(fs: RunFS, rel: str, warn: Callable[[str], None]) -> tuple[Any, dict] | None:
+    """A checkpoint to resume from, or None where there is none, or where it is damaged: a
+    checkpoint is only a shortcut, so a damaged one is removed (with a warning naming it) and
+    its unit of work (a teacher, a student, a synthesis batch) starts again from the top."""
+    if not has_state(fs, rel):
+        return None
+    try:
+        return load_state(fs, rel)
+    except CorruptArtifact as e:
+        warn(f"{e}: a damaged checkpoint, removed; its work starts again from the top")
+        remove_state(fs, rel)
+        return None
 
 
 def state_meta(fs: RunFS, rel: str) -> dict[str, Any]:
     """The JSON metadata of a state, from its marker alone (the tensors file is not read: a
     synthesis checkpoint is 345 MiB at 224 px)."""
     try:
-        record = json.loads(fs.read_bytes(f"{rel}.json"))
-    except json.JSONDecodeError as e:
-        raise CorruptArtifact(f"{fs.url(rel + '.json')}: not valid JSON ({e})") from e
-    return dict(record.get("meta", {}))
+        return dict(json.loads(fs.read_bytes(f"{rel}.json"))["meta"])
+    except (ValueError, KeyError, TypeError) as e:
+        raise CorruptArtifact(f"{fs.url(rel + '.json')}: not a state's marker ({e})") from None
 
 
 def remove_state(fs: RunFS, rel: str) -> None:

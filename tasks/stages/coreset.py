@@ -5,6 +5,7 @@ selection is written as an image store like the random-real baseline's."""
 
 from __future__ import annotations
 
+import logging
 import math
 import time
 from collections.abc import Iterable, Iterator
@@ -13,7 +14,7 @@ import torch
 
 from d3s_core.coresets import herding, k_center_greedy, penultimate_features
 from storage.run import Run, baseline_prefix, images_of
-from storage.states import has_state, load_state, remove_state, save_state
+from storage.states import has_state, remove_state, resume_state, save_state
 
 from ..terminal import Count
 from .common import (
@@ -29,6 +30,8 @@ from .real_images import real_subset_working_set, write_real_set
 from .recipe import recipe
 from .synthesis import distilled_classes
 from .working_set import F32, F64, Phase, Work, phase
+
+log = logging.getLogger("d3s")  # the Prefect task forwards it to the run's log
 
 CHECKPOINT = "baselines/coresets/checkpoint"
 CHUNK = 256  # images read and embedded at a time
@@ -170,9 +173,9 @@ def _resume(run: Run, key: dict) -> tuple[Picks, int]:
     classes and data and covering every pending method (a stale one is ignored, and replaced
     at the next save); empty otherwise. Returns (picks, feature dimension, 0 if none)."""
     fresh: Picks = {method: [] for method in key["methods"]}
-    if not has_state(run.fs, CHECKPOINT):
+    if (resumed := resume_state(run.fs, CHECKPOINT, log.warning)) is None:
         return fresh, 0
-    state, meta = load_state(run.fs, CHECKPOINT)
+    state, meta = resumed
     same = all(meta.get(name) == key[name] for name in ("teacher", "ipc", "num_classes", "data"))
     if not same or not set(key["methods"]) <= set(meta.get("methods", [])):
         return fresh, 0

@@ -49,8 +49,8 @@ from storage.run import SYN_CHECKPOINT, SYN_IMAGES, Run, syn_commit, syn_isu
 from storage.states import (
     BackgroundSaver,
     has_state,
-    load_state,
     remove_state,
+    resume_state,
     save_state,
     state_meta,
 )
@@ -74,8 +74,15 @@ def distilled_classes(num_classes: int, ipc: int) -> torch.Tensor:
 _ISU = re.compile(r"after_batch_(\d+)\.json$")
 
 
-def _load_running(run: Run, b: int) -> RunningStats:
-    state, _ = load_state(run.fs, syn_isu(b))
+def _checkpoint_batch(run: Run) -> int:
+    """The batch the synthesis checkpoint belongs to (from its marker; -1 if unreadable)."""
+    try:
+        return int(state_meta(run.fs, SYN_CHECKPOINT).get("batch", -1))
+    except CorruptArtifact:
+        return -1
+
+
+def _as_running(run: Run, state: dict) -> RunningStats:
     stats = RunningStats(state["means"], state["covs"], state["batches_done"], state["images_done"])
     return stats.to(run.config.device)
 
@@ -122,13 +129,12 @@ def _running_after(
     built it: Alg. 3's update replayed on each committed batch's stored images, one batch in
     memory at a time, from the newest state before b (or from zero)."""
     device = run.config.device
-    if b == 0:
-        return RunningStats.zeros(channels, device)
-    if has_state(run.fs, syn_isu(b)):
-        return _load_running(run, b)
-    older = [a for a in _isu_batches(run) if a < b]
-    first = older[-1] if older else 0
-    running = _load_running(run, first) if first else RunningStats.zeros(channels, device)
+    running, first = RunningStats.zeros(channels, device), 0
+    for a in reversed([a for a in _isu_batches(run) if a <= b]):
+        # A damaged state is removed with a warning and rebuilt like a pruned one.
+        if (got := resume_state(run.fs, syn_isu(a), log.warning)) is not None:
+            running, first = _as_running(run, got[0]), a
+            break
     scfg, bsz = recipe(run).synthesis, run.config.synthesis.batch_size
     for a in range(first + 1, b + 1):
         record = read_batch_record(run.fs, a)
@@ -275,10 +281,10 @@ def synthesize(run: Run, progress: Progress = no_progress, world: World | None =
         state = None
         curve: list[float] = []  # loss at every iteration of this batch (the report's curve)
         ridges = RidgeLog.start(scfg, teachers)  # the ridges Eq. 1 needed (commit record)
-        if has_state(run.fs, SYN_CHECKPOINT):
-            saved_meta = state_meta(run.fs, SYN_CHECKPOINT)
-            if int(saved_meta.get("batch", -1)) == b:
-                saved, saved_meta = load_state(run.fs, SYN_CHECKPOINT)
+        if has_state(run.fs, SYN_CHECKPOINT) and _checkpoint_batch(run) == b:
+            resumed = resume_state(run.fs, SYN_CHECKPOINT, log.warning)
+            if resumed is not None:
+                saved, saved_meta = resumed
                 state = SynthesisState.from_tensors(saved, cfg.device, scfg.torch_dtype)
                 if world is not None:
                     state = shard_state(state, world)
@@ -368,6 +374,9 @@ def synthesize(run: Run, progress: Progress = no_progress, world: World | None =
         _verify_batch(run, b)
     export_png(run, classes)
     run.manifest.record(SYN_IMAGES, "synthesis")
+    # A finished set keeps no ISU state: all it held is in the images (a repair that redoes a
+    # batch rebuilds the statistics before it from them), and nothing else reads it.
+    _prune_isu(run, n_batches + 1)
     _barrier(world)
     return run.fs.url(SYN_IMAGES)
 

@@ -14,7 +14,7 @@ from d3s_core.teachers import TeacherState, TeacherTrainer
 from storage.checkpoints import load_into, read_state_dict
 from storage.records import read_teacher_metas
 from storage.run import Run, teacher_checkpoint, teacher_weights
-from storage.states import has_state, load_state, remove_state, save_state
+from storage.states import remove_state, resume_state, save_state
 
 from ..terminal import Count
 from .common import (
@@ -97,8 +97,8 @@ def _train(run: Run, m: int, model: torch.nn.Module, train, steps: int, progress
     trainer = TeacherTrainer(model, tcfg, steps, seed=derive_seed(cfg.seed, m, 101))
     ckpt = teacher_checkpoint(m)
     losses: list[float] = []  # mean training loss per epoch (the report's curve)
-    if has_state(run.fs, ckpt):
-        state, saved = load_state(run.fs, ckpt)
+    if (resumed := resume_state(run.fs, ckpt, log.warning)) is not None:
+        state, saved = resumed
         trainer.load(TeacherState(**state))
         losses = list(saved.get("losses", []))[: trainer.epoch]
     count = cfg.teachers.count

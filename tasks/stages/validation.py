@@ -12,6 +12,7 @@ Each student checkpoints every `checkpoint_every_epochs` epochs."""
 
 from __future__ import annotations
 
+import logging
 import statistics
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -27,7 +28,7 @@ from storage.arrays import image_count, read_classes, row_batches
 from storage.labels import epoch_image_batches, read_epoch_batches
 from storage.records import read_student_metrics, write_student_metrics, write_summary
 from storage.run import FULL_DATA, Run, images_of, labels_epoch, student_dir, summary_of
-from storage.states import has_state, load_state, remove_state, save_state, weights_blob
+from storage.states import remove_state, resume_state, save_state, weights_blob
 
 from ..terminal import Count
 from .common import (
@@ -41,6 +42,8 @@ from .common import (
 )
 from .recipe import recipe, teacher_recipe
 from .working_set import EPOCH_INDEX_BYTES, F32, Phase, Work, phase
+
+log = logging.getLogger("d3s")  # the Prefect task forwards it to the run's log
 
 
 @dataclass
@@ -145,8 +148,8 @@ def _train_one(
     )
     done = 0
     losses: list[float] = []  # mean KD (soft) or CE (hard) loss per epoch (the report's curve)
-    if has_state(run.fs, f"{d}/checkpoint"):
-        state, saved = load_state(run.fs, f"{d}/checkpoint")
+    if (resumed := resume_state(run.fs, f"{d}/checkpoint", log.warning)) is not None:
+        state, saved = resumed
         student.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
         sched.load_state_dict({**state["scheduler"], "lr_lambdas": [None]})
@@ -270,6 +273,11 @@ def validate(
     summary_rel = summary_of(prefix, protocol)
     if run.manifest.is_recorded(summary_rel):
         run.manifest.verify(summary_rel)
+        for plan in _plans(run, prefix):  # its students too: a few MB of weights each
+            d = student_dir(plan.arch, plan.seed, prefix, protocol)
+            for rel in (f"{d}/weights.safetensors", f"{d}/metrics.json"):
+                if run.manifest.is_recorded(rel):
+                    run.manifest.verify(rel)
         return run.fs.url(summary_rel)
     if protocol not in ("soft", "hard"):
         raise ValueError(f"unknown protocol {protocol!r}; expected 'soft' or 'hard'")
