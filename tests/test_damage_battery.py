@@ -1,0 +1,324 @@
+"""The corruption battery: every kind of artifact a finished run holds, each damaged three ways
+(truncated, one byte flipped with size and modification time kept, deleted), in a copy of one
+finished run. For each case, `d3s run` must fail with one `d3s: ` line that names the damaged
+file (or its store, such as `.../synthesis/images.zarr`) and a remedy; the remedy the message
+gives (`test_battery`), or `d3s run --repair` (`test_battery_run_repair`), followed by `d3s run`
+must then finish the run to the same bytes as the undamaged one.
+
+The battery is `slow` (96 cases); `test_issue_case` (a truncated last image shard, a teacher
+with a byte flipped and its mtime kept, a manifest that is not JSON) runs in the default tier.
+
+Byte identity (`files`) covers every file of the run, except:
+  - `manifest.json`: it records write times and fingerprints (mtimes), which differ per run;
+  - `.lock*`: the writer lock, holding the writer's host, pid and time;
+  - `report/`: `report.md` names the root and the time it was written, and the report is
+    rewritten by every `d3s run`;
+  - the `run_id` value in `config.json` (a fresh uuid per run, by design: it tells a run from a
+    deleted and recreated one). The rest of `config.json` is compared byte for byte.
+Two finished runs of this config into two roots, in one process, differ in these alone; the
+synthesis PNGs (`synthesis/png/`), checkpoints, ISU state and batch records are identical, so
+they are compared.
+
+Set D3S_BATTERY_LOG=FILE to append one JSON line per case (the outcome matrix).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shlex
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import pytest
+import torch
+
+from flows.cli import main
+
+CONFIG = {
+    "name": "battery",
+    "preset": "demo-mnist",
+    "dataset": {"kind": "synthetic", "synthetic_size": 160},
+    "teachers": {"count": 2, "train": {"epochs": 1}},
+    "stats": {"batch_size": 16, "workers": 0, "checkpoint_batches": 1},
+    "synthesis": {
+        "ipc": 2,
+        "batch_size": 10,
+        "checkpoint_every": 4,
+        "checkpoint_seconds": 0,
+        "params": {"iterations": 4},
+    },
+    "labels": {"epochs": 2, "batch_size": 10},
+    "validation": {
+        "students": 1,
+        "epochs": 1,
+        "random_real_baseline": True,
+        "coresets": ["herding"],
+    },
+}
+
+RUN_ID = re.compile(rb'"run_id": "[0-9a-f]+"')
+
+
+def files(root) -> dict[str, str]:
+    """{relative path: sha256} of every file of a run but the excluded ones (module docstring);
+    config.json is hashed with its run id blanked."""
+    out = {}
+    for dirpath, _, names in os.walk(root):
+        for n in names:
+            p = Path(dirpath) / n
+            rel = p.relative_to(root).as_posix()
+            if rel == "manifest.json" or rel.startswith((".lock", "report/")):
+                continue
+            data = p.read_bytes()
+            if rel == "config.json":
+                data = RUN_ID.sub(b'"run_id": ""', data)
+            out[rel] = hashlib.sha256(data).hexdigest()
+    return out
+
+
+def differences(got: dict[str, str], want: dict[str, str]) -> list[str]:
+    return (
+        [f"missing {k}" for k in sorted(set(want) - set(got))]
+        + [f"extra {k}" for k in sorted(set(got) - set(want))]
+        + [f"differs {k}" for k in sorted(k for k in set(got) & set(want) if got[k] != want[k])]
+    )
+
+
+# -- the artifact kinds: one representative file of each, picked from the finished run ---------
+def last(pattern: str):
+    def pick(root: Path) -> str:
+        hits = sorted(p.relative_to(root).as_posix() for p in root.glob(pattern) if p.is_file())
+        assert hits, f"no {pattern} in the finished run"
+        return hits[-1]
+
+    return pick
+
+
+def fixed(rel: str):
+    return lambda root: rel
+
+
+KINDS = {
+    "teacher_weights": fixed("teachers/teacher_0.safetensors"),
+    "teacher_meta": fixed("teachers/teacher_0.json"),
+    "stats_chunk": last("stats.zarr/teacher_0/layer_00/cov/c/*/*"),
+    "image_shard": last("synthesis/images.zarr/images/c/*/0/0/0"),  # the last batch's
+    "batch_record": last("synthesis/batches/batch_*.json"),
+    "isu_state": last("synthesis/isu/after_batch_*.safetensors"),
+    "label_epoch": last("labels/epoch=*/part-0.parquet"),
+    "student_weights": last("validation/*/weights.safetensors"),
+    "student_metrics": last("validation/*/metrics.json"),
+    "summary": fixed("validation/summary.json"),
+    "baseline_images": last("baselines/random-real/images.zarr/images/c/*/0/0/0"),
+    "baseline_labels": fixed("baselines/random-real/labels/epoch=0/part-0.parquet"),
+    "coreset_selection": fixed("baselines/herding/images.zarr/train_indices/c/0"),
+    "manifest": fixed("manifest.json"),
+    "config": fixed("config.json"),
+    "dataset_profile": fixed("dataset/profile.json"),
+}
+
+
+# -- the damages -------------------------------------------------------------------------------
+def truncated(data: bytes) -> bytes:
+    """Without the last 100 bytes, or half the bytes where that is less."""
+    return data[: len(data) - min(100, len(data) // 2)]
+
+
+def truncate(path: Path) -> None:
+    path.write_bytes(truncated(path.read_bytes()))
+
+
+def flip(path: Path) -> None:
+    """Bit rot: the middle byte inverted, size and modification time kept."""
+    st = path.stat()
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    path.write_bytes(bytes(data))
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+
+
+def delete(path: Path) -> None:
+    path.unlink()
+
+
+DAMAGES = {"truncate": truncate, "flip": flip, "delete": delete}
+
+CASES = [(k, d) for k in KINDS for d in DAMAGES]
+IDS = [f"{k}-{d}" for k, d in CASES]
+ISSUE_CASES = [("image_shard", "truncate"), ("teacher_weights", "flip"), ("manifest", "truncate")]
+
+
+# -- the machinery -----------------------------------------------------------------------------
+@dataclass
+class Outcome:
+    case: str
+    remedy_kind: str
+    rel: str
+    rc1: int | str | None = None
+    named: bool = False
+    message: str = ""
+    remedy: str | None = None
+    remedy_rc: int | str | None = None
+    remedy_message: str = ""
+    rc2: int | str | None = None
+    message2: str = ""
+    differ: list[str] = field(default_factory=list)
+    leaked: list[str] = field(default_factory=list)
+    seconds: float = 0.0
+
+    def problems(self) -> list[str]:
+        out = []
+        if self.rc1 == 0:
+            out.append("damage not noticed (rc1 0)")
+        elif not self.named:
+            out.append(f"no `d3s: ` line names {self.rel} or its store")
+        if self.rc1 != 0 and self.remedy is None:
+            out.append("no `d3s ...` remedy in the message")
+        if self.remedy is not None and self.remedy_rc != 0:
+            out.append(f"remedy `{self.remedy}` rc {self.remedy_rc}")
+        if self.rc2 != 0:
+            out.append(f"rc2 {self.rc2}: {self.message2[:300]}")
+        if self.differ:
+            shown = ", ".join(self.differ[:5])
+            more = f" and {len(self.differ) - 5} more" if len(self.differ) > 5 else ""
+            out.append(f"not byte-identical: {shown}{more}")
+        out += [f"leaked {e}" for e in self.leaked]
+        return out
+
+
+def call(argv: list[str], capsys, outcome: Outcome, step: str) -> tuple[int | str, str]:
+    """main(argv) in process: its return code (or what it raised) and its stderr."""
+    try:
+        rc: int | str = main(argv)
+    except SystemExit as e:
+        rc = e.code if isinstance(e.code, int) else f"exit {e.code!r}"
+    except Exception as e:  # a raw exception out of the CLI: recorded, the case goes on
+        first = (str(e).splitlines() or [""])[0][:300]
+        outcome.leaked.append(f"{step}: {type(e).__name__}: {first}")
+        rc = f"raised {type(e).__name__}"
+    return rc, capsys.readouterr().err
+
+
+def d3s_lines(err: str) -> list[str]:
+    return [line for line in err.splitlines() if line.startswith("d3s: ")]
+
+
+def names_damage(lines: list[str], root: Path, rel: str, recorded: set[str]) -> bool:
+    """Whether one line names the file, or a store holding it (a `.zarr` directory, or the
+    manifest's artifact it belongs to), by its path under `root`."""
+    parts = rel.split("/")
+    stores = [
+        "/".join(parts[:i])
+        for i in range(1, len(parts))
+        if parts[i - 1].endswith(".zarr") or "/".join(parts[:i]) in recorded
+    ]
+    wanted = [f"{root}/{rel}", *(f"{root}/{s}" for s in stores)]
+    return any(any(w in line for w in wanted) for line in lines)
+
+
+REMEDY = re.compile(r"`(d3s [^`]+)`")
+
+
+def remedy_in(message: str) -> str | None:
+    """The first backquoted `d3s ...` command of the message."""
+    m = REMEDY.search(message)
+    return m.group(1) if m else None
+
+
+def remedy_argv(command: str, config: str, root: Path) -> list[str]:
+    """main's argv for a `d3s ...` command; `d3s run` without a root gets this run's config
+    and root."""
+    args = shlex.split(command)[1:]
+    if args and args[0] == "run" and "--root" not in args:
+        args = ["run", config, "--root", str(root), *args[1:]]
+    return args
+
+
+@pytest.fixture(scope="module")
+def finished(prefect_server, tmp_path_factory):
+    """A finished run of CONFIG through `d3s run`: (root, config path, files, manifest keys)."""
+    base = tmp_path_factory.mktemp("battery")
+    config = base / "config.json"
+    config.write_text(json.dumps(CONFIG))
+    root = base / "run"
+    torch.manual_seed(0)
+    assert main(["run", str(config), "--root", str(root)]) == 0
+    recorded = set(json.loads((root / "manifest.json").read_text())["artifacts"])
+    return root, str(config), files(root), recorded
+
+
+def run_case(finished, tmp_path, capsys, kind: str, damage: str, remedy_kind: str) -> Outcome:
+    root, config, before, recorded = finished
+    rel = KINDS[kind](root)
+    outcome = Outcome(f"{kind}-{damage}", remedy_kind, rel)
+    start = time.monotonic()
+    copy = tmp_path / "copy"
+    shutil.copytree(root, copy)
+    capsys.readouterr()
+    DAMAGES[damage](copy / rel)
+
+    outcome.rc1, err = call(["run", config, "--root", str(copy)], capsys, outcome, "run")
+    lines = d3s_lines(err)
+    outcome.message = " | ".join(lines)[:1000]
+    outcome.named = names_damage(lines, copy, rel, recorded)
+    if outcome.rc1 != 0:
+        found = remedy_in("\n".join(lines))
+        outcome.remedy = found if remedy_kind == "suggested" else "d3s run --repair"
+    if outcome.remedy is not None:
+        argv = remedy_argv(outcome.remedy, config, copy)
+        outcome.remedy_rc, err = call(argv, capsys, outcome, "remedy")
+        outcome.remedy_message = " | ".join(d3s_lines(err))[:1000]
+    outcome.rc2, err = call(["run", config, "--root", str(copy)], capsys, outcome, "rerun")
+    outcome.message2 = " | ".join(d3s_lines(err))[:1000]
+    outcome.differ = differences(files(copy), before)
+    outcome.seconds = round(time.monotonic() - start, 2)
+
+    log = os.environ.get("D3S_BATTERY_LOG")
+    if log:
+        with open(log, "a") as f:
+            f.write(json.dumps(asdict(outcome)) + "\n")
+    return outcome
+
+
+def check(outcome: Outcome) -> None:
+    problems = outcome.problems()
+    if problems:
+        pytest.fail(f"{outcome.case} ({outcome.rel}): " + "; ".join(problems), pytrace=False)
+
+
+# -- the tests ---------------------------------------------------------------------------------
+@pytest.mark.parametrize(("kind", "damage"), ISSUE_CASES, ids=[f"{k}-{d}" for k, d in ISSUE_CASES])
+def test_issue_case(finished, tmp_path, capsys, kind, damage):
+    """The issue's three cases, in the default tier."""
+    if kind == "manifest":  # the damage leaves a manifest that is not JSON
+        with pytest.raises(ValueError):
+            json.loads(truncated((finished[0] / "manifest.json").read_bytes()))
+    check(run_case(finished, tmp_path, capsys, kind, damage, "suggested"))
+
+
+@pytest.mark.slow
+def test_undamaged_copy_runs_to_the_same_bytes(finished, tmp_path):
+    root, config, before, _ = finished
+    copy = tmp_path / "copy"
+    shutil.copytree(root, copy)
+    assert main(["run", config, "--root", str(copy)]) == 0
+    assert differences(files(copy), before) == []
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("kind", "damage"), CASES, ids=IDS)
+def test_battery(finished, tmp_path, capsys, kind, damage):
+    """The remedy the message gives."""
+    check(run_case(finished, tmp_path, capsys, kind, damage, "suggested"))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("kind", "damage"), CASES, ids=IDS)
+def test_battery_run_repair(finished, tmp_path, capsys, kind, damage):
+    """`d3s run --repair`, whatever the message suggests."""
+    check(run_case(finished, tmp_path, capsys, kind, damage, "run_repair"))
