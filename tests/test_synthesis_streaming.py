@@ -59,7 +59,9 @@ def test_repair_rebuilds_a_pruned_isu_state_exactly(streaming_root, monkeypatch,
     # A state after batch 2 that is there but damaged (bit rot): removed, and rebuilt the same.
     save_state(run.fs, syn_isu(2), {"means": [torch.zeros(3)], "covs": [torch.zeros(3, 3)]})
     (blob,) = (streaming_root / "synthesis" / "isu").glob("after_batch_000002.*.safetensors")
-    blob.write_bytes(blob.read_bytes()[:-1] + b"\0")
+    data = bytearray(blob.read_bytes())
+    data[-1] ^= 0xFF
+    blob.write_bytes(bytes(data))
     no_whole_set(monkeypatch)
     with open_run(streaming_root, streaming_config()) as run:
         syn.synthesize(run)
