@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import math
 import uuid
 from dataclasses import replace
@@ -39,9 +40,11 @@ from d3s_core.teachers import TeacherTrainConfig
 from . import config_errors
 from .fs import RunFS
 from .lock import LOCK_FILE
-from .manifest import MANIFEST
+from .manifest import MANIFEST, PREVIOUS, Manifest
 from .recipes import RECIPES, LabelParams, Strict, StudentParams, SynthesisParams, TeacherTrain
 from .urls import check_no_credentials
+
+log = logging.getLogger("d3s")
 
 CONFIG_FILE = "config.json"
 SCHEMA_VERSION = 1
@@ -553,7 +556,7 @@ def written_artifacts(fs: RunFS) -> list[str]:
     out = []
     for rel in fs.walk_files(""):
         name = rel.rsplit("/", 1)[-1]
-        if rel == CONFIG_FILE or (rel == name and name.startswith(LOCK_FILE)):
+        if rel in (CONFIG_FILE, PREVIOUS) or (rel == name and name.startswith(LOCK_FILE)):
             continue
         if name.startswith(".tmp-"):
             continue
@@ -571,37 +574,58 @@ def save_config(fs: RunFS, cfg: RunConfig) -> None:
     """Write config.json (with its hash). The first artifact written under the root fixes it:
     before that (a start that failed at once) a different configuration replaces it, with a new
     run id; afterwards it is refused, naming the differing keys, so a resumed run can never mix
-    two configurations."""
+    two configurations. A config.json that is damaged (not JSON, or not matching its own hash)
+    or lost after artifacts were written is written again from the given configuration when its
+    hash is the one the manifest recorded with every write, with a warning naming the file;
+    another configuration is refused."""
+    saved = cfg.model_dump(mode="json")
     payload = {
-        "config": cfg.model_dump(mode="json"),
+        "config": saved,
+        "content_sha256": _content_sha256(saved),
         "config_hash": cfg.config_hash(),
         "run_id": uuid.uuid4().hex,  # tells this run from a deleted and recreated one
     }
+    existing: RunConfig | None = None
+    problem = "missing"
     if fs.exists(CONFIG_FILE):
         try:
-            existing: RunConfig | None = load_config(fs)
-            unreadable = ""
+            existing, problem = load_config(fs), ""
         except (ValueError, KeyError, TypeError) as e:
-            existing, unreadable = None, str(e)
+            problem = f"cannot be read ({e})"
         if existing is not None and existing.config_hash() == cfg.config_hash():
             return
-        written = written_artifacts(fs)
-        if written:
+    written = written_artifacts(fs)
+    if written and existing is not None:
+        hashes = f"hash {existing.config_hash()[:12]} vs {cfg.config_hash()[:12]}"
+        raise ValueError(
+            f"{fs.url(CONFIG_FILE)}: this run was started with a different configuration: "
+            f"{describe_differences(config_differences(existing, cfg)) or hashes}; "
+            "use a new root or the saved configuration"
+        )
+    if written:
+        recorded = Manifest(fs).recorded_config_hash()
+        if recorded != cfg.config_hash():
             shown = ", ".join(written[:3]) + (
                 f" and {len(written) - 3} more" if len(written) > 3 else ""
             )
-            if existing is None:
-                raise ValueError(
-                    f"{fs.url(CONFIG_FILE)}: the saved configuration cannot be read "
-                    f"({unreadable}) and the run has artifacts ({shown}); use a new root"
-                )
-            hashes = f"hash {existing.config_hash()[:12]} vs {cfg.config_hash()[:12]}"
-            raise ValueError(
-                f"{fs.url(CONFIG_FILE)}: this run was started with a different configuration: "
-                f"{describe_differences(config_differences(existing, cfg)) or hashes}; "
-                "use a new root or the saved configuration"
+            was = (
+                f"the manifest records configuration hash {recorded[:12]}, this one is "
+                f"{cfg.config_hash()[:12]}: run with the configuration the run was made with"
+                if recorded
+                else "the manifest records no configuration hash to check a given one against"
             )
-        # Nothing computed under the saved configuration: the given one replaces it.
+            raise ValueError(
+                f"{fs.url(CONFIG_FILE)}: {problem}, and the run has artifacts ({shown}); {was}, "
+                "or use a new root"
+            )
+        log.warning(
+            "%s: %s; written again from the given configuration (its hash %s is the one the "
+            "manifest recorded)",
+            fs.url(CONFIG_FILE),
+            problem,
+            recorded[:12],
+        )
+    # Nothing computed under the saved configuration: the given one replaces it.
     fs.write_bytes(CONFIG_FILE, json.dumps(payload, indent=2, sort_keys=True).encode())
 
 
@@ -610,5 +634,15 @@ def run_id(fs: RunFS) -> str:
 
 
 def load_config(fs: RunFS) -> RunConfig:
+    """The saved configuration; ValueError when config.json is not JSON or its content does
+    not match the hash saved with it (a damaged byte that still parses)."""
     raw = json.loads(fs.read_bytes(CONFIG_FILE))
+    if "content_sha256" in raw and raw["content_sha256"] != _content_sha256(raw["config"]):
+        raise ValueError(f"{fs.url(CONFIG_FILE)}: its content does not match its own checksum")
     return parse_config(raw["config"], fs.url(CONFIG_FILE))
+
+
+def _content_sha256(config: Any) -> str:
+    """config.json's own checksum: of the configuration as saved (not as today's schema would
+    normalise it, so a run saved by an older version still reads)."""
+    return hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()

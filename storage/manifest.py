@@ -93,9 +93,20 @@ class Manifest:
     """guard: called before every write of the manifest (the writer lock's `check`: a process
     that lost an object-store lease must not record artifacts)."""
 
-    def __init__(self, fs: RunFS, guard: Callable[[], None] | None = None):
+    def __init__(
+        self, fs: RunFS, guard: Callable[[], None] | None = None, config_hash: str | None = None
+    ):
         self.fs = fs
         self.guard = guard
+        self.config_hash = config_hash  # stamped on every write (config.json's way back)
+
+    def recorded_config_hash(self) -> str | None:
+        """The configuration hash the last write was made under (None: none recorded, or the
+        manifest cannot be read)."""
+        try:
+            return self._load().get("config_hash")
+        except BrokenManifest:
+            return None
 
     def _load(self) -> dict[str, Any]:
         if not self.fs.exists(MANIFEST):
@@ -170,6 +181,8 @@ class Manifest:
             # The generation being replaced, kept whole (it was just read and parsed).
             self.fs.write_bytes(PREVIOUS, self.fs.read_bytes(MANIFEST))
         data = {k: v for k, v in data.items() if k != "self_sha256"}
+        if self.config_hash is not None:
+            data["config_hash"] = self.config_hash
         data["self_sha256"] = _self_sha256(data)
         self.fs.write_bytes(MANIFEST, json.dumps(data, indent=1, sort_keys=True).encode())
 

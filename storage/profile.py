@@ -3,10 +3,13 @@
 found, the inspected images' modes and sizes, and warnings where the recipe looks off for the
 data. Written once, atomically, by the process holding the run's lock (the first stage that
 opens the data); read by every later stage, worker and rank, `d3s status` and the report.
+It carries the SHA-256 of its own content; a damaged one is measured again by the data stage
+(the data and the config determine it), with a warning naming it.
 Schema: docs/artifacts.md, "dataset/"."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 from typing import Any
 
@@ -22,8 +25,18 @@ def write_profile(fs: RunFS, profile: dict[str, Any]) -> dict[str, Any]:
     """Write the profile atomically; returns it as `read_profile` will read it."""
     check_profile(profile, fs.url(PROFILE))
     body = {"schema_version": SCHEMA_VERSION, **profile}
+    body.pop(SELF_SHA, None)
+    body[SELF_SHA] = _content_sha(body)
     fs.write_bytes(PROFILE, json.dumps(body, indent=1, sort_keys=True).encode())
     return body
+
+
+SELF_SHA = "self_sha256"  # the SHA-256 of the rest: a changed byte that still parses is found
+
+
+def _content_sha(body: dict[str, Any]) -> str:
+    rest = {k: v for k, v in body.items() if k != SELF_SHA}
+    return hashlib.sha256(json.dumps(rest, sort_keys=True).encode()).hexdigest()
 
 
 def read_profile(fs: RunFS) -> dict[str, Any] | None:
@@ -34,9 +47,11 @@ def read_profile(fs: RunFS) -> dict[str, Any] | None:
     try:
         profile = json.loads(fs.read_bytes(PROFILE))
     except ValueError as e:
-        raise CorruptArtifact(f"{where}: not JSON ({e}); delete it to measure again") from None
+        raise CorruptArtifact(f"{where}: not JSON ({e})") from None
     if not isinstance(profile, dict) or profile.get("schema_version") != SCHEMA_VERSION:
         raise CorruptArtifact(f"{where}: not a schema {SCHEMA_VERSION} data profile")
+    if SELF_SHA in profile and profile[SELF_SHA] != _content_sha(profile):
+        raise CorruptArtifact(f"{where}: its content does not match its own checksum")
     check_profile(profile, where)
     return profile
 

@@ -134,7 +134,7 @@ def open_run(root: str | os.PathLike[str], config: RunConfig, **storage_options:
     except BaseException:
         _drop_lock(fs)
         raise
-    return Run(fs, config, Manifest(fs, lock.check), lock)
+    return Run(fs, config, Manifest(fs, lock.check, config.config_hash()), lock)
 
 
 def attach_run(root: str | os.PathLike[str], config: RunConfig, **storage_options: Any) -> Run:

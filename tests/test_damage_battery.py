@@ -5,11 +5,22 @@ file (or its store, such as `.../synthesis/images.zarr`) and a remedy; the remed
 gives (`test_battery`), or `d3s run --repair` (`test_battery_run_repair`), followed by `d3s run`
 must then finish the run to the same bytes as the undamaged one.
 
-The battery is `slow` (96 cases); `test_issue_case` (a truncated last image shard, a teacher
+The battery is `slow` (90 cases: 15 kinds x 3 damages x 2 remedies); `test_issue_case` (a truncated last image shard, a teacher
 with a byte flipped and its mtime kept, a manifest that is not JSON) runs in the default tier.
 
+Two kinds are derived from what the command line gives and are restored in place, by design:
+`dataset/profile.json` (measured again from the data and the config) and `config.json` (written
+again from the given configuration when its hash is the one the manifest recorded with every
+write; another configuration is refused). For them `d3s run` exits 0 at once, with a warning
+that names the file, and leaves the same bytes.
+
+A finished run holds no ISU state and no checkpoint (synthesis removes its last ISU state once
+the set is recorded; every checkpoint is removed when its unit is done): a damaged one during a
+run is removed with a warning and its work redone (tests/test_synthesis_streaming.py).
+
 Byte identity (`files`) covers every file of the run, except:
-  - `manifest.json`: it records write times and fingerprints (mtimes), which differ per run;
+  - `manifest.json` and its previous generation `manifest.prev.json`: they record write times
+    and fingerprints (mtimes), which differ per run;
   - `.lock*`: the writer lock, holding the writer's host, pid and time;
   - `report/`: `report.md` names the root and the time it was written, and the report is
     rewritten by every `d3s run`;
@@ -72,7 +83,7 @@ def files(root) -> dict[str, str]:
         for n in names:
             p = Path(dirpath) / n
             rel = p.relative_to(root).as_posix()
-            if rel == "manifest.json" or rel.startswith((".lock", "report/")):
+            if rel.startswith(("manifest.", ".lock", "report/")):
                 continue
             data = p.read_bytes()
             if rel == "config.json":
@@ -109,7 +120,6 @@ KINDS = {
     "stats_chunk": last("stats.zarr/teacher_0/layer_00/cov/c/*/*"),
     "image_shard": last("synthesis/images.zarr/images/c/*/0/0/0"),  # the last batch's
     "batch_record": last("synthesis/batches/batch_*.json"),
-    "isu_state": last("synthesis/isu/after_batch_*.safetensors"),
     "label_epoch": last("labels/epoch=*/part-0.parquet"),
     "student_weights": last("validation/*/weights.safetensors"),
     "student_metrics": last("validation/*/metrics.json"),
@@ -147,6 +157,7 @@ def delete(path: Path) -> None:
 
 
 DAMAGES = {"truncate": truncate, "flip": flip, "delete": delete}
+IN_PLACE = {"dataset_profile", "config"}  # restored by `d3s run` itself (module docstring)
 
 CASES = [(k, d) for k in KINDS for d in DAMAGES]
 IDS = [f"{k}-{d}" for k, d in CASES]
@@ -173,7 +184,12 @@ class Outcome:
 
     def problems(self) -> list[str]:
         out = []
-        if self.rc1 == 0:
+        in_place = self.case.split("-")[0] in IN_PLACE
+        if in_place and (self.rc1 != 0 or not self.named):
+            out.append(f"not restored in place with a warning naming {self.rel} (rc1 {self.rc1})")
+        elif in_place:
+            pass
+        elif self.rc1 == 0:
             out.append("damage not noticed (rc1 0)")
         elif not self.named:
             out.append(f"no `d3s: ` line names {self.rel} or its store")
@@ -206,6 +222,10 @@ def call(argv: list[str], capsys, outcome: Outcome, step: str) -> tuple[int | st
 
 def d3s_lines(err: str) -> list[str]:
     return [line for line in err.splitlines() if line.startswith("d3s: ")]
+
+
+def warning_lines(err: str) -> list[str]:
+    return [line for line in err.splitlines() if "WARNING" in line]
 
 
 def names_damage(lines: list[str], root: Path, rel: str, recorded: set[str]) -> bool:
@@ -263,7 +283,7 @@ def run_case(finished, tmp_path, capsys, kind: str, damage: str, remedy_kind: st
     DAMAGES[damage](copy / rel)
 
     outcome.rc1, err = call(["run", config, "--root", str(copy)], capsys, outcome, "run")
-    lines = d3s_lines(err)
+    lines = d3s_lines(err) if kind not in IN_PLACE else warning_lines(err)
     outcome.message = " | ".join(lines)[:1000]
     outcome.named = names_damage(lines, copy, rel, recorded)
     if outcome.rc1 != 0:

@@ -35,6 +35,7 @@ from d3s_core.dataprofile import (
 from d3s_core.presets import Preset
 from storage.datasets import NormalisedImages, PixelItems
 from storage.imagefolder import ImageFolderDataset
+from storage.manifest import CorruptArtifact
 from storage.profile import PROFILE, read_profile, write_profile
 from storage.run import Run
 from storage.webdataset import TarShardDataset
@@ -52,7 +53,11 @@ def open_data(run: Run, progress: Progress = no_progress) -> str:
     for ImageFolder trees and tar shards, write its index (`dataset/`), where they are not
     there yet; then log what the run takes from the data, the config and the preset, and the
     recipe's warnings. Returns the profile's URL."""
-    profile = read_profile(run.fs)
+    try:
+        profile = read_profile(run.fs)
+    except CorruptArtifact as e:  # derived from the data and the config: measured again
+        log.warning("%s: measured again from the data", e)
+        profile = None
     if profile is None:
         profile = measure_profile(run)  # it writes the index as it lists the data
         if run.lock is not None:
