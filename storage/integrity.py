@@ -62,7 +62,10 @@ class Problem:
 
 def check_one(fs: RunFS, rel: str, entry: dict[str, Any], quick: bool) -> Problem | None:
     """None if `rel` is intact, else what is wrong with it."""
-    return _inspect(fs, rel, entry, quick)[0]
+    problem = _inspect(fs, rel, entry, quick)[0]
+    if problem is None and rel == SYN_IMAGES:
+        problem = _records_problem(fs, quick)
+    return problem
 
 
 def _inspect(

@@ -5,8 +5,9 @@ file (or its store, such as `.../synthesis/images.zarr`) and a remedy; the remed
 gives (`test_battery`), or `d3s run --repair` (`test_battery_run_repair`), followed by `d3s run`
 must then finish the run to the same bytes as the undamaged one.
 
-The battery is `slow` (90 cases: 15 kinds x 3 damages x 2 remedies); `test_issue_case` (a truncated last image shard, a teacher
-with a byte flipped and its mtime kept, a manifest that is not JSON) runs in the default tier.
+The battery is `slow` (90 cases: 15 kinds x 3 damages x 2 remedies); `test_issue_case` (a
+truncated last image shard, a teacher with a byte flipped and its mtime kept, a manifest that is
+not JSON) runs in the default tier.
 
 Two kinds are derived from what the command line gives and are restored in place, by design:
 `dataset/profile.json` (measured again from the data and the config) and `config.json` (written

@@ -13,7 +13,7 @@ import pytest
 from flows.cli import main
 from storage.config import parse_config
 from storage.fs import RunFS
-from storage.integrity import check, dependents, plan_repair
+from storage.integrity import check, dependents, plan_repair, repair
 from storage.manifest import Manifest
 from storage.run import SYN_IMAGES, labels_epoch, open_run, syn_commit, teacher_weights
 from tasks.stages import STAGES
@@ -137,6 +137,33 @@ def test_a_damaged_second_synthesis_batch_is_redone_alone(run_copy, finished, ca
     assert record["resumed_from_iteration"] is None  # batch 2 redone from its start
     assert sha(run_copy / syn_commit(1)) == commit1  # batch 1 kept, not recomputed
     assert files(run_copy) == before  # same process, same code: the same bytes
+
+
+def test_a_repair_killed_part_way_is_finished_by_the_next_call(run_copy, finished, monkeypatch):
+    """The manifest forgot batch 2 and what follows, then the process died before the files
+    went: the next `d3s repair` finishes it (before, the damaged shard stayed and Zarr's
+    read-before-write failed every later run with a raw checksum error)."""
+    before = files(finished)
+    shard = run_copy / "synthesis" / "images.zarr" / "images" / "c" / "1" / "0" / "0" / "0"
+    shard.write_bytes(shard.read_bytes()[:-100])
+    fs = RunFS(run_copy)
+    plan = plan_repair(fs, check(fs, quick=False)[0])
+    assert plan.first_batch == 2
+    real_remove = RunFS.remove
+
+    def killed(self, rel, recursive=False):
+        raise KeyboardInterrupt  # the kill, after the manifest's write
+
+    monkeypatch.setattr(RunFS, "remove", killed)
+    with pytest.raises(KeyboardInterrupt):
+        repair(fs, plan)
+    monkeypatch.setattr(RunFS, "remove", real_remove)
+    assert not Manifest(fs).is_recorded(SYN_IMAGES) and shard.exists()
+    assert (run_copy / "repair.json").exists()
+    assert main(["repair", str(run_copy)]) == 0  # finishes it first, then finds nothing
+    assert not (run_copy / "repair.json").exists() and not shard.exists()
+    run_stages(run_copy)
+    assert files(run_copy) == before
 
 
 def test_a_missing_artifact_is_repaired_too(run_copy, capsys):
