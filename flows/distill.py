@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from prefect import flow
+from prefect import flow, get_run_logger
 from prefect.runtime import flow_run
 
 from flows.hygiene import crash_leftovers
@@ -17,7 +17,13 @@ from storage.config import RunConfig
 from storage.manifest import CorruptArtifact
 from storage.run import open_run
 from tasks.credentials import storage_options
-from tasks.prefect_tasks import check_task, repair_task, report_task, stage_task
+from tasks.prefect_tasks import (
+    check_task,
+    forwarded_logs,
+    repair_task,
+    report_task,
+    stage_task,
+)
 from tasks.stage_table import enabled, resolve
 
 
@@ -47,7 +53,9 @@ def distill(
     c = config.model_dump(mode="json")
     # The flow holds the run's writer lock for its whole life (the tasks share it), and the
     # run exists before the first cache key is computed.
-    with open_run(root, config, **storage_options(config)):
+    with forwarded_logs(get_run_logger()):  # config.json restored in place: a warning
+        run = open_run(root, config, **storage_options(config))
+    with run:
         check = check_task(root, c, repair)
         repaired: set[str] = set()
         while True:

@@ -111,17 +111,19 @@ def check(
 def _records_problem(fs: RunFS, quick: bool) -> Problem | None:
     """The commit records of a finished image store: one per batch (quick: counted), each
     intact (full: read against its own checksum)."""
-    names = [n for n in fs.listdir(BATCHES) if re.match(r"batch_\d+\.json$", n)]
+    names = {n for n in fs.listdir(BATCHES) if re.match(r"batch_\d+\.json$", n)}
     try:
-        expected = len(_batch_starts(fs))
-        if len(names) != expected:
+        expected = [syn_commit(b) for b in range(1, len(_batch_starts(fs)) + 1)]
+        missing = [rel for rel in expected if posixpath.basename(rel) not in names]
+        if missing or len(names) != len(expected):
+            shown = ", ".join(fs.url(rel) for rel in missing[:3]) or "none"
             return Problem(
                 SYN_IMAGES,
                 "damaged",
-                f"{len(names)} commit records under {fs.url(BATCHES)}, {expected} batches",
+                f"{len(names)} commit records for {len(expected)} batches (missing: {shown})",
             )
         if not quick:
-            for b in range(1, expected + 1):
+            for b in range(1, len(expected) + 1):
                 read_batch_record(fs, b)
     except CorruptArtifact as e:
         return Problem(SYN_IMAGES, "damaged", str(e).split("; run `d3s")[0])

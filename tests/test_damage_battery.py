@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import re
 import shlex
@@ -208,8 +209,23 @@ class Outcome:
         return out
 
 
+class Collect(logging.Handler):
+    """The pipeline's own log records (logger "d3s": a restore in place is a warning there),
+    whatever Prefect's handlers do with them."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.lines: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.lines.append(record.getMessage())
+
+
 def call(argv: list[str], capsys, outcome: Outcome, step: str) -> tuple[int | str, str]:
-    """main(argv) in process: its return code (or what it raised) and its stderr."""
+    """main(argv) in process: its return code (or what it raised), and its stderr followed by
+    the warnings the pipeline logged."""
+    collect = Collect()
+    logging.getLogger("d3s").addHandler(collect)
     try:
         rc: int | str = main(argv)
     except SystemExit as e:
@@ -218,7 +234,9 @@ def call(argv: list[str], capsys, outcome: Outcome, step: str) -> tuple[int | st
         first = (str(e).splitlines() or [""])[0][:300]
         outcome.leaked.append(f"{step}: {type(e).__name__}: {first}")
         rc = f"raised {type(e).__name__}"
-    return rc, capsys.readouterr().err
+    finally:
+        logging.getLogger("d3s").removeHandler(collect)
+    return rc, "\n".join([capsys.readouterr().err, *collect.lines])
 
 
 def d3s_lines(err: str) -> list[str]:
@@ -226,7 +244,8 @@ def d3s_lines(err: str) -> list[str]:
 
 
 def warning_lines(err: str) -> list[str]:
-    return [line for line in err.splitlines() if "WARNING" in line]
+    """The lines that are not the CLI's error line (a restore in place is a warning)."""
+    return [line for line in err.splitlines() if not line.startswith("d3s: ")]
 
 
 def names_damage(lines: list[str], root: Path, rel: str, recorded: set[str]) -> bool:

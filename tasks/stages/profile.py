@@ -58,6 +58,8 @@ def open_data(run: Run, progress: Progress = no_progress) -> str:
     except CorruptArtifact as e:  # derived from the data and the config: measured again
         log.warning("%s: measured again from the data", e)
         profile = None
+    if profile is None and run.manifest.entries():  # lost after the run had finished work
+        log.warning("%s: missing; measured again from the data", run.fs.url(PROFILE))
     if profile is None:
         profile = measure_profile(run)  # it writes the index as it lists the data
         if run.lock is not None:
