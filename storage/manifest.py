@@ -24,6 +24,8 @@ from .fs import RunFS
 
 MANIFEST = "manifest.json"
 PREVIOUS = "manifest.prev.json"  # the generation before the last write
+KEEP_ON_START_OVER = ("config.json", "dataset", MANIFEST, PREVIOUS)
+NOTHING_PROVEN = ": nothing on disk can be proven, every artifact is recomputed (its files removed)"
 
 REMEDY = (
     "run `d3s repair {root}` to forget it and what was computed from it, then run again "
@@ -144,15 +146,22 @@ class Manifest:
         except BrokenManifest:
             pass
         data: dict[str, Any] = {"version": 1, "artifacts": {}}
-        done = f"started a new, empty manifest (no {PREVIOUS})"
+        done = f"started a new, empty manifest (no {PREVIOUS}){NOTHING_PROVEN}"
         if self.fs.exists(PREVIOUS):
             try:
                 data = parse_manifest(self.fs.read_bytes(PREVIOUS), self.fs.url(PREVIOUS))
                 done = f"restored the previous generation ({len(data['artifacts'])} artifacts)"
             except BrokenManifest as e:
-                done = f"started a new, empty manifest ({e})"
+                done = f"started a new, empty manifest ({e}){NOTHING_PROVEN}"
         # Forgetting is what a restore amounts to: cached stage results must not stand.
         data["generation"] = data.get("generation", 0) + 1
+        if not data["artifacts"]:
+            # Without a manifest nothing on disk is proven, and the files outside it (commit
+            # records, statistics shards) would be reused against recomputed teachers: all go
+            # but the configuration, the data's index and profile, and the lock.
+            for name in self.fs.listdir(""):
+                if name not in KEEP_ON_START_OVER and not name.startswith(".lock"):
+                    self.fs.remove(name, recursive=True)
         self._write(data, keep_previous=False)
         return done
 

@@ -166,6 +166,25 @@ def test_a_repair_killed_part_way_is_finished_by_the_next_call(run_copy, finishe
     assert files(run_copy) == before
 
 
+def test_a_broken_manifest_without_a_previous_generation_starts_over(run_copy, finished, capsys):
+    """Nothing on disk can be proven: `d3s repair` says so and removes what a stage would
+    otherwise reuse unproven (the commit records); the next run recomputes the same bytes."""
+    before = files(finished)
+    (run_copy / "manifest.prev.json").unlink()
+    (run_copy / "manifest.json").write_text("{")
+    assert main(["verify", str(run_copy)]) == 2
+    assert "no previous generation" in capsys.readouterr().err
+    assert main(["repair", str(run_copy)]) == 0
+    assert "nothing on disk can be proven" in capsys.readouterr().out
+    assert sorted(p.name for p in run_copy.iterdir() if not p.name.startswith(".lock")) == [
+        "config.json",
+        "dataset",
+        "manifest.json",
+    ]
+    run_stages(run_copy)
+    assert files(run_copy) == before
+
+
 def test_a_missing_artifact_is_repaired_too(run_copy, capsys):
     (run_copy / "validation" / "summary.json").unlink()
     assert main(["verify", str(run_copy), "--quick"]) == 1
