@@ -202,7 +202,14 @@ def read_index(fs: RunFS, kind: str, sources: dict[str, str]) -> DatasetIndex | 
     if not fs.exists(INDEX):
         return None
     where = fs.url(INDEX)
-    data = json.loads(fs.read_bytes(INDEX))
+    try:
+        data = json.loads(fs.read_bytes(INDEX))
+        body = {k: v for k, v in data.items() if k != SELF_SHA}
+        if SELF_SHA in data and data[SELF_SHA] != _content_sha(body):
+            raise ValueError("its content does not match its own checksum")
+        data["kind"], data["splits"], data["created"]  # noqa: B018 (present)
+    except (ValueError, KeyError, TypeError, AttributeError) as e:
+        raise CorruptArtifact(f"{where}: a damaged dataset index ({e})") from None
     remedy = (
         f"a different dataset needs a new run root; if the data only moved, delete "
         f"{fs.url('dataset')} and it is indexed again"
@@ -258,8 +265,24 @@ def commit_index(fs: RunFS, kind: str, splits: dict[str, dict[str, Any]]) -> Dat
     """Write index.json (after the column files it names: it commits them)."""
     created = datetime.now(UTC).isoformat(timespec="seconds")
     data = {"schema_version": SCHEMA_VERSION, "kind": kind, "created": created, "splits": splits}
+    data[SELF_SHA] = _content_sha(data)
     fs.write_bytes(INDEX, json.dumps(data, indent=1).encode())
     return DatasetIndex(kind, splits, created)
+
+
+SELF_SHA = "self_sha256"  # of the rest of index.json: a changed byte that still parses is found
+
+
+def _content_sha(data: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()
+
+
+def remove_index(fs: RunFS) -> None:
+    """Forget a damaged index: index.json first (it commits the column files), then those."""
+    fs.remove(INDEX)
+    for name in fs.listdir("dataset"):
+        if name.endswith(".arrow"):
+            fs.remove(f"dataset/{name}")
 
 
 # -- column files: local path, checks, the cache of remote ones ---------------------------------

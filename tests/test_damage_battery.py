@@ -52,6 +52,8 @@ import torch
 
 from flows.cli import main
 
+from .helpers import rgb_tree
+
 CONFIG = {
     "name": "battery",
     "preset": "demo-mnist",
@@ -75,6 +77,7 @@ CONFIG = {
 }
 
 RUN_ID = re.compile(rb'"run_id": "[0-9a-f]+"')
+CREATED = re.compile(rb'"created": "[^"]*"')  # the dataset index's creation time
 
 
 def files(root) -> dict[str, str]:
@@ -90,6 +93,8 @@ def files(root) -> dict[str, str]:
             data = p.read_bytes()
             if rel == "config.json":
                 data = RUN_ID.sub(b'"run_id": ""', data)
+            if rel == "dataset/index.json":
+                data = CREATED.sub(b'"created": ""', data)
             out[rel] = hashlib.sha256(data).hexdigest()
     return out
 
@@ -133,6 +138,11 @@ KINDS = {
     "config": fixed("config.json"),
     "dataset_profile": fixed("dataset/profile.json"),
 }
+# The dataset index of an ImageFolder tree (a second finished run, `finished_folder`).
+INDEX_KINDS = {
+    "dataset_index": fixed("dataset/index.json"),
+    "dataset_listing": fixed("dataset/train.arrow"),
+}
 
 
 # -- the damages -------------------------------------------------------------------------------
@@ -159,9 +169,11 @@ def delete(path: Path) -> None:
 
 
 DAMAGES = {"truncate": truncate, "flip": flip, "delete": delete}
-IN_PLACE = {"dataset_profile", "config"}  # restored by `d3s run` itself (module docstring)
+# Restored by `d3s run` itself (module docstring).
+IN_PLACE = {"dataset_profile", "config", "dataset_index", "dataset_listing"}
 
 CASES = [(k, d) for k in KINDS for d in DAMAGES]
+INDEX_CASES = [(k, d, r) for k in INDEX_KINDS for d in DAMAGES for r in ("suggested", "run_repair")]
 IDS = [f"{k}-{d}" for k, d in CASES]
 ISSUE_CASES = [("image_shard", "truncate"), ("teacher_weights", "flip"), ("manifest", "truncate")]
 
@@ -292,9 +304,29 @@ def finished(prefect_server, tmp_path_factory):
     return root, str(config), files(root), recorded
 
 
+@pytest.fixture(scope="module")
+def finished_folder(prefect_server, tmp_path_factory):
+    """CONFIG on a small RGB ImageFolder tree (a dataset index and its listing), finished."""
+    base = tmp_path_factory.mktemp("battery-folder")
+    tree = rgb_tree(base / "tree", classes=10, per_class=8, val=2)
+    cfg = {**CONFIG, "name": "battery-folder"}
+    cfg["dataset"] = {
+        "kind": "imagefolder",
+        "path": str(tree / "train"),
+        "val_path": str(tree / "val"),
+    }
+    cfg["validation"] = {"students": 1, "epochs": 1}
+    config = base / "config.json"
+    config.write_text(json.dumps(cfg))
+    root = base / "run"
+    assert main(["run", str(config), "--root", str(root)]) == 0
+    recorded = set(json.loads((root / "manifest.json").read_text())["artifacts"])
+    return root, str(config), files(root), recorded
+
+
 def run_case(finished, tmp_path, capsys, kind: str, damage: str, remedy_kind: str) -> Outcome:
     root, config, before, recorded = finished
-    rel = KINDS[kind](root)
+    rel = {**KINDS, **INDEX_KINDS}[kind](root)
     outcome = Outcome(f"{kind}-{damage}", remedy_kind, rel)
     start = time.monotonic()
     copy = tmp_path / "copy"
@@ -362,3 +394,12 @@ def test_battery(finished, tmp_path, capsys, kind, damage):
 def test_battery_run_repair(finished, tmp_path, capsys, kind, damage):
     """`d3s run --repair`, whatever the message suggests."""
     check(run_case(finished, tmp_path, capsys, kind, damage, "run_repair"))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("kind", "damage", "remedy"), INDEX_CASES, ids=[f"{k}-{d}-{r}" for k, d, r in INDEX_CASES]
+)
+def test_battery_dataset_index(finished_folder, tmp_path, capsys, kind, damage, remedy):
+    """The dataset index of an ImageFolder run: indexed again in place, to the same bytes."""
+    check(run_case(finished_folder, tmp_path, capsys, kind, damage, remedy))

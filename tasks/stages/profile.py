@@ -33,6 +33,7 @@ from d3s_core.dataprofile import (
     profile_rows,
 )
 from d3s_core.presets import Preset
+from storage.dataset_index import INDEX, remove_index
 from storage.datasets import NormalisedImages, PixelItems
 from storage.imagefolder import ImageFolderDataset
 from storage.manifest import CorruptArtifact
@@ -66,7 +67,16 @@ def open_data(run: Run, progress: Progress = no_progress) -> str:
             run.lock.check()
             profile = write_profile(run.fs, profile)
     run.__dict__["_profile"] = profile
-    data_splits(run, write_index=True)  # where the profile was there but the index was not
+    files = run.config.dataset.kind in ("imagefolder", "webdataset")
+    if files and not run.fs.exists(INDEX) and run.manifest.entries():
+        log.warning("%s: missing; the data is indexed again", run.fs.url(INDEX))
+    try:
+        data_splits(run, write_index=True)  # where the profile was there but the index was not
+    except CorruptArtifact as e:  # a listing of the data: made again (the same data gives the
+        # same fingerprint, which the statistics and every later stage check)
+        log.warning("%s: the data is indexed again", e)
+        remove_index(run.fs)
+        data_splits(run, write_index=True)
     for line in provenance_lines(run):
         log.info("data: %s", line)
     for w in profile.get("warnings", []):
