@@ -305,8 +305,8 @@ def _check(local: str, entry: dict[str, Any], where: str, fs: RunFS) -> None:
     if nbytes != entry["file_bytes"] or _sha256(local) != entry["file_sha256"]:
         raise CorruptArtifact(
             f"{where}: does not match the dataset index ({entry['file_bytes']} bytes, sha256 "
-            f"{entry['file_sha256'][:12]}... recorded in {fs.url(INDEX)}); delete "
-            f"{fs.url('dataset')} and it is indexed again"
+            f"{entry['file_sha256'][:12]}... recorded in {fs.url(INDEX)}); the run's data "
+            "stage (`d3s run`, `d3s data`) indexes the data again"
         )
 
 

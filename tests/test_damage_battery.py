@@ -26,7 +26,9 @@ Byte identity (`files`) covers every file of the run, except:
   - `report/`: `report.md` names the root and the time it was written, and the report is
     rewritten by every `d3s run`;
   - the `run_id` value in `config.json` (a fresh uuid per run, by design: it tells a run from a
-    deleted and recreated one). The rest of `config.json` is compared byte for byte.
+    deleted and recreated one). The rest of `config.json` is compared byte for byte;
+  - the `created` time in `dataset/index.json` (when the data was indexed) and its
+    `self_sha256`, which covers it.
 Two finished runs of this config into two roots, in one process, differ in these alone; the
 synthesis PNGs (`synthesis/png/`), checkpoints, ISU state and batch records are identical, so
 they are compared.
@@ -77,7 +79,8 @@ CONFIG = {
 }
 
 RUN_ID = re.compile(rb'"run_id": "[0-9a-f]+"')
-CREATED = re.compile(rb'"created": "[^"]*"')  # the dataset index's creation time
+# The dataset index's creation time, and its own checksum, which covers it.
+CREATED = re.compile(rb'"(created|self_sha256)": "[^"]*"')
 
 
 def files(root) -> dict[str, str]:
@@ -94,7 +97,7 @@ def files(root) -> dict[str, str]:
             if rel == "config.json":
                 data = RUN_ID.sub(b'"run_id": ""', data)
             if rel == "dataset/index.json":
-                data = CREATED.sub(b'"created": ""', data)
+                data = CREATED.sub(rb'"\1": ""', data)
             out[rel] = hashlib.sha256(data).hexdigest()
     return out
 
