@@ -215,7 +215,12 @@ def test_an_index_of_another_source_or_kind_or_damaged_is_refused(tmp_path, tree
     monkeypatch.chdir(tmp_path / "a")
     index = tmp_path / "run" / "dataset" / "index.json"
     data = json.loads(index.read_text())
-    index.write_text(json.dumps({**data, "kind": "webdataset"}))
+    index.write_text(json.dumps({**data, "kind": "webdataset"}))  # its own checksum now fails
+    with open_run(tmp_path / "run", cfg) as run:
+        with pytest.raises(CorruptArtifact, match=r"index\.json: a damaged dataset index"):
+            data_splits(run)
+    other = {k: v for k, v in data.items() if k != "self_sha256"}  # an index of another kind
+    index.write_text(json.dumps({**other, "kind": "webdataset"}))
     with open_run(tmp_path / "run", cfg) as run:
         with pytest.raises(ValueError, match=r"index\.json: indexes a 'webdataset'.*dataset\.kind"):
             data_splits(run)
