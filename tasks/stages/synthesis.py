@@ -130,11 +130,13 @@ def _running_after(
     memory at a time, from the newest state before b (or from zero)."""
     device = run.config.device
     running, first = RunningStats.zeros(channels, device), 0
-    for a in reversed([a for a in _isu_batches(run) if a <= b]):
+    for a in reversed([a for a in _isu_batches(run) if 0 < a <= b]):
         # A damaged state is removed with a warning and rebuilt like a pruned one.
         if (got := resume_state(run.fs, syn_isu(a), log.warning)) is not None:
             running, first = _as_running(run, got[0]), a
             break
+    if first == b:
+        return running
     scfg, bsz = recipe(run).synthesis, run.config.synthesis.batch_size
     for a in range(first + 1, b + 1):
         record = read_batch_record(run.fs, a)
