@@ -105,7 +105,24 @@ def check(
             continue
         if now is not None and entries[rel].get("fingerprint") != now:
             fresh[rel] = now
+    if not quick and SYN_IMAGES not in entries and SYN_IMAGES.startswith(prefixes):
+        problem = _unfinished_records_problem(fs)  # a synthesis still running: its records
+        if problem is not None:
+            problems.append(problem)
     return problems, fresh
+
+
+def _unfinished_records_problem(fs: RunFS) -> Problem | None:
+    """The commit records of a synthesis not finished yet, each against its own checksum."""
+    for name in sorted(fs.listdir(BATCHES)):
+        m = re.match(r"batch_(\d+)\.json$", name)
+        if m is None:
+            continue
+        try:
+            read_batch_record(fs, int(m.group(1)))
+        except CorruptArtifact as e:
+            return Problem(SYN_IMAGES, "damaged", str(e).split("; run `d3s")[0])
+    return None
 
 
 def _records_problem(fs: RunFS, quick: bool) -> Problem | None:

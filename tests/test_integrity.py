@@ -185,6 +185,24 @@ def test_a_broken_manifest_without_a_previous_generation_starts_over(run_copy, f
     assert files(run_copy) == before
 
 
+def test_a_damaged_commit_record_of_an_unfinished_synthesis_is_repaired(run_copy, finished):
+    """Synthesis not recorded yet (killed before its end) and batch 1's commit record damaged:
+    `d3s repair` finds it (the record's own checksum) and synthesis is redone from batch 1."""
+    before = files(finished)
+    fs = RunFS(run_copy)
+    Manifest(fs).forget_all(
+        [k for k in Manifest(fs).entries() if k.startswith(("synthesis", "labels", "valid"))]
+    )
+    record = run_copy / syn_commit(1)
+    text = record.read_text()
+    assert '"iterations": 4' in text
+    record.write_text(text.replace('"iterations": 4', '"iterations": 5'))  # still JSON
+    assert main(["repair", str(run_copy)]) == 0
+    assert not record.exists()
+    run_stages(run_copy)
+    assert files(run_copy) == before
+
+
 def test_a_missing_artifact_is_repaired_too(run_copy, capsys):
     (run_copy / "validation" / "summary.json").unlink()
     assert main(["verify", str(run_copy), "--quick"]) == 1
