@@ -40,7 +40,7 @@ from d3s_core.teachers import TeacherTrainConfig
 from . import config_errors
 from .fs import RunFS
 from .lock import LOCK_FILE
-from .manifest import MANIFEST, PREVIOUS, Manifest
+from .manifest import MANIFEST, PREVIOUS, CorruptArtifact, Manifest
 from .recipes import RECIPES, LabelParams, Strict, StudentParams, SynthesisParams, TeacherTrain
 from .urls import check_no_credentials
 
@@ -194,12 +194,15 @@ class SynthesisSpec(Strict):
 class LabelsSpec(Strict):
     """teachers: "ensemble" labels with the mean logits of all M teachers (ENL, Sec. 4.3);
     "single" with teacher 0 alone (the ablation of Fig. 3a). epochs and batch_size: the
-    preset's unless set; params: other fields of its label recipe (min_crop_scale, flip)."""
+    preset's unless set; params: other fields of its label recipe (min_crop_scale, flip).
+    format: how the labels are stored (fp32, fp16, topk: Parquet per epoch, docs/labels.md),
+    or "online": not stored, each student step computes the teachers' ensemble logits on the
+    same recorded augmentation (the same seeds), with the M teachers on the student's device."""
 
     epochs: int = Field(30, ge=1)
     batch_size: int = Field(128, ge=1)
     params: LabelParams = LabelParams()
-    format: Literal["fp32", "fp16", "topk"] = "fp32"
+    format: Literal["fp32", "fp16", "topk", "online"] = "fp32"
     topk: int = Field(10, ge=1)
     teachers: Literal["ensemble", "single"] = "ensemble"
 
@@ -602,7 +605,11 @@ def save_config(fs: RunFS, cfg: RunConfig) -> None:
             f"{describe_differences(config_differences(existing, cfg)) or hashes}; "
             "use a new root or the saved configuration"
         )
-    if written:
+    try:
+        finished = bool(Manifest(fs).entries())
+    except CorruptArtifact:  # a broken manifest: `d3s repair` restores it (config.json first)
+        finished = False
+    if written and finished:  # artifacts made under the configuration the manifest recorded
         recorded = Manifest(fs).recorded_config_hash()
         if recorded != cfg.config_hash():
             shown = ", ".join(written[:3]) + (

@@ -122,13 +122,18 @@ def _image_set(prefix: str, chosen_from: tuple[str, ...]) -> tuple[Artifact, ...
         *whole,
         Artifact(images, chosen_from),
         Artifact(f"{prefix}labels/", ("teachers/", images)),
-        *_students(prefix, "soft", (images, f"{prefix}labels/")),
+        *_students(prefix, "soft", (images, f"{prefix}labels/", "teachers/")),
         *_students(prefix, "hard", (images,)),
     )
 
 
 def _soft(cfg: RunConfig) -> bool:
     return "soft" in cfg.validation.protocols
+
+
+def _stored_labels(cfg: RunConfig) -> bool:
+    """Soft students on labels stored per epoch (not `labels.format: online`)."""
+    return _soft(cfg) and cfg.labels.format != "online"
 
 
 def _hard(cfg: RunConfig) -> bool:
@@ -189,7 +194,7 @@ STAGES: tuple[Stage, ...] = (
         artifacts=(Artifact("labels/", ("teachers/", "synthesis/images.zarr")),),
         version=2,  # 2: label schema v2 (uint16 boxes, labelled on the quantised box)
         after=("synthesis",),
-        enabled=_soft,
+        enabled=_stored_labels,
         fanout="tasks.dask_stages:labels_fanout",
         plan={"labels": LABELS_WS},
     ),
@@ -198,7 +203,8 @@ STAGES: tuple[Stage, ...] = (
         "students trained on the distilled set by knowledge distillation (soft protocol)",
         runner="tasks.stages.validation:validate",
         status="tasks.status:validation",
-        artifacts=_students("", "soft", ("synthesis/images.zarr", "labels/")),
+        # Online labels (labels.format: online) are the teachers' logits at each step.
+        artifacts=_students("", "soft", ("synthesis/images.zarr", "labels/", "teachers/")),
         version=1,
         after=("labels",),
         enabled=_soft,

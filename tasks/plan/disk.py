@@ -72,8 +72,11 @@ def disk(cfg: RunConfig, c: dict[str, dict[str, Any]]) -> dict[str, dict[str, An
     f64 = cfg.synthesis_cfg().dtype == "float64"
     ckpt = 3 * cfg.synthesis.batch_size * chw * F32 * (2 if f64 else 1)
     k = cfg.synthesis_cfg().iterations
-    epoch = label_epoch_bytes(
-        n, p.num_classes, cfg.labels.format, cfg.labels.topk, cfg.labels.batch_size
+    fmt = cfg.labels.format
+    epoch = (
+        0
+        if fmt == "online"  # not stored: the teachers label each student batch
+        else label_epoch_bytes(n, p.num_classes, fmt, cfg.labels.topk, cfg.labels.batch_size)
     )
     s_slots = optimizer_slots(p.student.optimizer, p.student.momentum)
     out = {
@@ -108,7 +111,8 @@ def disk(cfg: RunConfig, c: dict[str, dict[str, Any]]) -> dict[str, dict[str, An
     )
     students = v.students * sf.weight_bytes
     if soft:
-        out["labels"] = labels
+        if fmt != "online":
+            out["labels"] = labels
         out["student_weights"] = _artifact(students, "students x state_dict bytes")
     if hard:
         out["student_weights_hard"] = _artifact(students, "students x state_dict bytes")

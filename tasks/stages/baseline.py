@@ -86,7 +86,8 @@ def validate_set(
     trains them on its class labels. Progress in equal parts of `span`. Returns {protocol:
     summary URL}."""
     protocols = run.config.validation.protocols
-    steps: list[tuple[str, Protocol | None]] = [("labels", None)] if "soft" in protocols else []
+    stored = "soft" in protocols and run.config.labels.format != "online"
+    steps: list[tuple[str, Protocol | None]] = [("labels", None)] if stored else []
     steps += [("students" if p == "soft" else "hard-label students", p) for p in protocols]
     lo, width = span[0], (span[1] - span[0]) / len(steps)
     out: dict[str, str] = {}

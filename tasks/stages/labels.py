@@ -7,9 +7,11 @@ whole and records it in the manifest, and labels the epochs still missing itself
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Iterator
+
 import torch
 
-from d3s_core.labelling import epoch_batches, label_batches
+from d3s_core.labelling import EpochLabels, epoch_batches, label_batches
 from d3s_core.precision import enable_cudnn_autotune
 from storage.arrays import image_count, row_batches
 from storage.labels import read_epoch_batches, write_epoch_batches, write_schema
@@ -46,27 +48,65 @@ def write_one_epoch(
     (`workers` DataLoader processes read ahead, default `stats.workers`) and writes each
     batch's labels as they come: one label batch of images and logits in memory at a time. A
     (N, C, H, W) tensor labels those images instead (small sets and tests)."""
+    lc = run.config.labels
+    if images is None:
+        n = image_count(run.fs, images_of(prefix))
+        rows = _epoch_rows(run, n, e, prefix, workers)
+    else:
+        n = len(images)
+        batches = epoch_batches(n, lc.batch_size, run.config.seed, e)
+        rows = (images[b.to(images.device)] for b in batches)
+    labelled = _labelled(run, teachers, n, e, rows)
+    # The heap is trimmed once the batches' buffers (at ImageNet-21K shape an 8 MiB batch of
+    # logits) pile up in it by more than common.TRIM_SLACK_MIB over the epoch (common.trimmed).
+    fmt = lc.format
+    if fmt == "online":
+        raise ValueError("labels.format is 'online': label epochs are never written")
+    write_epoch_batches(run.fs, labels_epoch(e, prefix), trimmed(labelled), fmt, lc.topk)
+
+
+def online_epoch(
+    run: Run, teachers: list[torch.nn.Module], e: int, prefix: str = ""
+) -> Iterator[tuple[torch.Tensor, EpochLabels]]:
+    """(image rows, labels) of each label batch of epoch e, computed now (`labels.format:
+    online`): the same batches, crops, flips and ensemble logits the stored epoch holds (the
+    same seeds and code), for a student to train on as it goes. Memory: the M teachers and one
+    batch of rows and logits (plus the DataLoader's read-ahead), never the epoch."""
+    n = image_count(run.fs, images_of(prefix))
+    seen: list[torch.Tensor] = []
+
+    def tapped() -> Iterator[torch.Tensor]:  # each batch's rows, kept for its student step
+        for x in _epoch_rows(run, n, e, prefix, None):
+            seen.append(x)
+            yield x
+
+    for lab in _labelled(run, teachers, n, e, tapped()):
+        yield seen.pop(0), lab
+
+
+def _epoch_rows(
+    run: Run, n: int, e: int, prefix: str, workers: int | None
+) -> Iterator[torch.Tensor]:
+    """The image rows of each label batch of epoch e, streamed from the set's store."""
+    cfg = run.config
+    return row_batches(
+        run.fs,
+        images_of(prefix),
+        [b.tolist() for b in epoch_batches(n, cfg.labels.batch_size, cfg.seed, e)],
+        cfg.device,
+        cfg.stats.workers if workers is None else workers,
+    )
+
+
+def _labelled(
+    run: Run, teachers: list[torch.nn.Module], n: int, e: int, rows: Iterable[torch.Tensor]
+) -> Iterator[EpochLabels]:
+    """Alg. 2 on each batch of rows: the labellers' (all M, or teacher 0) mean logits."""
     cfg, pl = run.config, recipe(run).labels
     lc = cfg.labels
     labellers = teachers if lc.teachers == "ensemble" else teachers[:1]
-    if images is None:
-        n = image_count(run.fs, images_of(prefix))
-        rows = row_batches(
-            run.fs,
-            images_of(prefix),
-            [b.tolist() for b in epoch_batches(n, lc.batch_size, cfg.seed, e)],
-            cfg.device,
-            cfg.stats.workers if workers is None else workers,
-        )
-    else:
-        n = len(images)
-        rows = (images[b.to(images.device)] for b in epoch_batches(n, lc.batch_size, cfg.seed, e))
-    labelled = label_batches(
-        n, rows, labellers, e, cfg.seed, lc.batch_size, (pl.min_crop_scale, 1.0), pl.flip
-    )
-    # The heap is trimmed once the batches' buffers (at ImageNet-21K shape an 8 MiB batch of
-    # logits) pile up in it by more than common.TRIM_SLACK_MIB over the epoch (common.trimmed).
-    write_epoch_batches(run.fs, labels_epoch(e, prefix), trimmed(labelled), lc.format, lc.topk)
+    scale = (pl.min_crop_scale, 1.0)
+    return label_batches(n, rows, labellers, e, cfg.seed, lc.batch_size, scale, pl.flip)
 
 
 def _reads_back(run: Run, rel: str, e: int) -> None:
@@ -101,10 +141,15 @@ def label_run(run: Run, progress: Progress = no_progress, prefix: str = "") -> s
     """Label the distilled set (prefix "") or another image set under `prefix`, streaming the
     images of each label batch from the store (no epoch or image set is held whole)."""
     cfg, p = run.config, recipe(run)
-    lc = cfg.labels
+    lc, fmt = cfg.labels, cfg.labels.format
+    if fmt == "online":
+        raise ValueError(
+            "labels.format is 'online': no labels are stored (each student step labels its "
+            "batch with the teachers); there is no labels stage to run"
+        )
     run.manifest.verify(images_of(prefix))
     if not all(run.manifest.is_recorded(labels_epoch(e, prefix)) for e in range(lc.epochs)):
-        write_schema(run.fs, lc.format, p.num_classes, lc.topk, prefix)
+        write_schema(run.fs, fmt, p.num_classes, lc.topk, prefix)
     done = sum(run.manifest.is_recorded(labels_epoch(e, prefix)) for e in range(lc.epochs))
     progress("labels", done / lc.epochs, {"epoch": Count(done, lc.epochs)})
     teachers = None

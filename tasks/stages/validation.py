@@ -36,10 +36,12 @@ from .common import (
     batches,
     data_splits,
     held_out_top1,
+    load_teachers,
     new_model,
     no_progress,
     trimmed,
 )
+from .labels import online_epoch
 from .recipe import recipe, teacher_recipe
 from .working_set import EPOCH_INDEX_BYTES, F32, Phase, Work, phase
 
@@ -106,18 +108,27 @@ def _student_epoch(
     temperature: float,
     e: int,
     prefix: str,
+    teachers: list[torch.nn.Module] | None = None,
 ) -> float:
     """One student epoch on label epoch e: its label batches, one row group at a time, with
-    the image rows of each (read ahead by `stats.workers` DataLoader processes). Memory: one
-    label batch of logits and a few batches of images, never the set or the epoch."""
+    the image rows of each (read ahead by `stats.workers` DataLoader processes); with
+    `teachers` (`labels.format: online`) the same batches labelled now. Memory: one label batch
+    of logits and a few batches of images (online: and the M teachers), never the epoch."""
     cfg, rel = run.config, labels_epoch(e, prefix)
-    images = row_batches(
-        run.fs, images_of(prefix), epoch_image_batches(run.fs, rel), cfg.device, cfg.stats.workers
-    )
+    if teachers is not None:
+        pairs: Iterator[tuple[torch.Tensor, Any]] = online_epoch(run, teachers, e, prefix)
+    else:
+        images = row_batches(
+            run.fs,
+            images_of(prefix),
+            epoch_image_batches(run.fs, rel),
+            cfg.device,
+            cfg.stats.workers,
+        )
+        pairs = zip(images, read_epoch_batches(run.fs, rel, e), strict=True)
     # The heap is trimmed when the batches' churn (at ImageNet-21K shape an 8 MiB label batch
     # each) piles up in it (common.trimmed).
-    batches = trimmed(zip(images, read_epoch_batches(run.fs, rel, e), strict=True))
-    return train_student_batches(student, opt, batches, temperature, sched)
+    return train_student_batches(student, opt, trimmed(pairs), temperature, sched)
 
 
 def _train_one(
@@ -129,9 +140,11 @@ def _train_one(
     prefix: str,
     protocol: str = "soft",
     train=None,
+    teachers: list[torch.nn.Module] | None = None,
 ) -> float:
     """One student on the n images of the set under `protocol`; the label epochs (soft) were
-    verified by `validate`. The same seed gives the same initial weights under both protocols."""
+    verified by `validate` (or, online, its `teachers` label each batch). The same seed gives
+    the same initial weights under both protocols."""
     cfg, p = run.config, recipe(run)
     sc = p.student
     label_epochs = cfg.labels.epochs
@@ -167,7 +180,9 @@ def _train_one(
         if protocol == "hard":
             loss = _hard_epoch(run, student, opt, sched, plan.seed, i, prefix, train)
         else:
-            loss = _student_epoch(run, student, opt, sched, sc.temperature, order[i], prefix)
+            loss = _student_epoch(
+                run, student, opt, sched, sc.temperature, order[i], prefix, teachers
+            )
         losses.append(float(loss))
         if (i + 1) % cfg.validation.checkpoint_every_epochs == 0 and i + 1 < plan.epochs:
             save_state(
@@ -206,7 +221,8 @@ def _train_one(
     }
     write_student_metrics(run.fs, plan.arch, plan.seed, metrics, prefix, protocol)
     run.manifest.record(f"{d}/weights.safetensors", "validation")
-    run.manifest.record(f"{d}/metrics.json", "validation")
+    labels = cfg.labels.format if protocol == "soft" else None  # which labels it learnt from
+    run.manifest.record(f"{d}/metrics.json", "validation", labels=labels)
     remove_state(run.fs, f"{d}/checkpoint")
     return acc
 
@@ -234,6 +250,11 @@ def validation_working_set(w: Work, hard: bool = False) -> dict[str, Phase]:
     host = {"prefetched image rows (workers x 2 + 1)": w.prefetch * b * w.chw * F32}
     if hard:
         device["logits (student + grads)"] = b * k * F32 * 2
+    elif w.cfg.labels.format == "online":  # the teachers label each batch on the device
+        m, t = w.cfg.teachers.count, w.teacher
+        device["M x teacher weights (online labels)"] = m * t.weight_bytes
+        device["batch x (crops + a teacher's forward)"] = b * (w.chw * F32 + t.forward_live)
+        device["logits (each labeller + mean, student, softmaxes, grads)"] = b * k * F32 * (m + 7)
     else:
         device["logits (labels, student, softmaxes, grads)"] = b * k * F32 * 6
         host["label batch read back"] = b * k * F32 * 3
@@ -293,6 +314,7 @@ def validate(
 
     accs = []
     labels_verified = protocol == "hard"  # the hard protocol reads no labels
+    teachers = None  # online labels: the M teachers, loaded once for every student
     for plan in _plans(run, prefix):
         d = student_dir(plan.arch, plan.seed, prefix, protocol)
         if run.manifest.is_recorded(f"{d}/metrics.json"):
@@ -301,11 +323,14 @@ def validate(
                 read_student_metrics(run.fs, plan.arch, plan.seed, prefix, protocol)["top1"]
             )
             continue
+        if not labels_verified and cfg.labels.format == "online":
+            teachers = load_teachers(run)  # checked against the manifest; on the run's device
+            labels_verified = True
         if not labels_verified:  # once per stage run, not per student (E files, each whole)
             for e in range(cfg.labels.epochs):
                 run.manifest.verify(labels_epoch(e, prefix))
             labels_verified = True
-        accs.append(_train_one(run, plan, n, held, progress, prefix, protocol, train))
+        accs.append(_train_one(run, plan, n, held, progress, prefix, protocol, train, teachers))
     summary = {
         "protocol": protocol,
         "students": len(accs),
