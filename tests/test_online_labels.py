@@ -2,6 +2,9 @@
 teachers, on the same recorded augmentation (the same seeds and code) as the stored epochs."""
 
 import json
+import os
+import random
+import subprocess
 
 import pytest
 import torch
@@ -13,7 +16,8 @@ from tasks.stage_table import enabled, resolve
 from tasks.stages.common import load_teachers
 from tasks.stages.labels import online_epoch
 
-from .configs import SMALL
+from .configs import CONFIG, SMALL
+from .helpers import REPO, checksums, run_killed, stage_cmd
 
 STORED = {**SMALL, "name": "online", "labels": {**SMALL["labels"], "format": "fp32"}}
 ONLINE = {**STORED, "labels": {**STORED["labels"], "format": "online"}}
@@ -61,3 +65,25 @@ def test_an_online_run_stores_no_labels_and_trains_the_same_students(stored, tmp
     # The same logits within float32 rounding: the students' accuracy agrees within one std
     # (here: to the student, as the inputs agree to the bit on one CPU in one process).
     assert abs(summary["mean"] - want["mean"]) <= max(want["std"], 1e-9)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_a_student_killed_mid_epoch_online_resumes_to_the_same_weights(tmp_path, monkeypatch):
+    """Real SIGKILL inside the validation stage of an online run (students of 6 epochs, a
+    checkpoint after each), then the stage again: every artifact's checksum (the students'
+    weights included) is the uninterrupted online run's."""
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    torch.set_num_threads(1)
+    config = {**CONFIG, "name": "online-kill", "labels": {**CONFIG["labels"], "format": "online"}}
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(config))
+    reference = tmp_path / "reference"
+    run_all(reference, config)
+    killed = tmp_path / "killed"
+    for stage in ("data", "teachers", "stats", "synthesis"):
+        subprocess.run(stage_cmd(killed, path, stage), cwd=REPO, check=True)
+    rng = random.Random(int(os.environ.get("D3S_KILL_SEED", "0")))
+    assert run_killed(killed, path, "validation", rng), "the kill came too late to interrupt"
+    assert not (killed / "labels").exists()
+    assert checksums(killed) == checksums(reference)

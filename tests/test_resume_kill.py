@@ -4,11 +4,7 @@ uninterrupted run (same checksums in the manifest)."""
 import json
 import os
 import random
-import signal
 import subprocess
-import sys
-import time
-from pathlib import Path
 
 import pytest
 
@@ -17,48 +13,7 @@ from storage.run import open_run
 from tasks.stages import STAGES
 
 from .configs import CONFIG
-from .helpers import checksums
-
-# A file that exists only while the stage is part-way through its work.
-IN_PROGRESS = {
-    "teachers": "teachers/checkpoints/teacher_0.json",
-    "stats": "stats_shards/teacher_0/shard_000000.json",
-    "synthesis": "synthesis/checkpoint/state.json",
-    "labels": "labels/epoch=0/part-0.parquet",
-    "validation": "validation/small_resnet-seed0/checkpoint.json",
-}
-REPO = Path(__file__).resolve().parents[1]
-
-
-def stage_cmd(root, config_path, stage):
-    return [sys.executable, "-m", "flows.cli", stage, str(config_path), "--root", str(root)]
-
-
-def run_killed(root, config_path, stage, rng):
-    """Start the stage, SIGKILL it shortly after it is part-way through, then run it again to
-    the end. Returns True if the kill landed while the stage was unfinished."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen(
-        stage_cmd(root, config_path, stage),
-        cwd=REPO,
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-    )
-    marker = Path(root) / IN_PROGRESS[stage]
-    deadline = time.time() + 120
-    while not marker.exists() and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.01)
-    # The statistics pass of this tiny config lasts a fraction of a second: kill it sooner.
-    time.sleep(rng.uniform(0.0, 0.05 if stage == "stats" else 0.4))
-    landed = proc.poll() is None
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    done = subprocess.run(
-        stage_cmd(root, config_path, stage), cwd=REPO, env=env, capture_output=True, text=True
-    )
-    assert done.returncode == 0, done.stderr
-    return landed
+from .helpers import IN_PROGRESS, REPO, checksums, run_killed, stage_cmd
 
 
 @pytest.mark.timeout(900)
