@@ -14,7 +14,7 @@ from prefect.runtime import flow_run
 
 from flows.hygiene import crash_leftovers
 from storage.config import RunConfig
-from storage.manifest import CorruptArtifact
+from storage.manifest import CorruptArtifact, finding
 from storage.run import open_run
 from tasks.credentials import storage_options
 from tasks.prefect_tasks import (
@@ -68,7 +68,7 @@ def distill(
                 if not repair or e.rel is None or e.rel in repaired:
                     raise
                 repaired.add(e.rel)
-                repair_task(root, c, e.rel, str(e).split("; run `d3s")[0])
+                repair_task(root, c, e.rel, finding(e))
 
 
 def _stages(root: str, config: RunConfig, check: Any) -> str:

@@ -167,6 +167,14 @@ def images_sha256(images: torch.Tensor) -> str:
     return hashlib.sha256(images.detach().cpu().float().contiguous().numpy().tobytes()).hexdigest()
 
 
+@_reads
+def shard_starts(fs: RunFS, rel: str) -> list[int]:
+    """The first row of each shard of an image store (of each synthesis batch: one shard each)."""
+    array = _open_group(fs, rel, "r")["images"]
+    rows = int(array.metadata.chunk_grid.chunk_shape[0])  # type: ignore[union-attr]
+    return list(range(0, int(array.shape[0]), rows))  # type: ignore[union-attr]
+
+
 def drop_image_shards(fs: RunFS, rel: str, first_row: int) -> None:
     """Delete the shard files of the rows from `first_row` on (a shard boundary: synthesis
     writes one batch per shard), so that rewriting those batches never reads a damaged shard

@@ -30,22 +30,16 @@ from __future__ import annotations
 import json
 import posixpath
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
 from tasks.stage_table import dependents  # the stages' reads, closed transitively
 
-from .arrays import (
-    _open_group,
-    drop_image_shards,
-    image_count,
-    images_sha256,
-    read_image_rows,
-    readable,
-)
+from .arrays import drop_image_shards, images_sha256, read_image_rows, shard_starts
 from .fs import RunFS
 from .layout import SYN_IMAGES, syn_commit
-from .manifest import CorruptArtifact, Manifest, fingerprint
+from .manifest import CorruptArtifact, Manifest, finding, fingerprint
 from .records import BATCHES, read_batch_record
 
 PENDING = "repair.json"  # a repair written down before it starts, removed when done
@@ -114,15 +108,8 @@ def check(
 
 def _unfinished_records_problem(fs: RunFS) -> Problem | None:
     """The commit records of a synthesis not finished yet, each against its own checksum."""
-    for name in sorted(fs.listdir(BATCHES)):
-        m = re.match(r"batch_(\d+)\.json$", name)
-        if m is None:
-            continue
-        try:
-            read_batch_record(fs, int(m.group(1)))
-        except CorruptArtifact as e:
-            return Problem(SYN_IMAGES, "damaged", str(e).split("; run `d3s")[0])
-    return None
+    found = (re.match(r"batch_(\d+)\.json$", n) for n in sorted(fs.listdir(BATCHES)))
+    return _read_records(fs, [int(m.group(1)) for m in found if m])
 
 
 def _records_problem(fs: RunFS, quick: bool) -> Problem | None:
@@ -130,29 +117,29 @@ def _records_problem(fs: RunFS, quick: bool) -> Problem | None:
     intact (full: read against its own checksum)."""
     names = {n for n in fs.listdir(BATCHES) if re.match(r"batch_\d+\.json$", n)}
     try:
-        expected = [syn_commit(b) for b in range(1, len(_batch_starts(fs)) + 1)]
-        missing = [rel for rel in expected if posixpath.basename(rel) not in names]
-        if missing or len(names) != len(expected):
-            shown = ", ".join(fs.url(rel) for rel in missing[:3]) or "none"
-            return Problem(
-                SYN_IMAGES,
-                "damaged",
-                f"{len(names)} commit records for {len(expected)} batches (missing: {shown})",
-            )
-        if not quick:
-            for b in range(1, len(expected) + 1):
-                read_batch_record(fs, b)
+        expected = [syn_commit(b) for b in range(1, len(shard_starts(fs, SYN_IMAGES)) + 1)]
     except CorruptArtifact as e:
-        return Problem(SYN_IMAGES, "damaged", str(e).split("; run `d3s")[0])
+        return Problem(SYN_IMAGES, "damaged", finding(e))
+    missing = [rel for rel in expected if posixpath.basename(rel) not in names]
+    if missing or len(names) != len(expected):
+        shown = ", ".join(fs.url(rel) for rel in missing[:3]) or "none"
+        return Problem(
+            SYN_IMAGES,
+            "damaged",
+            f"{len(names)} commit records for {len(expected)} batches (missing: {shown})",
+        )
+    return None if quick else _read_records(fs, range(1, len(expected) + 1))
+
+
+def _read_records(fs: RunFS, batches: Iterable[int]) -> Problem | None:
+    """The first of these batches' commit records that fails its own checksum, as a Problem of
+    the image store."""
+    for b in batches:
+        try:
+            read_batch_record(fs, b)
+        except CorruptArtifact as e:
+            return Problem(SYN_IMAGES, "damaged", finding(e))
     return None
-
-
-def _batch_starts(fs: RunFS) -> list[int]:
-    """The first row of each synthesis batch (one shard each)."""
-    with readable(fs, SYN_IMAGES):
-        array = _open_group(fs, SYN_IMAGES, "r")["images"]
-        rows = int(array.metadata.chunk_grid.chunk_shape[0])  # type: ignore[union-attr]
-    return list(range(0, image_count(fs, SYN_IMAGES), rows))
 
 
 def refresh_fingerprints(fs: RunFS, fresh: dict[str, dict[str, Any]]) -> None:
@@ -194,7 +181,7 @@ def _first_damaged_batch(fs: RunFS) -> int:
     metadata cannot be read, or when every batch is proven (the damage is then in the store's
     metadata or class array, which the stage writes once, before the first batch)."""
     try:
-        starts = _batch_starts(fs)
+        starts = shard_starts(fs, SYN_IMAGES)
     except CorruptArtifact:
         return 1
     for b, start in enumerate(starts, 1):  # one batch's rows in memory at a time
@@ -243,12 +230,10 @@ def _carry_out(fs: RunFS, forget: list[str], first_batch: int | None) -> None:
     if any(manifest.is_recorded(rel) for rel in forget):
         manifest.forget_all(forget)
     for rel in forget:
-        if rel == SYN_IMAGES and first_batch not in (None, 1):
-            _forget_batches_from(fs, int(first_batch))  # type: ignore[arg-type]
-            continue
         if rel == SYN_IMAGES:
-            _forget_batches_from(fs, 1)
-        fs.remove(rel, recursive=True)
+            _forget_batches_from(fs, first_batch or 1)
+        else:
+            fs.remove(rel, recursive=True)
     for rel in forget:  # an emptied directory level of a label epoch, a student
         parent = posixpath.dirname(rel)
         if parent and fs.exists(parent) and not fs.listdir(parent):
@@ -260,8 +245,10 @@ def _forget_batches_from(fs: RunFS, first: int) -> None:
     """Synthesis redoes batches >= first: their shard files, their commit records and the ISU
     statistics after them go, and so do the checkpoint and the grid; earlier batches' shards
     stay (from batch 1: the whole store goes)."""
-    if first > 1 and fs.exists(SYN_IMAGES):
-        drop_image_shards(fs, SYN_IMAGES, _batch_starts(fs)[first - 1])
+    if first == 1:
+        fs.remove(SYN_IMAGES, recursive=True)
+    elif fs.exists(SYN_IMAGES):
+        drop_image_shards(fs, SYN_IMAGES, shard_starts(fs, SYN_IMAGES)[first - 1])
     for name in fs.listdir("synthesis/batches"):
         m = re.match(r"batch_(\d+)\.json$", name)
         if m and int(m.group(1)) >= first:

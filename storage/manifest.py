@@ -46,6 +46,11 @@ class CorruptArtifact(RuntimeError):
         return (type(self), (str(self), self.rel))
 
 
+def finding(e: CorruptArtifact) -> str:
+    """What was found, without the remedy the message ends with."""
+    return str(e).split("; run `d3s")[0]
+
+
 class BrokenManifest(CorruptArtifact):
     """manifest.json itself is damaged or lost: `d3s repair` restores the previous generation."""
 
