@@ -106,6 +106,7 @@ class Manifest:
         self.fs = fs
         self.guard = guard
         self.config_hash = config_hash  # stamped on every write (config.json's way back)
+        self._loaded: bytes | None = None  # the manifest's bytes as the last `_load` read them
 
     def recorded_config_hash(self) -> str | None:
         """The configuration hash the last write was made under (None: none recorded, or the
@@ -122,9 +123,13 @@ class Manifest:
                     f"{self.fs.url(MANIFEST)}: missing, but its previous generation "
                     f"{PREVIOUS} is there; {self.restore_remedy()}"
                 )
+            self._loaded = None
             return {"version": 1, "artifacts": {}}
         try:
-            return parse_manifest(self.fs.read_bytes(MANIFEST), self.fs.url(MANIFEST))
+            raw = self.fs.read_bytes(MANIFEST)
+            data = parse_manifest(raw, self.fs.url(MANIFEST))
+            self._loaded = raw  # kept whole as the previous generation by the next write
+            return data
         except BrokenManifest as e:
             raise BrokenManifest(f"{e}; {self.restore_remedy()}") from None
 
@@ -191,9 +196,9 @@ class Manifest:
     def _write(self, data: dict[str, Any], keep_previous: bool) -> None:
         if self.guard is not None:
             self.guard()
-        if keep_previous and self.fs.exists(MANIFEST):
-            # The generation being replaced, kept whole (it was just read and parsed).
-            self.fs.write_bytes(PREVIOUS, self.fs.read_bytes(MANIFEST))
+        if keep_previous and self._loaded is not None:
+            # The generation being replaced, as every write's `_load` just read and parsed it.
+            self.fs.write_bytes(PREVIOUS, self._loaded)
         data = {k: v for k, v in data.items() if k != "self_sha256"}
         if self.config_hash is not None:
             data["config_hash"] = self.config_hash
