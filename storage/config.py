@@ -40,7 +40,7 @@ from d3s_core.teachers import TeacherTrainConfig
 from . import config_errors
 from .fs import RunFS
 from .lock import LOCK_FILE
-from .manifest import MANIFEST, PREVIOUS, CorruptArtifact, Manifest
+from .manifest import MANIFEST, PREVIOUS, CorruptArtifact, Manifest, content_sha256
 from .recipes import RECIPES, LabelParams, Strict, StudentParams, SynthesisParams, TeacherTrain
 from .urls import check_no_credentials
 
@@ -584,7 +584,7 @@ def save_config(fs: RunFS, cfg: RunConfig) -> None:
     saved = cfg.model_dump(mode="json")
     payload = {
         "config": saved,
-        "content_sha256": _content_sha256(saved),
+        "content_sha256": content_sha256(saved),
         "config_hash": cfg.config_hash(),
         "run_id": uuid.uuid4().hex,  # tells this run from a deleted and recreated one
     }
@@ -644,12 +644,8 @@ def load_config(fs: RunFS) -> RunConfig:
     """The saved configuration; ValueError when config.json is not JSON or its content does
     not match the hash saved with it (a damaged byte that still parses)."""
     raw = json.loads(fs.read_bytes(CONFIG_FILE))
-    if "content_sha256" in raw and raw["content_sha256"] != _content_sha256(raw["config"]):
+    # Of the configuration as saved (not as today's schema would normalise it: a run saved by
+    # an older version still reads).
+    if "content_sha256" in raw and raw["content_sha256"] != content_sha256(raw["config"]):
         raise ValueError(f"{fs.url(CONFIG_FILE)}: its content does not match its own checksum")
     return parse_config(raw["config"], fs.url(CONFIG_FILE))
-
-
-def _content_sha256(config: Any) -> str:
-    """config.json's own checksum: of the configuration as saved (not as today's schema would
-    normalise it, so a run saved by an older version still reads)."""
-    return hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()

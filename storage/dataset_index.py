@@ -39,7 +39,7 @@ import pyarrow as pa
 
 from .folder_tree import class_files, class_folders
 from .fs import RunFS
-from .manifest import CorruptArtifact
+from .manifest import CorruptArtifact, content_sha256
 
 INDEX = "dataset/index.json"
 SCHEMA_VERSION = 1
@@ -204,8 +204,7 @@ def read_index(fs: RunFS, kind: str, sources: dict[str, str]) -> DatasetIndex | 
     where = fs.url(INDEX)
     try:
         data = json.loads(fs.read_bytes(INDEX))
-        body = {k: v for k, v in data.items() if k != SELF_SHA}
-        if SELF_SHA in data and data[SELF_SHA] != _content_sha(body):
+        if SELF_SHA in data and data[SELF_SHA] != content_sha256(data, SELF_SHA):
             raise ValueError("its content does not match its own checksum")
         data["kind"], data["splits"], data["created"]  # noqa: B018 (present)
     except (ValueError, KeyError, TypeError, AttributeError) as e:
@@ -265,16 +264,12 @@ def commit_index(fs: RunFS, kind: str, splits: dict[str, dict[str, Any]]) -> Dat
     """Write index.json (after the column files it names: it commits them)."""
     created = datetime.now(UTC).isoformat(timespec="seconds")
     data = {"schema_version": SCHEMA_VERSION, "kind": kind, "created": created, "splits": splits}
-    data[SELF_SHA] = _content_sha(data)
+    data[SELF_SHA] = content_sha256(data)
     fs.write_bytes(INDEX, json.dumps(data, indent=1).encode())
     return DatasetIndex(kind, splits, created)
 
 
 SELF_SHA = "self_sha256"  # of the rest of index.json: a changed byte that still parses is found
-
-
-def _content_sha(data: dict[str, Any]) -> str:
-    return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()
 
 
 def remove_index(fs: RunFS) -> None:

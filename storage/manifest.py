@@ -55,9 +55,13 @@ class BrokenManifest(CorruptArtifact):
     """manifest.json itself is damaged or lost: `d3s repair` restores the previous generation."""
 
 
-def _self_sha256(data: dict[str, Any]) -> str:
-    body = {k: v for k, v in data.items() if k != "self_sha256"}
-    return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
+def content_sha256(data: Any, without: str | None = None) -> str:
+    """SHA-256 of a JSON value's content (keys sorted), a dict's key `without` left out: the
+    checksum a self-checking file carries of itself (the manifest, the synthesis commit
+    records, the data profile and index, config.json)."""
+    if without is not None:
+        data = {k: v for k, v in data.items() if k != without}
+    return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()
 
 
 def parse_manifest(raw: bytes, where: str) -> dict[str, Any]:
@@ -69,7 +73,7 @@ def parse_manifest(raw: bytes, where: str) -> dict[str, Any]:
         raise BrokenManifest(f"{where}: not valid JSON ({e})") from None
     if not isinstance(data, dict) or not isinstance(data.get("artifacts"), dict):
         raise BrokenManifest(f"{where}: not a manifest (no 'artifacts' object)")
-    if "self_sha256" in data and data["self_sha256"] != _self_sha256(data):
+    if "self_sha256" in data and data["self_sha256"] != content_sha256(data, "self_sha256"):
         raise BrokenManifest(f"{where}: its content does not match its own checksum")
     for rel, entry in data["artifacts"].items():
         if not isinstance(entry, dict) or not isinstance(entry.get("sha256"), str):
@@ -202,7 +206,7 @@ class Manifest:
         data = {k: v for k, v in data.items() if k != "self_sha256"}
         if self.config_hash is not None:
             data["config_hash"] = self.config_hash
-        data["self_sha256"] = _self_sha256(data)
+        data["self_sha256"] = content_sha256(data, "self_sha256")
         self.fs.write_bytes(MANIFEST, json.dumps(data, indent=1, sort_keys=True).encode())
 
     def forget(self, prefix: str) -> None:

@@ -9,12 +9,11 @@ Schema: docs/artifacts.md, "dataset/"."""
 
 from __future__ import annotations
 
-import hashlib
 import json
 from typing import Any
 
 from .fs import RunFS
-from .manifest import CorruptArtifact
+from .manifest import CorruptArtifact, content_sha256
 
 PROFILE = "dataset/profile.json"
 SCHEMA_VERSION = 1
@@ -26,17 +25,12 @@ def write_profile(fs: RunFS, profile: dict[str, Any]) -> dict[str, Any]:
     check_profile(profile, fs.url(PROFILE))
     body = {"schema_version": SCHEMA_VERSION, **profile}
     body.pop(SELF_SHA, None)
-    body[SELF_SHA] = _content_sha(body)
+    body[SELF_SHA] = content_sha256(body)
     fs.write_bytes(PROFILE, json.dumps(body, indent=1, sort_keys=True).encode())
     return body
 
 
 SELF_SHA = "self_sha256"  # the SHA-256 of the rest: a changed byte that still parses is found
-
-
-def _content_sha(body: dict[str, Any]) -> str:
-    rest = {k: v for k, v in body.items() if k != SELF_SHA}
-    return hashlib.sha256(json.dumps(rest, sort_keys=True).encode()).hexdigest()
 
 
 def read_profile(fs: RunFS) -> dict[str, Any] | None:
@@ -50,7 +44,7 @@ def read_profile(fs: RunFS) -> dict[str, Any] | None:
         raise CorruptArtifact(f"{where}: not JSON ({e})") from None
     if not isinstance(profile, dict) or profile.get("schema_version") != SCHEMA_VERSION:
         raise CorruptArtifact(f"{where}: not a schema {SCHEMA_VERSION} data profile")
-    if SELF_SHA in profile and profile[SELF_SHA] != _content_sha(profile):
+    if SELF_SHA in profile and profile[SELF_SHA] != content_sha256(profile, SELF_SHA):
         raise CorruptArtifact(f"{where}: its content does not match its own checksum")
     check_profile(profile, where)
     return profile

@@ -13,13 +13,12 @@ Stages pass dicts in and get dicts back; the manifest records (and verifies) wha
 
 from __future__ import annotations
 
-import hashlib
 import json
 from typing import Any
 
 from .fs import RunFS
 from .layout import SYN_IMAGES, student_dir, summary_of, syn_commit, teacher_meta
-from .manifest import REMEDY, CorruptArtifact, Manifest
+from .manifest import REMEDY, CorruptArtifact, Manifest, content_sha256
 
 BATCHES = "synthesis/batches"
 GRID_META = "synthesis/png/grid.json"
@@ -72,13 +71,8 @@ def read_teacher_metas(fs: RunFS, count: int) -> list[dict[str, Any]]:
 RECORD_SHA = "record_sha256"
 
 
-def _content_sha(record: dict[str, Any]) -> str:
-    body = {k: v for k, v in record.items() if k != RECORD_SHA}
-    return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
-
-
 def write_batch_record(fs: RunFS, b: int, record: dict[str, Any]) -> str:
-    write_record(fs, syn_commit(b), {**record, RECORD_SHA: _content_sha(record)})
+    write_record(fs, syn_commit(b), {**record, RECORD_SHA: content_sha256(record, RECORD_SHA)})
     return syn_commit(b)
 
 
@@ -93,7 +87,7 @@ def _checked_record(fs: RunFS, rel: str) -> dict[str, Any]:
         record = read_record(fs, rel)
     except CorruptArtifact as e:
         raise CorruptArtifact(f"{e}; {REMEDY.format(root=fs.url())}", SYN_IMAGES) from None
-    if RECORD_SHA in record and record[RECORD_SHA] != _content_sha(record):
+    if RECORD_SHA in record and record[RECORD_SHA] != content_sha256(record, RECORD_SHA):
         raise CorruptArtifact(
             f"{fs.url(rel)}: a synthesis commit record whose content does not match its own "
             f"checksum; {REMEDY.format(root=fs.url())}",

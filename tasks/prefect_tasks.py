@@ -308,10 +308,16 @@ def check_run(root: str, config: RunConfig, fix: bool, log=print) -> list[str]:
             f"{len(problems)} damaged or missing artifact(s): {listing}. "
             + REMEDY.format(root=fs.url())
         )
+    return _forget(fs, problems, listing, log)
+
+
+def _forget(fs: RunFS, problems: list[Problem], found: str, log) -> list[str]:
+    """Repair `problems` (forget them and what was computed from them), logged; the forgotten
+    artifacts."""
     plan = plan_repair(fs, problems)
     repair(fs, plan)
     batches = f" (synthesis from batch {plan.first_batch})" if plan.first_batch else ""
-    log(f"repair: {listing}; forgot {len(plan.forget)} artifact(s){batches}: {plan.forget}")
+    log(f"repair: {found}; forgot {len(plan.forget)} artifact(s){batches}: {plan.forget}")
     return plan.forget
 
 
@@ -324,11 +330,7 @@ def repair_found(root: str, config: RunConfig, rel: str, found: str, log=print) 
     """Forget `rel` (which a stage found damaged: a full hash, a file it could not read, a
     commit record) and what was computed from it, for the stages to recompute."""
     fs = RunFS(root, **storage_options(config))
-    plan = plan_repair(fs, [Problem(rel, "damaged", found)])
-    repair(fs, plan)
-    batches = f" (synthesis from batch {plan.first_batch})" if plan.first_batch else ""
-    log(f"repair: {found}; forgot {len(plan.forget)} artifact(s){batches}: {plan.forget}")
-    return plan.forget
+    return _forget(fs, [Problem(rel, "damaged", found)], found, log)
 
 
 @task(name="repair", task_run_name="repair-{rel}", cache_policy=NO_CACHE)
