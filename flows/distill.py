@@ -60,7 +60,7 @@ def distill(
         repaired: set[str] = set()
         while True:
             try:
-                return _stages(root, config, check)
+                return _stages(root, config, c, check)
             except CorruptArtifact as e:
                 # What a stage's own check found (a full hash, a file it could not read): with
                 # `repair`, forgotten with what was computed from it, and the stages run again
@@ -71,11 +71,11 @@ def distill(
                 repair_task(root, c, e.rel, finding(e))
 
 
-def _stages(root: str, config: RunConfig, check: Any) -> str:
+def _stages(root: str, config: RunConfig, c: dict[str, Any], check: Any) -> str:
     """Every stage the config enables (tasks/stage_table.py), in the table's order, each after
     the stages it reads from (the first after the check); a stage with a Dask part runs that
-    part on the cluster first. Then the report; the first summary's URI."""
-    c = config.model_dump(mode="json")
+    part on the cluster first. Then the report; the first summary's URI. `c`: the config as
+    the tasks take it."""
     futures: dict[str, Any] = {"check": check}
     summaries = []
     for s in enabled(config):

@@ -54,12 +54,13 @@ def open_data(run: Run, progress: Progress = no_progress) -> str:
     for ImageFolder trees and tar shards, write its index (`dataset/`), where they are not
     there yet; then log what the run takes from the data, the config and the preset, and the
     recipe's warnings. Returns the profile's URL."""
+    finished = bool(run.manifest.entries())  # a file lost after that is worth a warning
     try:
         profile = read_profile(run.fs)
     except CorruptArtifact as e:  # derived from the data and the config: measured again
         log.warning("%s: measured again from the data", e)
         profile = None
-    if profile is None and run.manifest.entries():  # lost after the run had finished work
+    if profile is None and finished:
         log.warning("%s: missing; measured again from the data", run.fs.url(PROFILE))
     if profile is None:
         profile = measure_profile(run)  # it writes the index as it lists the data
@@ -68,7 +69,7 @@ def open_data(run: Run, progress: Progress = no_progress) -> str:
             profile = write_profile(run.fs, profile)
     run.__dict__["_profile"] = profile
     files = run.config.dataset.kind in ("imagefolder", "webdataset")
-    if files and not run.fs.exists(INDEX) and run.manifest.entries():
+    if files and not run.fs.exists(INDEX) and finished:
         log.warning("%s: missing; the data is indexed again", run.fs.url(INDEX))
     try:
         data_splits(run, write_index=True)  # where the profile was there but the index was not
