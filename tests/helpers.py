@@ -1,5 +1,6 @@
 """Small shared builders for the tests."""
 
+import hashlib
 import io
 import json
 import os
@@ -429,3 +430,29 @@ def run_killed(root, config_path, stage, rng):
     )
     assert done.returncode == 0, done.stderr
     return landed
+
+
+# -- damaging a run and comparing its files (tests/test_integrity.py, test_damage_battery.py) --
+def flip_byte_keeping_stat(path: Path, offset: int = -1) -> None:
+    """Damage that keeps size and modification time (bit rot): the byte at `offset` inverted."""
+    st = path.stat()
+    data = bytearray(path.read_bytes())
+    data[offset] ^= 0xFF
+    path.write_bytes(bytes(data))
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+
+
+def run_files(root, skip=("manifest.", ".lock"), blank=None) -> dict[str, str]:
+    """{relative path: sha256} of every file of a run but those starting with `skip` (the
+    manifest and its previous generation, the lock); `blank(rel, bytes)` may rewrite a file's
+    bytes before they are hashed."""
+    out = {}
+    for dirpath, _, names in os.walk(root):
+        for n in names:
+            p = Path(dirpath) / n
+            rel = p.relative_to(root).as_posix()
+            if rel.startswith(skip):
+                continue
+            data = p.read_bytes()
+            out[rel] = hashlib.sha256(blank(rel, data) if blank else data).hexdigest()
+    return out

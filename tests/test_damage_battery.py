@@ -38,7 +38,6 @@ Set D3S_BATTERY_LOG=FILE to append one JSON line per case (the outcome matrix).
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -54,28 +53,16 @@ import torch
 
 from flows.cli import main
 
-from .helpers import rgb_tree
+from .configs import SMALL
+from .helpers import flip_byte_keeping_stat, rgb_tree, run_files
 
+# SMALL with two synthesis batches (a damaged second one is redone alone), the random-real and
+# herding baselines.
 CONFIG = {
+    **SMALL,
     "name": "battery",
-    "preset": "demo-mnist",
-    "dataset": {"kind": "synthetic", "synthetic_size": 160},
-    "teachers": {"count": 2, "train": {"epochs": 1}},
-    "stats": {"batch_size": 16, "workers": 0, "checkpoint_batches": 1},
-    "synthesis": {
-        "ipc": 2,
-        "batch_size": 10,
-        "checkpoint_every": 4,
-        "checkpoint_seconds": 0,
-        "params": {"iterations": 4},
-    },
-    "labels": {"epochs": 2, "batch_size": 10},
-    "validation": {
-        "students": 1,
-        "epochs": 1,
-        "random_real_baseline": True,
-        "coresets": ["herding"],
-    },
+    "synthesis": {**SMALL["synthesis"], "ipc": 2},
+    "validation": {**SMALL["validation"], "random_real_baseline": True, "coresets": ["herding"]},
 }
 
 RUN_ID = re.compile(rb'"run_id": "[0-9a-f]+"')
@@ -83,23 +70,19 @@ RUN_ID = re.compile(rb'"run_id": "[0-9a-f]+"')
 CREATED = re.compile(rb'"(created|self_sha256)": "[^"]*"')
 
 
+def blanked(rel: str, data: bytes) -> bytes:
+    """config.json with its run id blanked, dataset/index.json with its creation time and the
+    checksum that covers it (module docstring)."""
+    if rel == "config.json":
+        return RUN_ID.sub(b'"run_id": ""', data)
+    if rel == "dataset/index.json":
+        return CREATED.sub(rb'"\1": ""', data)
+    return data
+
+
 def files(root) -> dict[str, str]:
-    """{relative path: sha256} of every file of a run but the excluded ones (module docstring);
-    config.json is hashed with its run id blanked."""
-    out = {}
-    for dirpath, _, names in os.walk(root):
-        for n in names:
-            p = Path(dirpath) / n
-            rel = p.relative_to(root).as_posix()
-            if rel.startswith(("manifest.", ".lock", "report/")):
-                continue
-            data = p.read_bytes()
-            if rel == "config.json":
-                data = RUN_ID.sub(b'"run_id": ""', data)
-            if rel == "dataset/index.json":
-                data = CREATED.sub(rb'"\1": ""', data)
-            out[rel] = hashlib.sha256(data).hexdigest()
-    return out
+    """{relative path: sha256} of every file of a run but the excluded ones (module docstring)."""
+    return run_files(root, skip=("manifest.", ".lock", "report/"), blank=blanked)
 
 
 def differences(got: dict[str, str], want: dict[str, str]) -> list[str]:
@@ -160,11 +143,7 @@ def truncate(path: Path) -> None:
 
 def flip(path: Path) -> None:
     """Bit rot: the middle byte inverted, size and modification time kept."""
-    st = path.stat()
-    data = bytearray(path.read_bytes())
-    data[len(data) // 2] ^= 0xFF
-    path.write_bytes(bytes(data))
-    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+    flip_byte_keeping_stat(path, path.stat().st_size // 2)
 
 
 def delete(path: Path) -> None:

@@ -4,9 +4,7 @@ with --repair, recomputes exactly that; a copied root is checked as itself."""
 
 import hashlib
 import json
-import os
 import shutil
-from pathlib import Path
 
 import pytest
 
@@ -19,6 +17,7 @@ from storage.run import SYN_IMAGES, labels_epoch, open_run, syn_commit, teacher_
 from tasks.stages import STAGES
 
 from .configs import SMALL
+from .helpers import flip_byte_keeping_stat, run_files
 
 # Two synthesis batches, so a damaged second batch can be redone alone.
 CONFIG = {
@@ -41,14 +40,7 @@ def sha(path):
 def files(root):
     """{relative path: sha256} of every file of a run except the manifest (and its previous
     generation) and the lock."""
-    out = {}
-    for dirpath, _, names in os.walk(root):
-        for n in names:
-            p = os.path.join(dirpath, n)
-            rel = os.path.relpath(p, root)
-            if not rel.startswith(("manifest.", ".lock")):
-                out[rel] = sha(Path(p))
-    return out
+    return run_files(root)
 
 
 @pytest.fixture(scope="module")
@@ -65,15 +57,6 @@ def run_copy(finished, tmp_path):
     dst = tmp_path / "copy"
     shutil.copytree(finished, dst)
     return dst
-
-
-def flip_byte_keeping_stat(path, offset=-1):
-    """Damage that keeps size and modification time (bit rot)."""
-    st = path.stat()
-    data = bytearray(path.read_bytes())
-    data[offset] ^= 0xFF
-    path.write_bytes(bytes(data))
-    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
 
 
 def run_stages(root):
